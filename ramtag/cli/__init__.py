@@ -1,0 +1,40 @@
+"""The `ramtag` command line: parses options, calls the engine, maps errors to one line and an exit status."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ramtag.cli.app import app
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ramtag.errors import RamtagError
+
+    try:
+        app(args=argv, prog_name="ramtag", standalone_mode=False)
+    except RamtagError as error:
+        if os.environ.get("RAMTAG_DEBUG"):
+            raise
+        print(f"ramtag: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print("ramtag: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as error:  # click usage errors and friends
+        import click
+
+        if isinstance(error, click.exceptions.Exit):
+            sys.exit(error.exit_code)
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if isinstance(error, click.exceptions.Abort):
+            print("ramtag: aborted", file=sys.stderr)
+            sys.exit(130)
+        raise

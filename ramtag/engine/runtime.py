@@ -1,0 +1,171 @@
+"""A loaded RAM model with its tokenizer, device and fingerprint: what every command runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ramtag.errors import UsageError, VocabularyError
+from ramtag.model.checkpoint import build_model, file_fingerprint, load_checkpoint
+from ramtag.model.config import RamConfig
+from ramtag.model.ram import RamModel, RamOutput
+from ramtag.model.weights import DEMO_NAME, load_demo_clip
+
+DEFAULT_BACKBONE = "ViT-B-16-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+@dataclass
+class Runtime:
+    model: RamModel
+    device: torch.device
+    fingerprint: str
+    """Identifies backbone weights, RAM weights, template and prompts: text features depend on all four."""
+    source: dict = field(default_factory=dict)
+    """How the model was loaded (for output metadata)."""
+
+    @property
+    def config(self) -> RamConfig:
+        return self.model.config
+
+    def tokenizer(self):
+        import open_clip
+
+        return open_clip.tokenizer.SimpleTokenizer(context_length=self.model.text.context_length)
+
+    def templates(self, override: Sequence[str] | None = None) -> list[str]:
+        if override:
+            if self.config.trained and len(override) > 1:
+                raise UsageError("template ensembles are for training-free models; a trained checkpoint uses its own template")
+            for template in override:
+                if "{}" not in template:
+                    raise UsageError(f"--template {template!r} has no {{}} where the label goes")
+            return list(override)
+        return [self.config.template]
+
+    def check_label_lengths(self, labels: Sequence[str], templates: Sequence[str], line_numbers: Sequence[int] | None = None) -> None:
+        """Refuse labels whose end-of-text token would fall past the prompted layers' context."""
+        tokenizer = self.tokenizer()
+        limit = self.model.text.max_label_position() if self.config.trained else self.model.text.context_length - 1
+        for index, label in enumerate(labels):
+            for template in templates:
+                length = len(tokenizer.encode(template.format(label))) + 1  # + start token; EOT sits at this index
+                if length > limit:
+                    where = f"line {line_numbers[index]}: " if line_numbers else ""
+                    raise VocabularyError(
+                        f"{where}label {label!r} is too long for the text encoder ({length + 1} tokens with the "
+                        f"template and start/end tokens; at most {limit + 1} fit"
+                        + (f" beside {self.model.text.prompt_tokens} deep prompt tokens)" if self.config.trained else ")")
+                    )
+
+    @torch.inference_mode()
+    def encode_labels(self, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 256) -> torch.Tensor:
+        """Unnormalised label features [C, D] on the CPU, averaged over templates (normalised first) if several."""
+        templates = self.templates(templates)
+        self.check_label_lengths(labels, templates)
+        tokenizer = self.tokenizer()
+        per_template = []
+        for template in templates:
+            chunks = []
+            texts = [template.format(label) for label in labels]
+            for start in range(0, len(texts), batch_size):
+                tokens = tokenizer(texts[start:start + batch_size]).to(self.device)
+                chunks.append(self.model.encode_labels(tokens).float().cpu())
+            per_template.append(torch.cat(chunks))
+        if len(per_template) == 1:
+            return per_template[0]
+        return torch.stack([F.normalize(f, dim=-1) for f in per_template]).mean(0)
+
+    def vocabulary_fingerprint(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> str:
+        payload = json.dumps({"model": self.fingerprint, "labels": list(labels), "templates": self.templates(templates)})
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def score(self, images: torch.Tensor, label_features: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> RamOutput:
+        images = images.to(self.device, non_blocking=True)
+        features = label_features.to(self.device)
+        with torch.inference_mode():
+            if autocast_dtype is not None and self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=autocast_dtype):
+                    return self.model(images, features)
+            return self.model(images, features)
+
+
+def _fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_runtime(
+    checkpoint: str | Path | None = None,
+    model: str = DEFAULT_BACKBONE,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    device: str = "auto",
+    overrides: dict | None = None,
+) -> Runtime:
+    """Load a RAM checkpoint, or build training-free RAM around CLIP weights (`model` + `pretrained`)."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    kcot_overrides = overrides.pop("kcot", None) or {}
+    if checkpoint is not None:
+        ram = load_checkpoint(checkpoint, config_overrides=overrides or None)
+        source = {"checkpoint": str(checkpoint), "checkpoint_sha256_16": file_fingerprint(checkpoint)}
+        backbone_id = {"backbone": ram.config.backbone, "pretrained": ram.config.pretrained}
+    elif model == DEMO_NAME:
+        clip, meta = load_demo_clip()
+        config = RamConfig(
+            backbone=DEMO_NAME,
+            pretrained=None,
+            template=meta.get("template", "a photo of a {}."),
+            trained=False,
+            preprocessing={
+                "image_size": meta.get("image_size", 64),
+                "mean": meta.get("mean", (0.5, 0.5, 0.5)),
+                "std": meta.get("std", (0.5, 0.5, 0.5)),
+                "resize": meta.get("resize", "squash"),
+                "interpolation": meta.get("interpolation", "bilinear"),
+            },
+            adapter_layers=(),
+            prompt_layers=(),
+            **overrides,
+        )
+        ram = build_model(config, clip)
+        source = {"model": DEMO_NAME}
+        backbone_id = {"backbone": DEMO_NAME, "weights": meta.get("training", {}).get("weights_sha256", "bundled")}
+    else:
+        import open_clip
+
+        config = RamConfig(backbone=model, pretrained=pretrained, trained=False, adapter_layers=(), prompt_layers=(), **overrides)
+        ram = build_model(config)
+        pre = open_clip.get_model_preprocess_cfg(ram.clip) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
+        if pre:
+            config.preprocessing.image_size = int(pre.get("size", config.preprocessing.image_size) if not isinstance(pre.get("size"), (tuple, list)) else pre["size"][0])
+            config.preprocessing.mean = tuple(pre.get("mean", config.preprocessing.mean))
+            config.preprocessing.std = tuple(pre.get("std", config.preprocessing.std))
+        source = {"model": model, "pretrained": pretrained}
+        backbone_id = dict(source)
+    if kcot_overrides:
+        for key, value in kcot_overrides.items():
+            if value is not None:
+                setattr(ram.config.kcot, key, value)
+        ram.config.kcot.__post_init__()
+    torch_device = resolve_device(device)
+    ram = ram.to(torch_device).eval()
+    fingerprint = _fingerprint(
+        {**backbone_id, **{k: v for k, v in source.items() if k != "checkpoint"}, "template": ram.config.template, "prompts": list(ram.config.prompt_layers), "trained": ram.config.trained}
+    )
+    return Runtime(model=ram, device=torch_device, fingerprint=fingerprint, source=source)

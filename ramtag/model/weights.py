@@ -1,0 +1,100 @@
+"""Where backbone weights come from: open_clip names and pretrained tags, local files, the bundled demo CLIP."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ramtag.errors import CheckpointError
+
+DEMO_NAME = "demo"
+
+
+def demo_asset_dir() -> Path:
+    return Path(str(resources.files("ramtag") / "assets" / "demo"))
+
+
+def load_demo_clip() -> tuple[nn.Module, dict]:
+    """The bundled small CLIP (pretrained on ramtag's synthetic scenes) and its metadata."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    folder = demo_asset_dir()
+    config_path, weights_path = folder / "demo-clip.json", folder / "demo-clip.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise CheckpointError(f"the bundled demo model is missing from {folder}; reinstall ramtag")
+    meta = json.loads(config_path.read_text())
+    model = open_clip.model.CLIP(**meta["open_clip_config"])
+    state = {k: v.float() for k, v in load_file(str(weights_path)).items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval(), meta
+
+
+def openai_state_to_clip(state: dict[str, torch.Tensor]) -> nn.Module:
+    """Build an open_clip CLIP (QuickGELU, float32) from an OpenAI-format state dict, inferring its shape."""
+    import open_clip
+
+    try:
+        model = open_clip.model.build_model_from_openai_state_dict(dict(state), quick_gelu=True)
+    except (KeyError, RuntimeError, IndexError) as error:
+        raise CheckpointError(f"not an OpenAI-format CLIP state dict: {error}") from None
+    return model.float().eval()
+
+
+def load_backbone(name: str, pretrained: str | None) -> nn.Module:
+    """An open_clip CLIP by architecture name plus a pretrained tag or a local weights file.
+
+    Local files may be open_clip state dicts or OpenAI-format files (state dict or TorchScript archive).
+    Tags such as `openai` download through open_clip (and its cache) where the machine has network.
+    """
+    import open_clip
+
+    if name == DEMO_NAME:
+        return load_demo_clip()[0]
+    if name not in open_clip.list_models():
+        raise CheckpointError(f"unknown open_clip architecture {name!r}; see `python -c 'import open_clip; print(open_clip.list_models())'`")
+    if pretrained and os.path.sep in pretrained or (pretrained and Path(pretrained).is_file()):
+        return _load_local_weights(name, Path(pretrained))
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained or None, precision="fp32", device="cpu")
+    except RuntimeError as error:
+        if "pretrained" in str(error).lower() or "tag" in str(error).lower():
+            raise CheckpointError(f"{name}: {error}") from None
+        raise
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot download {name} weights ({pretrained}): {error.__class__.__name__}. Without network, pass "
+            "--pretrained /path/to/weights (copied with `ramtag model fetch` elsewhere) or use --model demo"
+        ) from None
+    return model.eval()
+
+
+def _load_local_weights(name: str, path: Path) -> nn.Module:
+    import open_clip
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        state = None
+    if isinstance(state, dict):
+        state = state.get("state_dict", state)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        if "visual.proj" in state and "visual.transformer.resblocks.0.attn.in_proj_weight" in state:
+            model = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError:
+                return openai_state_to_clip(state)
+            return model.eval()
+    try:
+        # TorchScript archives of OpenAI CLIP: open_clip reads them without unpickling Python objects.
+        return open_clip.load_openai_model(str(path), precision="fp32", device="cpu").eval()
+    except Exception as error:  # noqa: BLE001 - any failure here means the file is not usable weights
+        raise CheckpointError(f"{path}: not CLIP weights that {name} can load ({error.__class__.__name__})") from None
