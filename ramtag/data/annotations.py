@@ -1,0 +1,402 @@
+"""Readers for labelled image lists: the reference's JSON split files, JSONL manifests, COCO instances.
+
+Every reader returns a :class:`LabelledSet`: ``(path, labels)`` pairs, labels deduplicated per
+image in first-seen order (the reference's files repeat a label once per object instance), plus
+the class list when the file declares one. Paths go through :func:`resolve_image_path`: prefix
+mappings first (for files written on another machine, such as the reference's ``/mnt/nas/...``),
+then ``root`` for paths that are still relative. Without ``root`` relative paths are kept as written.
+
+Problems raise :class:`ramtag.errors.DataError` naming the file and the line (JSONL) or the entry
+(``images[12]``, for JSON documents, which are often a single line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Union
+
+import numpy as np
+
+from ramtag.errors import DataError
+
+AnnotationFormat = Literal["reference", "jsonl", "coco"]
+ErrorPolicy = Literal["raise", "skip"]
+PathLike = Union[str, "os.PathLike[str]"]
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_MAX_LISTED = 5
+
+
+class LabelledImage(NamedTuple):
+    path: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Images with their label names; ``classes`` is the file's declared class list, if any."""
+
+    images: list[LabelledImage]
+    classes: tuple[str, ...] | None = None
+    source: str = ""
+    format: str = ""
+    skipped: tuple[str, ...] = field(default=(), repr=False)
+    """``file:line: reason`` for each input line skipped under ``on_error="skip"``."""
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def label_counts(self) -> Counter[str]:
+        """Number of images carrying each label."""
+        return Counter(label for image in self.images for label in image.labels)
+
+    def vocabulary(self) -> tuple[str, ...]:
+        """The declared classes, or else every label in first-seen order."""
+        if self.classes is not None:
+            return self.classes
+        return tuple(dict.fromkeys(label for image in self.images for label in image.labels))
+
+    def multi_hot(self, classes: Sequence[str]) -> np.ndarray:
+        """``[N, C]`` uint8 targets over ``classes``; labels outside them are an error (filter first)."""
+        index = {name: column for column, name in enumerate(classes)}
+        targets = np.zeros((len(self.images), len(index)), dtype=np.uint8)
+        for row, image in enumerate(self.images):
+            for label in image.labels:
+                column = index.get(label)
+                if column is None:
+                    raise DataError(
+                        f"{self.source}: label {label!r} of {image.path} is not in the class list "
+                        "(filter the label space first)"
+                    )
+                targets[row, column] = 1
+        return targets
+
+
+@dataclass(frozen=True)
+class PrefixMapping:
+    """Rewrite paths starting with ``old`` (at a path-component boundary) to start with ``new``."""
+
+    old: str
+    new: str
+
+    def apply(self, path: str) -> str | None:
+        old = self.old.rstrip("/") or "/"
+        if path == old:
+            rest = ""
+        elif path.startswith(old if old.endswith("/") else old + "/"):
+            rest = path[len(old) :].lstrip("/")
+        else:
+            return None
+        if not self.new:
+            return rest
+        return self.new.rstrip("/") + "/" + rest if rest else self.new
+
+
+def parse_prefix_mapping(text: str) -> PrefixMapping:
+    """Parse ``OLD=NEW`` (NEW may be empty, leaving a relative path for ``root`` to resolve)."""
+    old, separator, new = text.partition("=")
+    if not separator or not old:
+        raise DataError(f"path prefix mapping must look like OLD=NEW, got {text!r}")
+    return PrefixMapping(old=old, new=new)
+
+
+def _mappings(prefix_map: Iterable[PrefixMapping | str]) -> list[PrefixMapping]:
+    parsed = [m if isinstance(m, PrefixMapping) else parse_prefix_mapping(m) for m in prefix_map]
+    return sorted(parsed, key=lambda mapping: len(mapping.old.rstrip("/")), reverse=True)
+
+
+def _apply_mappings(path: str, mappings: Sequence[PrefixMapping]) -> str:
+    for mapping in mappings:
+        mapped = mapping.apply(path)
+        if mapped is not None:
+            return mapped
+    return path
+
+
+def resolve_image_path(
+    path: str, root: PathLike | None = None, prefix_map: Iterable[PrefixMapping | str] = ()
+) -> str:
+    """Apply the longest matching prefix mapping, then join a still-relative path to ``root``."""
+    return _PathResolver(root, prefix_map)(path)
+
+
+class _PathResolver:
+    def __init__(self, root: PathLike | None, prefix_map: Iterable[PrefixMapping | str]):
+        self.root = None if root is None else os.fspath(root)
+        self.mappings = _mappings(prefix_map)
+
+    def __call__(self, path: str) -> str:
+        path = _apply_mappings(path, self.mappings)
+        if self.root is not None and not os.path.isabs(path):
+            path = os.path.join(self.root, path)
+        return path
+
+
+def _clean_labels(labels: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(labels, list):
+        raise DataError(f"{where}: labels must be a list of strings, got {type(labels).__name__}")
+    cleaned = []
+    for label in labels:
+        if not isinstance(label, str):
+            raise DataError(f"{where}: labels must be strings, got {label!r}")
+        label = label.strip()
+        if label:
+            cleaned.append(label)
+    return tuple(dict.fromkeys(cleaned))
+
+
+def _check_path(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: image path must be a non-empty string, got {value!r}")
+    return value
+
+
+def _read_text(path: PathLike) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: annotation file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _load_json(text: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
+
+
+def _require_images(images: list[LabelledImage], source: str) -> None:
+    if not images:
+        raise DataError(f"{source}: no images")
+
+
+def _parse_classes(value: Any, source: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise DataError(f"{source}: \"classes\" must be a list of strings")
+    classes = tuple(name.strip() for name in value)
+    duplicates = [name for name, count in Counter(classes).items() if count > 1]
+    if duplicates:
+        raise DataError(f"{source}: \"classes\" repeats {duplicates[:_MAX_LISTED]}")
+    return classes
+
+
+def _parse_reference(document: Any, source: str, resolve: _PathResolver) -> LabelledSet:
+    if not isinstance(document, dict) or not isinstance(document.get("images"), list):
+        raise DataError(f"{source}: expected an object with an \"images\" list")
+    images = []
+    for index, entry in enumerate(document["images"]):
+        where = f"{source}: images[{index}]"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise DataError(f"{where}: expected [path, [labels...]], got {entry!r:.80}")
+        path = _check_path(entry[0], where)
+        images.append(LabelledImage(resolve(path), _clean_labels(entry[1], where)))
+    _require_images(images, source)
+    classes = _parse_classes(document["classes"], source) if "classes" in document else None
+    return LabelledSet(images=images, classes=classes, source=source, format="reference")
+
+
+def _parse_coco(document: Any, source: str, resolve: _PathResolver) -> LabelledSet:
+    if not isinstance(document, dict) or not all(
+        isinstance(document.get(key), list) for key in ("images", "annotations", "categories")
+    ):
+        raise DataError(f"{source}: expected COCO \"images\", \"annotations\" and \"categories\" lists")
+    category_names: dict[Any, str] = {}
+    for index, category in enumerate(document["categories"]):
+        valid = isinstance(category, dict) and "id" in category and isinstance(category.get("name"), str)
+        if not valid:
+            raise DataError(f"{source}: categories[{index}]: needs an \"id\" and a string \"name\"")
+        category_names[category["id"]] = category["name"].strip()
+    image_labels: dict[Any, list[str]] = {}
+    image_paths: dict[Any, str] = {}
+    for index, image in enumerate(document["images"]):
+        where = f"{source}: images[{index}]"
+        if not isinstance(image, dict) or "id" not in image:
+            raise DataError(f"{where}: needs an \"id\" and a \"file_name\"")
+        if image["id"] in image_paths:
+            raise DataError(f"{where}: repeats image id {image['id']!r}")
+        image_paths[image["id"]] = resolve(_check_path(image.get("file_name"), where))
+        image_labels[image["id"]] = []
+    for index, annotation in enumerate(document["annotations"]):
+        where = f"{source}: annotations[{index}]"
+        if not isinstance(annotation, dict):
+            raise DataError(f"{where}: expected an object")
+        labels = image_labels.get(annotation.get("image_id"))
+        if labels is None:
+            raise DataError(f"{where}: unknown image_id {annotation.get('image_id')!r}")
+        name = category_names.get(annotation.get("category_id"))
+        if name is None:
+            raise DataError(f"{where}: unknown category_id {annotation.get('category_id')!r}")
+        labels.append(name)
+    # Images without annotations stay, with no labels: they are negatives for every class.
+    images = [
+        LabelledImage(path, tuple(dict.fromkeys(image_labels[image_id])))
+        for image_id, path in image_paths.items()
+    ]
+    _require_images(images, source)
+    classes = tuple(dict.fromkeys(category_names.values()))
+    return LabelledSet(images=images, classes=classes, source=source, format="coco")
+
+
+def _parse_jsonl(
+    text: str, source: str, resolve: _PathResolver, on_error: ErrorPolicy
+) -> LabelledSet:
+    images = []
+    problems = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{line_number}"
+        try:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(record, dict) or "image" not in record or "labels" not in record:
+                raise DataError(f"{where}: expected {{\"image\": path, \"labels\": [...]}}")
+            path = _check_path(record["image"], where)
+            images.append(LabelledImage(resolve(path), _clean_labels(record["labels"], where)))
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems and on_error == "raise":
+        listed = "; ".join(problems[:_MAX_LISTED])
+        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+        raise DataError(f"{len(problems)} bad line(s): {listed}{more}")
+    _require_images(images, source)
+    return LabelledSet(images=images, source=source, format="jsonl", skipped=tuple(problems))
+
+
+def _detect(document: Any, source: str) -> AnnotationFormat:
+    if isinstance(document, dict):
+        if all(key in document for key in ("images", "annotations", "categories")):
+            return "coco"
+        if isinstance(document.get("images"), list):
+            return "reference"
+    raise DataError(
+        f"{source}: unrecognised annotation format (expected the reference's {{\"images\": [[path, "
+        "[labels]], ...]}, COCO instances, or JSONL lines {\"image\": ..., \"labels\": [...]})"
+    )
+
+
+def _sniff(path: PathLike, text: str) -> tuple[AnnotationFormat, Any]:
+    """The format and, for JSON documents, the parsed document (so it is parsed only once)."""
+    source = str(path)
+    if source.lower().endswith(_JSONL_SUFFIXES):
+        return "jsonl", None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Several JSON values one after another: a JSONL file without the usual extension.
+        if exc.msg == "Extra data":
+            return "jsonl", None
+        raise DataError(f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
+    return _detect(document, source), document
+
+
+def detect_format(path: PathLike) -> AnnotationFormat:
+    """Which reader suits ``path``: from the extension (.jsonl, .ndjson), else from the content."""
+    return _sniff(path, _read_text(path))[0]
+
+
+def read_annotations(
+    path: PathLike,
+    *,
+    format: AnnotationFormat | Literal["auto"] = "auto",
+    root: PathLike | None = None,
+    prefix_map: Iterable[PrefixMapping | str] = (),
+    on_error: ErrorPolicy = "raise",
+) -> LabelledSet:
+    """Read an annotation file in any supported format (``format="auto"`` detects it).
+
+    ``prefix_map`` entries are :class:`PrefixMapping` or ``"OLD=NEW"`` strings. ``on_error`` applies
+    to JSONL lines: ``"raise"`` reports every bad line (with its number) in one DataError,
+    ``"skip"`` drops them and lists them in ``LabelledSet.skipped``. An empty set is always an error.
+    """
+    if format not in ("auto", "reference", "jsonl", "coco"):
+        raise DataError(f"unknown annotation format {format!r} (reference, jsonl, coco or auto)")
+    source = str(path)
+    text = _read_text(path)
+    resolve = _PathResolver(root, prefix_map)
+    document = None
+    if format == "auto":
+        format, document = _sniff(path, text)
+    if format == "jsonl":
+        return _parse_jsonl(text, source, resolve, on_error)
+    if document is None:
+        document = _load_json(text, source)
+    if format == "reference":
+        return _parse_reference(document, source, resolve)
+    return _parse_coco(document, source, resolve)
+
+
+def read_reference_json(path: PathLike, **options: Any) -> LabelledSet:
+    """The reference's split files: ``{"images": [[path, [labels...]], ...], "classes": [...]}``.
+
+    ``classes`` is kept in file order; the reference itself sorts a training file's classes to
+    index them, which matters only for its own one-hot layout.
+    """
+    return read_annotations(path, format="reference", **options)
+
+
+def read_jsonl_manifest(path: PathLike, **options: Any) -> LabelledSet:
+    """One ``{"image": path, "labels": [...]}`` object per line; blank lines are ignored."""
+    return read_annotations(path, format="jsonl", **options)
+
+
+def read_coco_instances(path: PathLike, **options: Any) -> LabelledSet:
+    """COCO instances JSON: label names from ``categories``, one per annotated category per image."""
+    return read_annotations(path, format="coco", **options)
+
+
+@dataclass(frozen=True)
+class LabelFilterResult:
+    """The filtered set and what was dropped (``dropped_labels``: label -> images it was dropped from)."""
+
+    data: LabelledSet
+    kept_pairs: int
+    dropped_pairs: int
+    dropped_labels: dict[str, int]
+    images_without_labels: int
+
+
+def filter_label_space(
+    data: LabelledSet, classes: Sequence[str], *, strict: bool = False
+) -> LabelFilterResult:
+    """Drop labels outside ``classes`` as the reference does; ``strict`` makes any such label an error.
+
+    Images left with no label stay (negatives for every class); their count is reported.
+    """
+    allowed = set(classes)
+    dropped: Counter[str] = Counter()
+    kept_pairs = 0
+    images = []
+    for image in data.images:
+        kept = tuple(label for label in image.labels if label in allowed)
+        dropped.update(label for label in image.labels if label not in allowed)
+        kept_pairs += len(kept)
+        images.append(LabelledImage(image.path, kept))
+    dropped_labels = dict(sorted(dropped.items(), key=lambda item: (-item[1], item[0])))
+    if strict and dropped_labels:
+        listed = ", ".join(f"{label!r} ({count})" for label, count in list(dropped_labels.items())[:10])
+        more = f" and {len(dropped_labels) - 10} more" if len(dropped_labels) > 10 else ""
+        raise DataError(
+            f"{data.source}: {len(dropped_labels)} label(s) outside the label space: {listed}{more}"
+        )
+    filtered = LabelledSet(
+        images=images, classes=tuple(classes), source=data.source, format=data.format, skipped=data.skipped
+    )
+    return LabelFilterResult(
+        data=filtered,
+        kept_pairs=kept_pairs,
+        dropped_pairs=sum(dropped.values()),
+        dropped_labels=dropped_labels,
+        images_without_labels=sum(1 for image in images if not image.labels),
+    )
