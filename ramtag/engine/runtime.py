@@ -45,6 +45,12 @@ class Runtime:
     def config(self) -> RamConfig:
         return self.model.config
 
+    def transform(self):
+        """PIL image -> model input tensor, as this model's preprocessing settings say."""
+        from ramtag.engine.preprocess import make_transform
+
+        return make_transform(self.config.preprocessing)
+
     def tokenizer(self):
         import open_clip
 

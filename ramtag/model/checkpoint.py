@@ -173,6 +173,9 @@ def model_from_reference_state(state: dict[str, torch.Tensor], overrides: dict |
         name = key[len("clip_model."):]
         if key.startswith(vision_prefix) and ".conv_adapter." in key:
             continue
+        if key.startswith("clip_model.visual.attn."):
+            # The reference keeps a second handle on its last replaced attention module: a duplicate.
+            continue
         if key.startswith(vision_prefix) and key.endswith(".adapt_embeds"):
             tokens[int(key[len(vision_prefix):].split(".")[0])] = value
             continue

@@ -1,0 +1,116 @@
+"""torch.distributed as torchrun sets it up: one process per GPU (or CPU process on gloo), any node count.
+
+Outside torchrun every helper behaves as a world of one (rank 0), so no caller special-cases it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a no-op otherwise."""
+    if not launched_by_torchrun():
+        return DistInfo(0, 1, 0)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def info() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(0, 1, 0)
+
+
+def device_for(info_: DistInfo, device: str) -> str:
+    """Each rank on its own GPU when several share a machine."""
+    if device in ("auto", "cuda") and torch.cuda.is_available() and info_.distributed:
+        return f"cuda:{info_.local_rank}"
+    return device
+
+
+def barrier() -> None:
+    if info().distributed:
+        dist.barrier()
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_objects(obj):
+    """Every rank's `obj`, in rank order (a one-element list outside distributed runs)."""
+    if not info().distributed:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, src: int = 0):
+    if not info().distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
+    """The minimum over ranks (no gradient)."""
+    if not info().distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if not info().distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0, keeping gradients for this rank's slice.
+
+    Like open_clip's contrastive loss: gathered copies are constants except this rank's own, so each rank's
+    backward covers its own share and the all-reduced gradients equal those of one process on the whole batch.
+    """
+    if not info().distributed:
+        return tensor
+    gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.detach().contiguous())
+    gathered[dist.get_rank()] = tensor
+    return torch.cat(gathered, dim=0)
