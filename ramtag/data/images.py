@@ -1,0 +1,206 @@
+"""Decode untrusted image files into RGB PIL images, and turn them into normalised model tensors.
+
+Every failure becomes an :class:`ImageDecodeError` with a short one-line reason, so a batch run
+records it in the image's row and moves on.
+
+Transparency is composited on white: most transparent images are logos, icons and cut-outs
+drawn for light pages, and black (PIL's plain ``convert("RGB")`` of premultiplied data) would
+change what the model sees far more.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ramtag.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
+
+#: Sentinel default for ``max_pixels``: PIL's own decompression-bomb limit, read at call time.
+PIL_LIMIT = -1
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_BACKGROUND = (255, 255, 255)
+_MAX_REASON = 160
+# PIL's bomb check reads a module global; lifting it for one open must not race another thread.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class ImageDecodeError(DataError):
+    """An input could not be turned into an image; ``reason`` is a short one-line description."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = _one_line(reason)
+        super().__init__(self.reason)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+def _resolve_cap(max_pixels: int | None) -> int | None:
+    if max_pixels == PIL_LIMIT:
+        return Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None and max_pixels <= 0:
+        raise ValueError("max_pixels must be positive or None")
+    return max_pixels
+
+
+def _as_stream(data: ImageInput) -> BinaryIO:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) == 0:
+            raise ImageDecodeError("empty file")
+        return io.BytesIO(data)
+    if isinstance(data, (str, os.PathLike)):
+        try:
+            if os.path.getsize(data) == 0:
+                raise ImageDecodeError("empty file")
+            return open(data, "rb")  # noqa: SIM115 - closed by decode_image
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read: {exc.strerror or exc}") from exc
+    return data
+
+
+def _open_lazily(stream: BinaryIO) -> Image.Image:
+    """Open (header only); PIL's own bomb check is lifted because the caller applies its cap."""
+    start = stream.tell()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                return Image.open(stream)
+            except Image.DecompressionBombError:
+                stream.seek(start)
+                with _PIL_LIMIT_LOCK:
+                    saved = Image.MAX_IMAGE_PIXELS
+                    Image.MAX_IMAGE_PIXELS = None
+                    try:
+                        return Image.open(stream)
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = saved
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not an image") from exc
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # PIL raises many types for malformed headers
+        raise ImageDecodeError(f"cannot decode: {exc}") from exc
+
+
+def _load(img: Image.Image) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+    except Exception as exc:  # OSError, SyntaxError, ValueError, zlib.error, struct.error, ...
+        message = str(exc)
+        if "truncated" in message.lower() or isinstance(exc, EOFError):
+            raise ImageDecodeError("truncated") from exc
+        raise ImageDecodeError(f"cannot decode: {message or type(exc).__name__}") from exc
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # a broken EXIF block should not cost the image itself
+        pass
+    return img
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """Map 16/32-bit integer and float greyscale onto 0..255 (PIL's convert would clip)."""
+    array = np.asarray(img)
+    if img.mode == "F":
+        array = np.nan_to_num(array.astype(np.float64), nan=0.0)
+        scale = 255.0 if array.size and float(array.max()) <= 1.0 else 1.0
+        array = array * scale
+    elif img.mode.startswith("I;16") or (array.size and 255 < int(array.max()) <= 65535):
+        array = array.astype(np.float64) / 257.0  # 16-bit data ("I" is how PIL opens some)
+    elif array.size and int(array.max()) > 65535:  # wider data of unknown range: stretch it
+        array = array.astype(np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) * (255.0 / (high - low))
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode == "RGB":
+            return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _high_bit_depth_to_l(img)
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    data: ImageInput,
+    max_pixels: int | None = PIL_LIMIT,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode bytes, a path or a binary stream into an RGB image with EXIF orientation applied.
+
+    ``max_pixels`` caps width x height, checked from the header before any pixel is decoded;
+    the default is PIL's ``Image.MAX_IMAGE_PIXELS``, ``None`` disables the cap. ``draft_size``
+    lets JPEG decode at a reduced scale (still at least ``draft_size`` on each side): much
+    faster for large photos that are resized anyway, slightly different pixels. Animated and
+    multi-page files give their first frame.
+
+    Raises:
+        ImageDecodeError: with a short reason (``empty file``, ``not an image``, ``truncated``,
+            ``too many pixels (W x H > cap)``, ``cannot decode: ...``, ``cannot read: ...``).
+    """
+    cap = _resolve_cap(max_pixels)
+    stream = _as_stream(data)
+    owns_stream = isinstance(data, (str, os.PathLike))
+    try:
+        img = _open_lazily(stream)
+        width, height = img.size
+        if cap is not None and width * height > cap:
+            raise ImageDecodeError(f"too many pixels ({width} x {height} > {cap})")
+        if width == 0 or height == 0:
+            raise ImageDecodeError(f"cannot decode: empty image ({width} x {height})")
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        _load(img)
+        return to_rgb(_apply_orientation(img))
+    finally:
+        if owns_stream:
+            stream.close()
+
+
+def squash_resize_normalize(
+    img: Image.Image,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """Resize to ``size`` x ``size`` ignoring aspect ratio, scale to [0, 1], normalise: C x H x W.
+
+    Identical to torchvision's ``Resize((size, size), interpolation) + ToTensor + Normalize``.
+    """
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    resized = TF.resize(img, [size, size], interpolation=InterpolationMode(interpolation))
+    return TF.normalize(TF.to_tensor(resized), mean=list(mean), std=list(std))
+

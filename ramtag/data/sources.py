@@ -1,0 +1,696 @@
+"""Turn command-line inputs into a plan of image files and WebDataset shards, and read them.
+
+Inputs, in any mix: directories (recursive), single files, ``@list.txt``, ``-`` (paths on stdin),
+manifests (``.parquet``, ``.csv``, ``.jsonl``) and shards (local tars, brace patterns, ``pipe:``
+commands, URLs). Row keys: the path relative to its directory for directory finds, the path as
+given for files, lists and manifests, ``shardname/__key__`` for shard samples.
+
+Relative paths in lists, stdin and manifests are opened relative to ``root`` (default: the
+current directory), never relative to the list file, so that ``find photos | ramtag tag -`` and
+``@list.txt`` behave alike.
+
+:func:`plan_inputs` only lists; :class:`FileDataset` and :class:`ShardDataset` decode. Neither
+dataset raises for a bad image: it yields a record whose ``error`` says why.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
+from ramtag.errors import DataError, UsageError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MANIFEST_EXTENSIONS: tuple[str, ...] = (".parquet", ".csv", ".jsonl", ".ndjson")
+SHARD_EXTENSIONS: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+# Members of a shard sample tried, in order, as its image.
+SHARD_IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "image")
+
+Warn = Callable[[str], None]
+Transform = Callable[[Any], torch.Tensor]
+
+_BASE_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("path", pa.string()),
+    pa.field("error", pa.string()),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class InputPlan:
+    """What a run will read: image files (an Arrow table) and shard URLs, plus warnings.
+
+    ``files`` has columns ``key``, ``source``, ``path``, ``error`` (set when the item is known bad
+    before decoding) and the carried manifest columns (null for items from other inputs).
+    Kept in Arrow so that tens of millions of items stay compact and DataLoader workers share it.
+    """
+
+    files: pa.Table
+    shards: list[str]
+    extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def extra_columns(self) -> list[str]:
+        return list(self.extra_schema.names)
+
+    def files_for_rank(self, rank: int, world_size: int) -> pa.Table:
+        """This rank's share of files: every ``world_size``-th item from ``rank`` on."""
+        _check_rank(rank, world_size)
+        if world_size == 1:
+            return self.files
+        return self.files.take(pa.array(range(rank, self.files.num_rows, world_size), pa.int64()))
+
+    def shards_for_rank(self, rank: int, world_size: int) -> list[str]:
+        """This rank's share of shards (the same split as webdataset's ``split_by_node``)."""
+        _check_rank(rank, world_size)
+        return self.shards[rank::world_size]
+
+    def without_keys(self, done: Iterable[str]) -> InputPlan:
+        """The plan minus files whose key is in ``done`` (resume); shards are filtered per sample."""
+        done = list(done)
+        if not done or self.files.num_rows == 0:
+            return self
+        keep = pc.invert(pc.is_in(self.files["key"], value_set=pa.array(done, pa.string())))
+        return InputPlan(self.files.filter(keep), self.shards, self.extra_schema, self.warnings)
+
+    def shard_split_problem(self, world_size: int, workers: int) -> str | None:
+        """A message when shards cannot keep every rank's DataLoader workers busy, else None."""
+        return shard_split_problem(len(self.shards), world_size, workers)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+
+
+def shard_split_problem(n_shards: int, world_size: int, workers: int) -> str | None:
+    """Report fewer shards than ranks x workers (idle ranks or workers), before a run starts."""
+    if n_shards == 0:
+        return None
+    slots = world_size * max(workers, 1)
+    if n_shards >= slots:
+        return None
+    if n_shards < world_size:
+        return (
+            f"{n_shards} shard(s) for {world_size} ranks: {world_size - n_shards} rank(s) would get no shard; "
+            "use fewer processes or split the shards"
+        )
+    return (
+        f"{n_shards} shard(s) for {world_size} rank(s) x {workers} worker(s): some workers would idle; "
+        f"use --workers {max(1, n_shards // world_size)} or more shards"
+    )
+
+
+@dataclass
+class _Collector:
+    keys: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    paths: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    extra_tables: list[tuple[int, pa.Table]] = field(default_factory=list)
+
+    def add(self, key: str, source: str, path: str | None, error: str | None = None) -> None:
+        self.keys.append(key)
+        self.sources.append(source)
+        self.paths.append(path)
+        self.errors.append(error)
+
+
+def plan_inputs(
+    inputs: Sequence[str],
+    *,
+    path_column: str = "path",
+    keep_columns: Sequence[str] = (),
+    stdin: TextIO | None = None,
+    root: str | os.PathLike | None = None,
+    on_warning: Warn | None = None,
+) -> InputPlan:
+    """List what ``inputs`` name, without decoding any image.
+
+    Missing command-line paths, unreadable lists or manifests, unexpanded or empty patterns and
+    keys that two different files would share raise :class:`DataError`; missing files named
+    inside lists or manifests become error rows later. Directory problems (unreadable folders,
+    symlink loops, broken links) are warnings: passed to ``on_warning`` and kept in the plan.
+    """
+    if not inputs:
+        raise DataError("no inputs given")
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    base = Path(root) if root is not None else None
+    collector = _Collector()
+    shards: list[str] = []
+    extra_schema: pa.Schema | None = None
+    stdin_used = False
+    for raw in inputs:
+        for item in _expand_pattern(raw):
+            if item == "-":
+                if stdin_used:
+                    raise DataError("'-' (paths on stdin) given more than once")
+                stdin_used = True
+                stream = stdin if stdin is not None else _default_stdin()
+                _add_listed(collector, stream, "-", base, warn)
+            elif item.startswith("@"):
+                _add_list_file(collector, item[1:], base, warn)
+            elif _is_shard(item):
+                shards.append(_checked_shard(item))
+            elif _has_suffix(item, MANIFEST_EXTENSIONS):
+                extra_schema = _add_manifest(collector, item, path_column, keep_columns, base, extra_schema)
+            elif os.path.isdir(item):
+                _add_directory(collector, item, warn)
+            elif os.path.exists(item):
+                collector.add(item, item, item)
+            elif "://" in item:
+                raise DataError(f"{item}: remote inputs must be WebDataset shards (.tar)")
+            else:
+                raise DataError(f"{item}: no such file or directory")
+    if keep_columns and extra_schema is None:
+        raise UsageError("--keep-columns carries manifest columns, but no manifest (.parquet, .csv, .jsonl) was given")
+    files = _drop_repeats(_files_table(collector, extra_schema or pa.schema([])), warn)
+    unique_shards = list(dict.fromkeys(shards))
+    if len(unique_shards) < len(shards):
+        warn(f"{len(shards) - len(unique_shards)} shard(s) named more than once; each is read once")
+    return InputPlan(files, unique_shards, extra_schema or pa.schema([]), warnings)
+
+
+def _default_stdin() -> TextIO:
+    import sys
+
+    return sys.stdin
+
+
+def _has_suffix(path: str, suffixes: Sequence[str]) -> bool:
+    lowered = path.lower()
+    return any(lowered.endswith(suffix) for suffix in suffixes)
+
+
+def _is_shard(item: str) -> bool:
+    return item.startswith("pipe:") or _has_suffix(item.split("?", 1)[0], SHARD_EXTENSIONS)
+
+
+def _checked_shard(url: str) -> str:
+    if url.startswith("pipe:"):
+        if not url[5:].strip():
+            raise DataError(f"{url!r}: empty pipe command")
+        return url
+    if "://" in url and not url.startswith("file://"):
+        return url
+    path = url[len("file://") :] if url.startswith("file://") else url
+    if not os.path.isfile(path):
+        raise DataError(f"{url}: no such shard")
+    return url
+
+
+def _expand_pattern(raw: str) -> list[str]:
+    """Expand brace and glob patterns that the shell left alone; refuse ones that match nothing."""
+    if raw in ("-",) or raw.startswith("@") or os.path.exists(raw):
+        return [raw]
+    items = [raw]
+    if "{" in raw or "}" in raw:
+        import braceexpand
+
+        try:
+            items = list(braceexpand.braceexpand(raw))
+        except Exception as exc:  # braceexpand raises on unbalanced braces
+            raise DataError(f"{raw}: malformed brace pattern ({exc})") from exc
+        if not items:
+            raise DataError(f"{raw}: pattern expands to nothing")
+        # A pipe command may hold braces of its own (awk '{print}'); a path may not.
+        unexpanded = [
+            item
+            for item in items
+            if ("{" in item or "}" in item) and not item.startswith("pipe:") and not os.path.exists(item)
+        ]
+        if unexpanded:
+            raise DataError(f"{raw}: pattern was not expanded (check the braces, e.g. shards/{{000000..000009}}.tar)")
+    result: list[str] = []
+    for item in items:
+        if not item.startswith("pipe:") and "://" not in item and glob.has_magic(item) and not os.path.exists(item):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise DataError(f"{item}: pattern matches nothing")
+            result.extend(matches)
+        else:
+            result.append(item)
+    return result
+
+
+def _resolve(path: str, base: Path | None) -> str:
+    if base is None or os.path.isabs(path):
+        return path
+    return str(base / path)
+
+
+def _add_listed(collector: _Collector, lines: Iterable[str], origin: str, base: Path | None, warn: Warn) -> None:
+    skipped_dirs = 0
+    for line in lines:
+        path = line.rstrip("\r\n")
+        if not path.strip():
+            continue
+        resolved = _resolve(path, base)
+        if os.path.isdir(resolved):
+            skipped_dirs += 1
+            continue
+        collector.add(path, resolved, resolved)
+    if skipped_dirs:
+        warn(f"{origin}: skipped {skipped_dirs} director{'y' if skipped_dirs == 1 else 'ies'} (lists name files)")
+
+
+def _add_list_file(collector: _Collector, list_path: str, base: Path | None, warn: Warn) -> None:
+    try:
+        with open(list_path, encoding="utf-8") as handle:
+            _add_listed(collector, handle, f"@{list_path}", base, warn)
+    except FileNotFoundError as exc:
+        raise DataError(f"@{list_path}: no such list file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"@{list_path}: cannot read list ({exc})") from exc
+
+
+def _add_directory(collector: _Collector, top: str, warn: Warn) -> None:
+    found: list[tuple[str, str]] = []
+    top_stat = os.stat(top)
+    # Each stack entry: directory path, its key prefix, and the (dev, inode)s of it and its ancestors.
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(top, "", frozenset({(top_stat.st_dev, top_stat.st_ino)}))]
+    while stack:
+        directory, prefix, ancestors = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                listing = sorted(entries, key=lambda entry: entry.name)
+        except OSError as exc:
+            warn(f"{directory}: cannot read directory ({exc.strerror or exc}); skipped")
+            continue
+        subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
+        for entry in listing:
+            key = prefix + entry.name
+            # is_dir/is_file use the directory listing's type field: no stat call per file.
+            try:
+                is_dir = entry.is_dir()
+            except OSError:  # a link to itself (ELOOP)
+                is_dir = False
+            if is_dir:
+                try:
+                    info = entry.stat()
+                except OSError as exc:
+                    warn(f"{entry.path}: cannot read directory ({exc.strerror or exc}); skipped")
+                    continue
+                identity = (info.st_dev, info.st_ino)
+                if identity in ancestors:
+                    warn(f"{entry.path}: symlink loop; skipped")
+                    continue
+                subdirs.append((entry.path, key + "/", ancestors | {identity}))
+            elif _is_file(entry):
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append((key, entry.path))
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                warn(f"{entry.path}: broken or looping symlink; skipped")
+        stack.extend(reversed(subdirs))
+    found.sort()
+    for key, path in found:
+        collector.add(key, path, path)
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _read_manifest(path: str, columns: list[str]) -> pa.Table:
+    lowered = path.lower()
+    if lowered.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+        _require_columns(path, columns, schema.names)
+        return pq.read_table(path, columns=columns)
+    if lowered.endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        # Paths stay strings even when they look like numbers (e.g. 0001).
+        table = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(column_types={columns[0]: pa.string()}, strings_can_be_null=True),
+        )
+    else:
+        import pyarrow.json as pajson
+
+        table = pajson.read_json(path)
+    _require_columns(path, columns, table.column_names)
+    return table.select(columns)
+
+
+def _require_columns(path: str, wanted: list[str], present: list[str]) -> None:
+    missing = [name for name in wanted if name not in present]
+    if missing:
+        raise DataError(f"{path}: no column(s) {', '.join(missing)} (columns: {', '.join(present)})")
+
+
+def _add_manifest(
+    collector: _Collector,
+    manifest: str,
+    path_column: str,
+    keep_columns: Sequence[str],
+    base: Path | None,
+    extra_schema: pa.Schema | None,
+) -> pa.Schema:
+    if not os.path.isfile(manifest):
+        raise DataError(f"{manifest}: no such manifest")
+    reserved = {"key", "source", "tags", "error", "scores"}
+    clashes = sorted(reserved.intersection(keep_columns))
+    if clashes:
+        raise DataError(f"--keep-columns {', '.join(clashes)}: these names are output columns of ramtag")
+    columns = [path_column] + [name for name in keep_columns if name != path_column]
+    try:
+        table = _read_manifest(manifest, columns)
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(f"{manifest}: cannot read manifest ({_first_line(exc)})") from exc
+    extra = table.select(list(keep_columns))
+    if extra_schema is None:
+        extra_schema = extra.schema.remove_metadata()
+    else:
+        try:
+            extra = extra.cast(extra_schema)
+        except Exception as exc:
+            raise DataError(f"{manifest}: --keep-columns types differ from an earlier manifest ({_first_line(exc)})") from exc
+    paths = table[path_column].cast(pa.string()).to_pylist()
+    start = len(collector.keys)
+    for row, path in enumerate(paths, start=1):
+        if path is None or not path.strip():
+            collector.add(f"{manifest}:{row}", manifest, None, f"empty path in manifest row {row}")
+        else:
+            collector.add(path, _resolve(path, base), _resolve(path, base))
+    collector.extra_tables.append((start, extra))
+    return extra_schema
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _files_table(collector: _Collector, extra_schema: pa.Schema) -> pa.Table:
+    n_rows = len(collector.keys)
+    columns: list[pa.Array] = [
+        pa.array(collector.keys, pa.string()),
+        pa.array(collector.sources, pa.string()),
+        pa.array(collector.paths, pa.string()),
+        pa.array(collector.errors, pa.string()),
+    ]
+    fields = list(_BASE_FIELDS)
+    for extra_field in extra_schema:
+        pieces: list[pa.Array] = []
+        cursor = 0
+        for start, table in collector.extra_tables:
+            if start > cursor:
+                pieces.append(pa.nulls(start - cursor, extra_field.type))
+            chunk = table[extra_field.name].combine_chunks()
+            pieces.append(chunk.cast(extra_field.type))
+            cursor = start + table.num_rows
+        if n_rows > cursor:
+            pieces.append(pa.nulls(n_rows - cursor, extra_field.type))
+        columns.append(pa.concat_arrays(pieces) if pieces else pa.nulls(0, extra_field.type))
+        fields.append(pa.field(extra_field.name, extra_field.type))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def _drop_repeats(files: pa.Table, warn: Warn) -> pa.Table:
+    """Drop exact repeats (same key, same path) with a warning; refuse one key for two files."""
+    if files.num_rows < 2 or pc.count_distinct(files["key"]).as_py() == files.num_rows:
+        return files
+    keys = files["key"].to_pylist()
+    paths = files["path"].to_pylist()
+    first_path: dict[str, str | None] = {}
+    keep: list[int] = []
+    repeats = 0
+    for index, (key, path) in enumerate(zip(keys, paths)):
+        if key not in first_path:
+            first_path[key] = path
+            keep.append(index)
+        elif first_path[key] == path:
+            repeats += 1
+        else:
+            raise DataError(
+                f"key {key!r} would name two different files ({first_path[key]} and {path}); "
+                "pass their common parent folder instead, or tag them in separate runs"
+            )
+    warn(f"{repeats} input(s) named more than once; each is tagged once")
+    return files.take(pa.array(keep, pa.int64()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Record:
+    """One input item after decoding: ``image`` is set, or ``error`` says why not."""
+
+    key: str
+    source: str
+    image: torch.Tensor | None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _decode(
+    data: Any, transform: Transform, max_pixels: int | None, draft_size: int | None
+) -> tuple[torch.Tensor | None, str | None]:
+    try:
+        image = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+        return transform(image), None
+    except ImageDecodeError as exc:
+        return None, exc.reason
+    except Exception as exc:  # a bad image must never end the run
+        return None, f"cannot decode: {_first_line(exc)}"
+
+
+class FileDataset(Dataset):
+    """Map-style dataset over a files table (usually ``plan.files_for_rank(...)``)."""
+
+    def __init__(
+        self,
+        files: pa.Table,
+        transform: Transform,
+        *,
+        max_pixels: int | None = PIL_LIMIT,
+        draft_size: int | None = None,
+    ) -> None:
+        self.files = files.combine_chunks()
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.draft_size = draft_size
+        self._extra_names = [name for name in files.column_names if name not in {"key", "source", "path", "error"}]
+
+    def __len__(self) -> int:
+        return self.files.num_rows
+
+    def __getitem__(self, index: int) -> Record:
+        row = {name: self.files[name][index].as_py() for name in ("key", "source", "path", "error")}
+        extra = {name: self.files[name][index].as_py() for name in self._extra_names}
+        if row["error"] is not None or row["path"] is None:
+            return Record(row["key"], row["source"], None, row["error"] or "no path", extra)
+        image, error = _decode(row["path"], self.transform, self.max_pixels, self.draft_size)
+        return Record(row["key"], row["source"], image, error, extra)
+
+
+def shard_name(url: str) -> str:
+    """The name a shard contributes to row keys: its file name (of the tar a pipe command reads)."""
+    if url.startswith("pipe:"):
+        tokens = url[5:].split()
+        tars = [token for token in tokens if _has_suffix(token.split("?", 1)[0], SHARD_EXTENSIONS)]
+        url = tars[-1] if tars else (tokens[-1] if tokens else url)
+    return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or url
+
+
+_PIPE_STATUS = re.compile(r": exit (\d+) \(")
+
+
+def _shard_error(exc: BaseException) -> str:
+    status = _PIPE_STATUS.search(str(exc)) if isinstance(exc, OSError) else None
+    if status is not None:  # webdataset's Pipe reports the whole Popen call
+        return f"command exited with status {status.group(1)}"
+    return _first_line(exc)
+
+
+def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Yield raw webdataset samples (``__key__`` plus member bytes) of one shard, in order.
+
+    Errors propagate; :class:`ShardDataset` turns them into one error row for the shard.
+    """
+    import webdataset
+
+    stream = webdataset.gopen(url, "rb")
+    try:
+        current: dict[str, Any] | None = None
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for member in archive:
+                if not member.isreg():
+                    continue
+                prefix, suffix = _split_member_name(member.name)
+                if prefix is None:
+                    continue
+                if current is None or current["__key__"] != prefix:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": prefix}
+                handle = archive.extractfile(member)
+                current[suffix.lower()] = handle.read() if handle is not None else b""
+                archive.members = []  # streaming: do not keep every member header in memory
+        if current is not None:
+            yield current
+    finally:
+        stream.close()
+
+
+def _split_member_name(name: str) -> tuple[str | None, str]:
+    """webdataset's convention: the key is everything before the first dot of the last component."""
+    directory, _, base = name.rpartition("/")
+    if base.startswith("__") and base.endswith("__"):
+        return None, ""
+    stem, dot, suffix = base.partition(".")
+    if not dot or not stem:
+        return None, ""
+    return (f"{directory}/{stem}" if directory else stem), suffix
+
+
+def _sample_image(sample: Mapping[str, Any]) -> bytes | None:
+    for member in SHARD_IMAGE_MEMBERS:
+        if member in sample:
+            return sample[member]
+    return None
+
+
+class ShardDataset(IterableDataset):
+    """Iterable dataset over WebDataset shards, split by rank and by DataLoader worker.
+
+    Rank ``r`` of ``world_size`` reads ``shards[r::world_size]``; within it, worker ``w`` of ``n``
+    reads every ``n``-th of those. A shard that cannot be opened or breaks mid-way yields one
+    error row keyed ``shardname/``; samples without an image yield an error row of their own.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        transform: Transform,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_keys: Iterable[str] = (),
+        max_pixels: int | None = PIL_LIMIT,
+        draft_size: int | None = None,
+    ) -> None:
+        _check_rank(rank, world_size)
+        self.shards = list(shards)
+        self.transform = transform
+        self.rank = rank
+        self.world_size = world_size
+        self.skip_keys = frozenset(skip_keys)
+        self.max_pixels = max_pixels
+        self.draft_size = draft_size
+
+    def assigned_shards(self) -> list[str]:
+        """The shards this rank and (inside a DataLoader worker) this worker read."""
+        mine = self.shards[self.rank :: self.world_size]
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            mine = mine[info.id :: info.num_workers]
+        return mine
+
+    def __iter__(self) -> Iterator[Record]:
+        for url in self.assigned_shards():
+            yield from self._read_shard(url)
+
+    def _read_shard(self, url: str) -> Iterator[Record]:
+        name = shard_name(url)
+        count = 0
+        try:
+            for sample in iter_shard_samples(url):
+                count += 1
+                key = f"{name}/{sample['__key__']}"
+                if key in self.skip_keys:
+                    continue
+                data = _sample_image(sample)
+                if data is None:
+                    members = ", ".join(sorted(k for k in sample if k != "__key__"))
+                    yield Record(key, url, None, f"no image in sample (members: {members})")
+                    continue
+                image, error = _decode(data, self.transform, self.max_pixels, self.draft_size)
+                yield Record(key, url, image, error)
+        except Exception as exc:  # tar, pipe and network errors: record them, go on to the next shard
+            key = f"{name}/"
+            if key not in self.skip_keys:
+                where = f" after {count} sample(s)" if count else ""
+                yield Record(key, url, None, f"cannot read shard{where}: {_shard_error(exc)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass
+class Batch:
+    """Decoded images of one batch, with the failed items kept aside (never dropped)."""
+
+    images: torch.Tensor | None
+    keys: list[str]
+    sources: list[str]
+    extra: dict[str, list[Any]]
+    failed_keys: list[str]
+    failed_sources: list[str]
+    failed_errors: list[str]
+    failed_extra: dict[str, list[Any]]
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self.failed_keys)
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True)."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+def _columns(records: Sequence[Record], names: Sequence[str]) -> dict[str, list[Any]]:
+    return {name: [record.extra.get(name) for record in records] for name in names}
+
+
+def collate_records(records: Sequence[Record]) -> Batch:
+    """DataLoader ``collate_fn``: stack good images, keep failed records aside."""
+    good = [record for record in records if record.image is not None]
+    bad = [record for record in records if record.image is None]
+    names = sorted({name for record in records for name in record.extra})
+    return Batch(
+        images=torch.stack([record.image for record in good]) if good else None,
+        keys=[record.key for record in good],
+        sources=[record.source for record in good],
+        extra=_columns(good, names),
+        failed_keys=[record.key for record in bad],
+        failed_sources=[record.source for record in bad],
+        failed_errors=[record.error or "cannot decode" for record in bad],
+        failed_extra=_columns(bad, names),
+    )

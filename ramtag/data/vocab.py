@@ -1,0 +1,263 @@
+"""Vocabulary files, label text-feature files (``.rtv``) and their cache.
+
+A label file is UTF-8 text, one label per line; lines starting with ``#`` and blank lines are
+ignored, surrounding whitespace is stripped (a ``#`` inside a label is kept: ``C#``). Labels
+that differ only in case or inner spacing count as duplicates: CLIP's tokenizer reads them
+identically, and a duplicate would split its score between two rows.
+
+A ``.rtv`` file is safetensors with one tensor, ``text_features`` (float32 ``[C, D]``,
+unnormalised), and a ``ramtag`` metadata entry holding JSON: labels, templates, fingerprint
+(model, checkpoint, templates) and the ramtag version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from ramtag.errors import VocabularyError
+
+FEATURES_TENSOR = "text_features"
+METADATA_ENTRY = "ramtag"
+FEATURE_SUFFIX = ".rtv"
+_SAFE_FINGERPRINT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+@dataclass
+class LabelFile:
+    """Labels in file order and the 1-based line each came from."""
+
+    labels: list[str]
+    line_numbers: list[int]
+
+
+def _normalised(label: str) -> str:
+    return " ".join(label.split()).casefold()
+
+
+def read_labels(source: str | os.PathLike | TextIO) -> LabelFile:
+    """Read a label file (a path, or an open text stream such as stdin); see the module docstring."""
+    name = getattr(source, "name", None) or "labels"
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        try:
+            raw = Path(source).read_bytes()
+        except FileNotFoundError as exc:
+            raise VocabularyError(f"{name}: no such label file") from exc
+        except OSError as exc:
+            raise VocabularyError(f"{name}: cannot read ({exc.strerror or exc})") from exc
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise VocabularyError(f"{name}:{line}: not UTF-8 text") from exc
+    else:
+        text = source.read()
+    labels: list[str] = []
+    line_numbers: list[int] = []
+    first_seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        label = line.strip()
+        if not label or label.startswith("#"):
+            continue
+        folded = _normalised(label)
+        if folded in first_seen:
+            earlier = first_seen[folded]
+            same = labels[line_numbers.index(earlier)] == label
+            detail = "" if same else " (they differ only in case or spacing, which the text encoder ignores)"
+            raise VocabularyError(f"{name}:{number}: label {label!r} duplicates line {earlier}{detail}")
+        first_seen[folded] = number
+        labels.append(label)
+        line_numbers.append(number)
+    if not labels:
+        raise VocabularyError(f"{name}: the vocabulary is empty (no labels, only comments or blank lines)")
+    return LabelFile(labels, line_numbers)
+
+
+def read_label_file(source: str | os.PathLike | TextIO) -> list[str]:
+    """The labels of a label file (see :func:`read_labels`)."""
+    return read_labels(source).labels
+
+
+def check_label_lengths(
+    labels: Sequence[str],
+    line_numbers: Sequence[int] | None,
+    token_count_fn: Callable[[str], int],
+    max_tokens: int,
+    *,
+    source: str = "labels",
+) -> None:
+    """Raise :class:`VocabularyError` naming the first label whose token count exceeds ``max_tokens``.
+
+    ``token_count_fn`` counts what the text encoder will see for a label (template, start, end
+    and deep prompt tokens included); the engine supplies it from the tokenizer.
+    """
+    for index, label in enumerate(labels):
+        count = token_count_fn(label)
+        if count > max_tokens:
+            where = f"{source}:{line_numbers[index]}" if line_numbers is not None else source
+            raise VocabularyError(
+                f"{where}: label {label!r} is too long for the text encoder ({count} tokens, at most {max_tokens} fit)"
+            )
+
+
+def fingerprint(*parts: Any) -> str:
+    """A 16-hex-digit sha256 fingerprint of ``parts`` (str, bytes, numbers, JSON-able values, tensors).
+
+    Each part is type-tagged and length-prefixed, so ``("ab", "c")`` and ``("a", "bc")`` differ.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, bytes):
+            tag, payload = b"b", part
+        elif isinstance(part, str):
+            tag, payload = b"s", part.encode("utf-8")
+        elif isinstance(part, torch.Tensor):
+            tensor = part.detach().cpu().contiguous()
+            tag = f"t{tensor.dtype}{tuple(tensor.shape)}".encode()
+            payload = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        else:
+            tag, payload = b"j", json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+        digest.update(tag + b":" + str(len(payload)).encode() + b":" + payload)
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature files
+
+
+@dataclass
+class VocabFeatures:
+    """Label text features with what they were computed from."""
+
+    features: torch.Tensor
+    labels: list[str]
+    templates: list[str]
+    fingerprint: dict[str, Any]
+    version: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def save_vocab_features(
+    path: str | os.PathLike,
+    features: torch.Tensor,
+    labels: Sequence[str],
+    metadata: Mapping[str, Any],
+) -> Path:
+    """Write a ``.rtv`` file atomically.
+
+    ``metadata`` needs ``templates`` and ``fingerprint`` (a dict: model, checkpoint, templates);
+    ``version`` defaults to this ramtag's. Other entries are kept as they are.
+    """
+    from safetensors.torch import save_file
+
+    from ramtag import __version__
+
+    features = features.detach().to("cpu", torch.float32).contiguous()
+    if features.ndim != 2 or features.shape[0] != len(labels):
+        raise VocabularyError(f"features of shape {tuple(features.shape)} do not fit {len(labels)} labels")
+    missing = [name for name in ("templates", "fingerprint") if name not in metadata]
+    if missing:
+        raise ValueError(f"vocabulary metadata lacks {', '.join(missing)}")
+    payload = {"version": __version__, **dict(metadata), "labels": list(labels)}
+    target = Path(path)
+    temporary = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    try:
+        save_file(
+            {FEATURES_TENSOR: features},
+            str(temporary),
+            metadata={METADATA_ENTRY: json.dumps(payload, ensure_ascii=False, default=str)},
+        )
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return target
+
+
+def load_vocab_features(path: str | os.PathLike) -> VocabFeatures:
+    """Read a ``.rtv`` file; anything else (or a damaged one) raises :class:`VocabularyError`."""
+    from safetensors import SafetensorError, safe_open
+
+    name = os.fspath(path)
+    try:
+        with safe_open(name, framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_ENTRY)
+            if raw is None or FEATURES_TENSOR not in handle.keys():
+                raise VocabularyError(f"{name}: not a ramtag vocabulary file (no {FEATURES_TENSOR} or metadata)")
+            features = handle.get_tensor(FEATURES_TENSOR)
+    except FileNotFoundError as exc:
+        raise VocabularyError(f"{name}: no such vocabulary file") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VocabularyError(f"{name}: not a readable vocabulary file ({exc})") from exc
+    try:
+        meta = json.loads(raw)
+        labels = [str(label) for label in meta["labels"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VocabularyError(f"{name}: damaged vocabulary metadata") from exc
+    if features.ndim != 2 or features.shape[0] != len(labels):
+        raise VocabularyError(f"{name}: {features.shape[0]} feature rows for {len(labels)} labels")
+    return VocabFeatures(
+        features=features.float(),
+        labels=labels,
+        templates=list(meta.get("templates", [])),
+        fingerprint=dict(meta.get("fingerprint", {})),
+        version=str(meta.get("version", "")),
+        metadata=meta,
+    )
+
+
+def is_vocab_features_file(path: str | os.PathLike) -> bool:
+    """Whether ``--labels`` names a feature file rather than a label text file (by extension)."""
+    return os.fspath(path).lower().endswith((FEATURE_SUFFIX, ".safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_dir() -> Path:
+    """``$RAMTAG_CACHE_DIR``, else ``$XDG_CACHE_HOME/ramtag``, else ``~/.cache/ramtag``."""
+    override = os.environ.get("RAMTAG_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and os.path.isabs(os.path.expanduser(xdg)) else Path.home() / ".cache"
+    return base / "ramtag"
+
+
+def cached_features(fingerprint_value: str) -> Path:
+    """Where label features with this fingerprint are cached (the file may not exist yet)."""
+    if not _SAFE_FINGERPRINT.match(fingerprint_value):
+        raise ValueError(f"fingerprint {fingerprint_value!r} is not a safe file name")
+    return cache_dir() / "vocab" / f"{fingerprint_value}{FEATURE_SUFFIX}"
+
+
+def store_cached_features(
+    fingerprint_value: str, features: torch.Tensor, labels: Sequence[str], metadata: Mapping[str, Any]
+) -> Path | None:
+    """Save features into the cache; a cache that cannot be written is skipped (returns None)."""
+    target = cached_features(fingerprint_value)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return save_vocab_features(target, features, labels, metadata)
+    except OSError:
+        return None
+
+
+def load_cached_features(fingerprint_value: str) -> VocabFeatures | None:
+    """Cached features for this fingerprint, or None (missing or unreadable: recompute)."""
+    target = cached_features(fingerprint_value)
+    if not target.is_file():
+        return None
+    try:
+        return load_vocab_features(target)
+    except VocabularyError:
+        return None
