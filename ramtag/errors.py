@@ -25,3 +25,17 @@ class DataError(RamtagError):
 
 class OutputError(RamtagError):
     """The output exists (without --resume/--overwrite) or cannot be written."""
+
+
+# Exit statuses of the `ramtag` command (documented in the README and the man pages).
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_SOME_INPUTS_FAILED = 3
+"""The run finished, but some inputs could not be tagged: they are in the output with an error."""
+EXIT_INTERRUPTED = 130
+
+
+class PartialFailure(RamtagError):
+    """The run completed and wrote its output, but some inputs failed (they have error rows)."""
+
+    exit_code = EXIT_SOME_INPUTS_FAILED

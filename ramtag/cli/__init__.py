@@ -15,7 +15,12 @@ def main(argv: list[str] | None = None) -> None:
     from ramtag.errors import RamtagError
 
     try:
-        app(args=argv, prog_name="ramtag", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the status of an abort or an explicit exit.
+        status = app(args=argv, prog_name="ramtag", standalone_mode=False)
+        if isinstance(status, int) and status != EXIT_OK:
+            if status == 130:
+                print("ramtag: interrupted; rerun with --resume to continue", file=sys.stderr)
+            sys.exit(status)
     except RamtagError as error:
         if os.environ.get("RAMTAG_DEBUG"):
             raise

@@ -1,0 +1,65 @@
+"""Options shared by every command that runs the model, defined once (Annotated aliases)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Optional
+
+import typer
+
+MODEL_PANEL = "Model"
+KCOT_PANEL = "KCOT (optimal transport)"
+
+Checkpoint = Annotated[
+    Optional[str],
+    typer.Option("--checkpoint", "-c", help="A ramtag checkpoint (.safetensors) or a reference RAM .pth file.", rich_help_panel=MODEL_PANEL),
+]
+ModelName = Annotated[
+    str,
+    typer.Option("--model", "-m", help="open_clip architecture for training-free RAM (e.g. ViT-B-16-quickgelu), or 'demo' for the bundled demo model.", rich_help_panel=MODEL_PANEL),
+]
+Pretrained = Annotated[
+    Optional[str],
+    typer.Option("--pretrained", help="open_clip pretrained tag (openai, …) or a local weights file.", rich_help_panel=MODEL_PANEL),
+]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)]
+ScaleLocalTemperature = Annotated[
+    Optional[bool],
+    typer.Option("--scale-local-temperature/--no-scale-local-temperature", help="Scale the local temperature by training/current vocabulary size (default: the checkpoint's setting).", rich_help_panel=MODEL_PANEL),
+]
+OtReg = Annotated[Optional[float], typer.Option("--ot-reg", help="Sinkhorn entropic regularisation (default 0.1).", rich_help_panel=KCOT_PANEL)]
+OtMaxIter = Annotated[Optional[int], typer.Option("--ot-max-iter", help="Sinkhorn iteration limit (default 100).", rich_help_panel=KCOT_PANEL)]
+OtTol = Annotated[Optional[float], typer.Option("--ot-tol", help="Sinkhorn tolerance (default 1e-3).", rich_help_panel=KCOT_PANEL)]
+OtStop = Annotated[Optional[str], typer.Option("--ot-stop", help="Stopping rule: reference (parity) or marginal.", rich_help_panel=KCOT_PANEL)]
+
+
+@dataclass
+class ModelChoice:
+    checkpoint: str | None
+    model: str
+    pretrained: str | None
+    device: str
+    scale_local_temperature: bool | None = None
+    ot_reg: float | None = None
+    ot_max_iter: int | None = None
+    ot_tol: float | None = None
+    ot_stop: str | None = None
+
+    def load(self):
+        """The runtime these options describe (errors become one line in ramtag.cli.main)."""
+        from ramtag.engine.runtime import load_runtime
+        from ramtag.errors import UsageError
+
+        kcot = {"reg": self.ot_reg, "max_iter": self.ot_max_iter, "tol": self.ot_tol, "stop": self.ot_stop}
+        overrides = {"scale_local_temperature": self.scale_local_temperature}
+        try:
+            return load_runtime(self.checkpoint, self.model, self.pretrained, self.device, {**overrides, "kcot": kcot})
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+
+def command_line() -> str:
+    import shlex
+    import sys
+
+    return " ".join(shlex.quote(a) for a in ["ramtag", *sys.argv[1:]])

@@ -1,0 +1,90 @@
+"""`ramtag tag`: the main job."""
+
+from __future__ import annotations
+
+from typing import Annotated, List, Optional
+
+import typer
+
+from ramtag.cli.app import app
+from ramtag.cli.options import (
+    Checkpoint,
+    Device,
+    ModelChoice,
+    ModelName,
+    OtMaxIter,
+    OtReg,
+    OtStop,
+    OtTol,
+    Pretrained,
+    ScaleLocalTemperature,
+    command_line,
+)
+
+OUTPUT_PANEL = "Output"
+INPUT_PANEL = "Inputs"
+SPEED_PANEL = "Speed"
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  ramtag tag examples/ --labels examples/vocab.txt --model demo -o -\n\n"
+        "  ramtag tag ./photos --labels vocab.txt -o tags.parquet\n\n"
+        "  find /data -name '*.jpg' | ramtag tag - --labels vocab.txt -o tags.jsonl\n\n"
+        "  ramtag tag 'shards/{000000..000099}.tar' --labels vocab.rtv -o out/ --checkpoint ram.safetensors\n\n"
+        "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{000000..009999}.tar' --labels vocab.txt -o out/\n\n"
+        "Exit status: 0 all inputs tagged; 3 some inputs failed (error rows in the output); 2 usage error; 130 interrupted (rerun with --resume)."
+    )
+)
+def tag(
+    inputs: Annotated[List[str], typer.Argument(help="Folders, image files, @list.txt, '-' (paths on stdin), manifests (.parquet/.csv/.jsonl) or WebDataset shards (.tar, brace patterns, pipe:).", show_default=False)],
+    labels: Annotated[str, typer.Option("--labels", "-l", help="Label file (one per line, # comments) or a .rtv file from `ramtag vocab encode`; '-' reads labels from stdin.", rich_help_panel=INPUT_PANEL)],
+    output: Annotated[str, typer.Option("--output", "-o", help="OUT.parquet, OUT.jsonl, '-' (JSONL on stdout) or DIR/ (partitioned Parquet).", rich_help_panel=OUTPUT_PANEL)] = "tags.parquet",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="At most K tags per image (0: no limit).", rich_help_panel=OUTPUT_PANEL)] = 5,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Minimum score of a tag.", rich_help_panel=OUTPUT_PANEL)] = None,
+    thresholds: Annotated[Optional[str], typer.Option("--thresholds", help="Per-label thresholds TSV from `ramtag eval --calibrate`.", rich_help_panel=OUTPUT_PANEL)] = None,
+    all_scores: Annotated[bool, typer.Option("--all-scores", help="Also write every label's score (vocabulary order).", rich_help_panel=OUTPUT_PANEL)] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Tag only inputs missing from an existing or interrupted output.", rich_help_panel=OUTPUT_PANEL)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.", rich_help_panel=OUTPUT_PANEL)] = False,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="With --resume, also retry inputs that failed before.", rich_help_panel=OUTPUT_PANEL)] = False,
+    save_maps: Annotated[Optional[str], typer.Option("--save-maps", help="Also write region-map PNGs (see `ramtag explain`) into DIR.", rich_help_panel=OUTPUT_PANEL)] = None,
+    path_column: Annotated[str, typer.Option("--path-column", help="Manifest column holding image paths.", rich_help_panel=INPUT_PANEL)] = "path",
+    keep_columns: Annotated[Optional[str], typer.Option("--keep-columns", help="Comma-separated manifest columns to carry into the output.", rich_help_panel=INPUT_PANEL)] = None,
+    root: Annotated[Optional[str], typer.Option("--root", help="Resolve relative paths of lists, stdin and manifests against DIR.", rich_help_panel=INPUT_PANEL)] = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse images with more pixels (decompression-bomb guard; 0 = no cap).", rich_help_panel=INPUT_PANEL)] = 89_478_485,
+    template: Annotated[Optional[List[str]], typer.Option("--template", help="Prompt template with {} (repeatable: an ensemble, training-free models only).", rich_help_panel=INPUT_PANEL)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.", rich_help_panel=SPEED_PANEL)] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoding processes (default: cores - 1, at most 8).", rich_help_panel=SPEED_PANEL)] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast on CUDA).", rich_help_panel=SPEED_PANEL)] = "fp32",
+    fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode JPEGs at reduced scale (faster; pixels differ slightly).", rich_help_panel=SPEED_PANEL)] = False,
+    part_rows: Annotated[int, typer.Option("--part-rows", help="Rows per part file (what an interrupted run can lose at most, besides a minute of work).", rich_help_panel=OUTPUT_PANEL)] = 262_144,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")] = False,
+    checkpoint: Checkpoint = None,
+    model: ModelName = "ViT-B-16-quickgelu",
+    pretrained: Pretrained = "openai",
+    device: Device = "auto",
+    scale_local_temperature: ScaleLocalTemperature = None,
+    ot_reg: OtReg = None,
+    ot_max_iter: OtMaxIter = None,
+    ot_tol: OtTol = None,
+    ot_stop: OtStop = None,
+) -> None:
+    """Tag images with a vocabulary and write one row per input: [bold]key, source, tags, error[/bold]."""
+    from ramtag.engine import dist
+    from ramtag.engine.tag import TagOptions, run_tag
+
+    options = TagOptions(
+        inputs=list(inputs), labels=labels, output=output, top_k=top_k, threshold=threshold, thresholds_file=thresholds,
+        all_scores=all_scores, batch_size=batch_size, workers=workers, precision=precision, resume=resume,
+        overwrite=overwrite, retry_errors=retry_errors, path_column=path_column,
+        keep_columns=[c.strip() for c in keep_columns.split(",") if c.strip()] if keep_columns else [],
+        root=root, max_pixels=max_pixels or None, fast_decode=fast_decode, templates=list(template or []), quiet=quiet,
+        save_maps=save_maps, part_rows=part_rows, command_line=command_line(),
+    )
+    info = dist.setup(device)
+    try:
+        choice = ModelChoice(checkpoint, model, pretrained, dist.device_for(info, device), scale_local_temperature, ot_reg, ot_max_iter, ot_tol, ot_stop)
+        run_tag(options, choice.load())
+    finally:
+        dist.teardown()
