@@ -1,0 +1,70 @@
+"""`ramtag model fetch`: download and verify CLIP weights on a machine with network, for air-gapped nodes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ramtag.errors import CheckpointError, UsageError
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None) -> dict:
+    """Put `name`/`tag` weights into `to` and check that they load into the architecture.
+
+    Without `source`, open_clip downloads them (Hugging Face hub or the original URL, whose sha256 it checks).
+    With `source` (a local file, e.g. copied from a mirror), that file is verified and copied instead.
+    Writes `to/NAME-TAG.<ext>` and `to/NAME-TAG.json` (sha256, size, origin); returns that record.
+    """
+    import open_clip
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    from ramtag.model.weights import load_backbone
+
+    if name not in open_clip.list_models():
+        raise UsageError(f"unknown open_clip architecture {name!r}")
+    target_dir = Path(to)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        origin = Path(source)
+        if not origin.is_file():
+            raise UsageError(f"--from {source}: no such file")
+        downloaded = origin
+        where = str(origin)
+    else:
+        config = get_pretrained_cfg(name, tag)
+        if not config:
+            raise UsageError(f"open_clip knows no pretrained tag {tag!r} for {name}; see open_clip.list_pretrained()")
+        try:
+            downloaded = Path(download_pretrained(config, cache_dir=str(target_dir / ".download")))
+        except Exception as error:  # noqa: BLE001 - network failures come in many types
+            raise CheckpointError(f"download of {name} {tag} failed: {error.__class__.__name__}: {error}") from None
+        where = config.get("hf_hub") or config.get("url") or "open_clip"
+    load_backbone(name, str(downloaded))  # raises CheckpointError when the file does not fit the architecture
+    target = target_dir / f"{name}-{tag}{downloaded.suffix or '.bin'}"
+    if downloaded.resolve() != target.resolve():
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(downloaded, partial)
+        partial.replace(target)
+    record = {
+        "architecture": name,
+        "tag": tag,
+        "file": target.name,
+        "sha256": _sha256(target),
+        "bytes": target.stat().st_size,
+        "origin": where,
+        "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "use": f"ramtag tag … --model {name} --pretrained {target}",
+    }
+    (target_dir / f"{name}-{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
