@@ -52,6 +52,8 @@ def save_checkpoint(path: str | Path, model: RamModel, include_backbone: bool = 
         "includes_backbone": json.dumps(include_backbone),
         "extra": json.dumps(extra or {}),
     }
+    if include_backbone:
+        metadata["backbone_shape"] = json.dumps(backbone_shape(model.clip))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -62,6 +64,19 @@ def save_checkpoint(path: str | Path, model: RamModel, include_backbone: bool = 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def backbone_shape(clip_model: nn.Module) -> dict:
+    """What an OpenAI-format rebuild cannot infer from tensor shapes alone (checked when one is rebuilt)."""
+    from open_clip.transformer import QuickGELU
+
+    vision_block = clip_model.visual.transformer.resblocks[0]
+    text_tower = getattr(clip_model, "text", clip_model)
+    return {
+        "vision_heads": int(vision_block.attn.num_heads),
+        "text_heads": int(text_tower.transformer.resblocks[0].attn.num_heads),
+        "quick_gelu": isinstance(vision_block.mlp.gelu, QuickGELU),
+    }
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -79,9 +94,10 @@ def load_checkpoint(path: str | Path, config_overrides: dict | None = None, clip
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as handle:
         head = handle.read(8)
+    # Returned in eval mode: in train mode the adapters' batch norms would use (and update) batch statistics.
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        return _load_reference_file(path, config_overrides)
-    return _load_ramtag_file(path, config_overrides, clip_model)
+        return _load_reference_file(path, config_overrides).eval()
+    return _load_ramtag_file(path, config_overrides, clip_model).eval()
 
 
 def _load_ramtag_file(path: Path, overrides: dict | None, clip_model: nn.Module | None) -> RamModel:
@@ -105,6 +121,14 @@ def _load_ramtag_file(path: Path, overrides: dict | None, clip_model: nn.Module 
     backbone_state = {k[len("clip."):]: v for k, v in tensors.items() if k.startswith("clip.")}
     if backbone_state and clip_model is None:
         clip_model = openai_state_to_clip(backbone_state)
+        recorded = json.loads(metadata.get("backbone_shape", "null"))
+        if recorded is not None and recorded != backbone_shape(clip_model):
+            raise CheckpointError(
+                f"{path}: its backbone ({recorded}) cannot be rebuilt from tensor shapes alone "
+                f"(a rebuild gives {backbone_shape(clip_model)}); save it without the backbone and load by architecture name"
+            )
+        # open_clip's OpenAI builder rounds to float16 on the way: restore the saved values exactly.
+        clip_model.load_state_dict(backbone_state)
     model = build_model(config, clip_model)
     own = {k: v for k, v in tensors.items() if not k.startswith("clip.")}
     _load_strict(model, own, path, backbone_included=bool(backbone_state))

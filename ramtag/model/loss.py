@@ -11,7 +11,9 @@ def mmc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     `logits` and `targets` are [B, C] (or any shape: they are flattened). In distributed training pass the
     logits and targets gathered from every rank, so the softmax spans the global batch.
     """
-    flat = logits.reshape(-1).float()
+    flat = logits.reshape(-1)
+    # Half precision is summed in float32; float64 stays float64 (gradient checks, exact comparisons).
+    flat = flat if flat.dtype == torch.float64 else flat.float()
     positive = targets.reshape(-1).to(flat.dtype)
     log_prob = flat - torch.logsumexp(flat, dim=0)
     count = positive.sum()

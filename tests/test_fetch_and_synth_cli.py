@@ -1,0 +1,79 @@
+"""`ramtag model fetch` (against local files, never the network) and `ramtag data synth`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from tests.test_tag import run_cli
+
+TINY_ARCH = "ramtag-tiny-fetch-test"
+
+
+@pytest.fixture(scope="module")
+def tiny_architecture(tmp_path_factory):
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("arch")
+    config = {
+        "embed_dim": 64,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    (folder / f"{TINY_ARCH}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    weights = folder / "weights.pt"
+    torch.save(open_clip.create_model(TINY_ARCH).state_dict(), weights)
+    return weights
+
+
+def test_fetch_verifies_and_records_a_local_file(tiny_architecture, tmp_path, capsys):
+    to = tmp_path / "weights"
+    assert run_cli("model", "fetch", TINY_ARCH, "mirror", "--to", to, "--from", tiny_architecture) == 0
+    record = json.loads((to / f"{TINY_ARCH}-mirror.json").read_text())
+    copied = to / record["file"]
+    assert record["sha256"] == hashlib.sha256(copied.read_bytes()).hexdigest() == hashlib.sha256(tiny_architecture.read_bytes()).hexdigest()
+    assert record["sha256"] in capsys.readouterr().out
+    # what was fetched is what `--pretrained PATH` loads
+    from ramtag.model.weights import load_backbone
+
+    model = load_backbone(TINY_ARCH, str(copied))
+    reference = torch.load(tiny_architecture, weights_only=True)
+    assert torch.equal(model.state_dict()["visual.proj"], reference["visual.proj"])
+
+
+def test_fetch_refuses_weights_of_another_architecture(tiny_architecture, tmp_path, capsys):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, wrong)
+    assert run_cli("model", "fetch", TINY_ARCH, "mirror", "--to", tmp_path / "w", "--from", wrong) == 2
+    assert "wrong.pt" in capsys.readouterr().err
+    assert not (tmp_path / "w" / f"{TINY_ARCH}-mirror.json").exists()
+
+
+def test_training_free_tagging_from_local_weights(tiny_architecture, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "red.png")
+    (tmp_path / "vocab.txt").write_text("red\nblue\n")
+    out = tmp_path / "out.jsonl"
+    code = run_cli("tag", tmp_path / "red.png", "--labels", tmp_path / "vocab.txt", "--model", TINY_ARCH,
+                   "--pretrained", tiny_architecture, "-o", out, "--workers", 0)
+    assert code == 0
+    row = json.loads(out.read_text())
+    assert row["error"] is None and {t["label"] for t in row["tags"]} == {"red", "blue"}
+
+
+def test_data_synth_command_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert run_cli("data", "synth", tmp_path / name, "--n", 6, "--seed", 5, "--format", "images", "--format", "json") == 0
+    first = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert first and first == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    for relative in first:
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes()
+    labels = json.loads((tmp_path / "a" / "labels.json").read_text())
+    assert len(labels["images"]) == 6
