@@ -194,7 +194,8 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     if options.save_maps:
         from ramtag.engine.explain import MapWriter
 
-        map_writer = MapWriter(options.save_maps, vocabulary.labels, runtime.config.preprocessing.image_size)
+        pre = runtime.config.preprocessing
+        map_writer = MapWriter(options.save_maps, vocabulary.labels, pre.mean, pre.std)
     tagged = failed = 0
     started = time.perf_counter()
     interrupted = False
@@ -213,7 +214,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
                         selection = select_tags(scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds)
                         writer.write(TagBatch.from_selection(batch.keys, batch.sources, selection, scores.cpu().numpy() if options.all_scores else None, batch.extra))
                         if map_writer is not None:
-                            map_writer.write(batch.keys, batch.sources, output, selection)
+                            map_writer.write(batch.keys, batch.images, output, selection)
                         tagged += len(batch.keys)
                     progress.advance(len(batch), len(batch.failed_keys))
     except KeyboardInterrupt:

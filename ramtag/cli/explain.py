@@ -1,0 +1,47 @@
+"""`ramtag explain`: see which regions carry each tag."""
+
+from __future__ import annotations
+
+from typing import Annotated, List
+
+import typer
+
+from ramtag.cli.app import app
+from ramtag.cli.options import Checkpoint, Device, ModelChoice, ModelName, Pretrained
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  ramtag explain examples/ --labels examples/vocab.txt --model demo -o maps/\n\n"
+        "  ramtag explain photo.jpg --labels vocab.txt --checkpoint ram.safetensors -o maps/ --top-k 5\n\n"
+        "Each image gets DIR/<name>-<hash>.png: the image, then one heat map per top tag (the KCOT transport plan's "
+        "share of that label in each region), captioned with tag and score."
+    )
+)
+def explain(
+    images: Annotated[List[str], typer.Argument(help="Image files or folders.")],
+    labels: Annotated[str, typer.Option("--labels", "-l", help="Label file or .rtv file.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the PNG files.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tags (maps) per image.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
+    checkpoint: Checkpoint = None,
+    model: ModelName = "ViT-B-16-quickgelu",
+    pretrained: Pretrained = "openai",
+    device: Device = "auto",
+) -> None:
+    """Write, per image, a PNG with one region heat map per top tag, from the transport plan."""
+    from ramtag.engine.explain import run_explain
+    from ramtag.engine.vocabulary import load_vocabulary
+    from ramtag.errors import PartialFailure, UsageError
+
+    if top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    runtime = ModelChoice(checkpoint, model, pretrained, device).load()
+    vocabulary = load_vocabulary(runtime, labels)
+    written, failures = run_explain(runtime, vocabulary, images, output, top_k=top_k, batch_size=batch_size)
+    for key, reason in failures:
+        typer.echo(f"ramtag: {key}: {reason}", err=True)
+    typer.echo(f"{len(written)} explanation(s) -> {output}", err=True)
+    if failures:
+        raise PartialFailure(f"{len(failures)} image(s) could not be explained")

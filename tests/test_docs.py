@@ -1,0 +1,54 @@
+"""Documentation that must not drift: man pages from the CLI's help, examples in every --help, completion."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ramtag.cli.manpages import pages
+
+MAN = Path(__file__).resolve().parent.parent / "man"
+
+
+def test_man_pages_are_current():
+    expected = pages()
+    present = {path.name for path in MAN.glob("*.1")}
+    stale = sorted(name for name, text in expected.items() if not (MAN / name).is_file() or (MAN / name).read_text() != text)
+    assert not stale and present == set(expected), (
+        f"man pages are stale or missing: {stale or sorted(present ^ set(expected))}; run `python -m ramtag.cli.manpages man`"
+    )
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+def test_man_pages_render_without_warnings():
+    for page in sorted(MAN.glob("*.1")):
+        result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True)
+        assert result.returncode == 0 and not result.stderr.strip(), f"{page.name}: {result.stderr}"
+
+
+def test_every_command_has_examples():
+    import typer
+
+    from ramtag.cli.app import app
+
+    root = typer.main.get_command(app)
+    missing = []
+    for name, command in root.commands.items():
+        subcommands = getattr(command, "commands", {name: command})
+        for sub_name, sub in subcommands.items():
+            if sub_name not in ("selfcheck",) and "ramtag" not in (sub.epilog or "") + (sub.help or ""):
+                missing.append(f"{name} {sub_name}".strip())
+    assert not missing, f"commands without examples in --help: {missing}"
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_completion_scripts(shell):
+    env = {**os.environ, "_RAMTAG_COMPLETE": f"source_{shell}", "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    result = subprocess.run([sys.executable, "-m", "ramtag"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ramtag" in result.stdout and len(result.stdout) > 100
