@@ -4,3 +4,7 @@ from ramtag.cli import selfcheck  # noqa: F401
 from ramtag.cli import tag as _tag  # noqa: F401
 from ramtag.cli import vocab as _vocab  # noqa: F401
 from ramtag.cli import eval as _eval  # noqa: F401
+from ramtag.cli import data as _data  # noqa: F401
+from ramtag.cli import model as _model  # noqa: F401
+from ramtag.cli import train as _train  # noqa: F401
+from ramtag.cli import explain as _explain  # noqa: F401

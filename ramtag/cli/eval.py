@@ -47,7 +47,7 @@ def eval_command(
     map_prefix: Annotated[Optional[list[str]], typer.Option("--map-prefix", metavar="OLD=NEW", help="Rewrite annotation paths starting with OLD (repeatable).")] = None,
     strict_labels: Annotated[bool, typer.Option("--strict-labels", help="Labels outside the label space are an error instead of being dropped.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="DataLoader worker processes for decoding.")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoding processes (default: cores - 1, at most 8).")] = None,
     top_k: Annotated[Optional[list[int]], typer.Option("--top-k", "-k", help="k of the top-k metrics (repeatable; default 3 and 5).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="OUT.json", help="Write the full report as JSON ('-' for stdout).")] = None,
     markdown: Annotated[Optional[str], typer.Option("--markdown", metavar="OUT.md", help="Write a Markdown summary.")] = None,
@@ -91,6 +91,8 @@ def eval_command(
 
     if target_precision is not None and calibrate is None:
         raise UsageError("--target-precision needs --calibrate THRESHOLDS.tsv")
+    if json_out == "-" and markdown == "-":
+        raise UsageError("only one of --json and --markdown can go to stdout ('-')")
     if scores is not None and checkpoint is not None:
         raise UsageError("--scores evaluates a score table without a model: drop --checkpoint")
     settings = EvalSettings(
