@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tiny models are dominated by thread hand-offs: one thread is faster, and steady on a shared machine.
+torch.set_num_threads(1)
+
 
 def build_tiny_checkpoint(path, trained: bool = True, seed: int = 0):
     """A RAM model over a tiny OpenAI-shaped CLIP (heads = width // 64), saved with its backbone."""

@@ -59,6 +59,10 @@ def save_checkpoint(path: str | Path, model: RamModel, include_backbone: bool = 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp makes the file private (0600); a checkpoint should follow the user's umask like any file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,251 @@
+"""Training batches: each rank's share of every global batch, reproducible from the seed and the data position.
+
+Annotation files: every epoch is a permutation of the images seeded by (seed, epoch); global batch j is
+images j·B .. (j+1)·B of it (the last partial batch is dropped, as in the reference) and rank r of w takes
+the r-th 1/w of each. So the global batches are the same whatever the number of processes, and resuming at
+batch j needs no decoding of the batches before it. Each image's augmentation is seeded by
+(seed, epoch, index), independent of DataLoader workers.
+
+WebDataset shards: an endless stream per rank, pass after pass over a seeded permutation of the shards (rank
+r reads every w-th), with failed samples removed and good ones re-batched to exactly B / w. Augmentation is
+seeded per worker and sample number within the pass. Resuming replays the pass up to the saved sample count
+(those samples are decoded again and discarded: slower, but the same stream).
+
+Missing image files are found before training starts (one stat each) and left out; images that fail to
+decode are set aside in their batch, which is then smaller. Both are listed in `bad-images.txt`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from ramtag.engine.augment import TrainAugment, sample_seed
+from ramtag.engine.labelled import (
+    LabelledBatch,
+    LabelledFiles,
+    LabelledItem,
+    LabelledShards,
+    LabelledSource,
+    collate_labelled,
+)
+from ramtag.errors import DataError
+
+
+class _SeededAugment:
+    """The augmentation with a seed set by the dataset just before each image is transformed."""
+
+    def __init__(self, augment: TrainAugment):
+        self.augment = augment
+        self.seed = 0
+
+    def __call__(self, image) -> torch.Tensor:  # noqa: ANN001 - a PIL image
+        return self.augment(image, torch.Generator().manual_seed(self.seed))
+
+
+class _CountingAugment:
+    """The augmentation seeded by (run seed, pass, worker, sample number in this worker): for shard streams."""
+
+    def __init__(self, augment: TrainAugment, seed: int, pass_index: int):
+        self.augment = augment
+        self.seed = seed
+        self.pass_index = pass_index
+        self.count = 0
+
+    def __call__(self, image) -> torch.Tensor:  # noqa: ANN001 - a PIL image
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        seed = sample_seed(self.seed, self.pass_index, (worker << 40) + self.count)
+        self.count += 1
+        return self.augment(image, torch.Generator().manual_seed(seed))
+
+
+class _EpochFiles(Dataset):
+    """Items are (epoch, index) pairs so that each image's augmentation is seeded by both."""
+
+    def __init__(self, files: LabelledFiles, augment: _SeededAugment, seed: int):
+        self.files = files
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        self.augment.seed = sample_seed(self.seed, epoch, index)
+        return self.files[index]
+
+
+class GlobalBatchSampler(Sampler):
+    """This rank's slice of each global batch of a seeded per-epoch permutation, from a start batch on."""
+
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        if global_batch % world_size:
+            raise DataError(f"batch size {global_batch} does not split evenly over {world_size} processes")
+        self.size = size
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.global_batch
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+
+    def __len__(self) -> int:
+        return max(self.batches_per_epoch - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.order(self.epoch)
+        for batch in range(self.start, self.batches_per_epoch):
+            first = batch * self.global_batch + self.rank * self.local_batch
+            yield [(self.epoch, int(i)) for i in order[first:first + self.local_batch]]
+
+
+@dataclass
+class StreamPosition:
+    """Where a shard stream stands: the pass and how many raw samples of it this rank has used."""
+
+    pass_index: int = 0
+    consumed: int = 0
+
+
+def find_missing_files(items: Sequence[LabelledItem]) -> tuple[list[LabelledItem], list[tuple[str, str]]]:
+    """Split items into those whose image file exists and (key, reason) for the others."""
+    present, missing = [], []
+    for item in items:
+        if item.path is not None and os.path.isfile(item.path):
+            present.append(item)
+        else:
+            missing.append((item.key, "missing file" if item.path and not os.path.exists(item.path) else "not a file"))
+    return present, missing
+
+
+@dataclass
+class TrainBatches:
+    """Every rank's local training batches; see the module docstring for the two kinds of data."""
+
+    source: LabelledSource
+    items: list[LabelledItem]
+    classes: tuple[str, ...]
+    augment: TrainAugment
+    global_batch: int
+    rank: int
+    world_size: int
+    seed: int
+    num_workers: int
+    pin_memory: bool = False
+    samples_per_epoch: int | None = None
+    """Shards only: how many samples make an epoch (counted from the data when not given)."""
+    strict_labels: bool = False
+    cls_classes: tuple[str, ...] | None = None
+    """Shards only: the label list that `.cls` indices point into (default: `classes`)."""
+    stream: StreamPosition = field(default_factory=StreamPosition)
+
+    def __post_init__(self) -> None:
+        if self.global_batch % self.world_size:
+            raise DataError(f"batch size {self.global_batch} does not split evenly over {self.world_size} processes")
+        self.local_batch = self.global_batch // self.world_size
+        if self.source.is_shards:
+            if len(self.source.shards) < self.world_size:
+                raise DataError(f"{len(self.source.shards)} shard(s) for {self.world_size} processes: every process needs a shard")
+            size = self.samples_per_epoch or len(self.items)
+        else:
+            size = len(self.items)
+            self.files = LabelledFiles(list(enumerate(self.items)), self.classes, transform=None, label_space=self.classes)
+            self._augment = _SeededAugment(self.augment)
+            self.files.transform = self._augment
+            self.sampler = GlobalBatchSampler(size, self.global_batch, self.rank, self.world_size, self.seed)
+        self.size = size
+        if size < self.global_batch:
+            raise DataError(f"{size} training image(s) do not fill one batch of {self.global_batch}: lower --batch-size")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.global_batch
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[LabelledBatch]:
+        """Local batches `start_batch` .. end of `epoch` (shards: the next ones from the endless stream)."""
+        if self.source.is_shards:
+            yield from self._shard_batches(self.batches_per_epoch - start_batch)
+            return
+        self.sampler.set_position(epoch, start_batch)
+        dataset = _EpochFiles(self.files, self._augment, self.seed)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_labelled,
+            pin_memory=self.pin_memory,
+        )
+        yield from loader
+
+    # -- shards -----------------------------------------------------------------------------------------
+    def _shard_loader(self, pass_index: int) -> DataLoader:
+        order = torch.randperm(len(self.source.shards), generator=torch.Generator().manual_seed(self.seed * 7919 + pass_index))
+        shards = [self.source.shards[i] for i in order]
+        dataset = LabelledShards(
+            shards, self.classes, _CountingAugment(self.augment, self.seed, pass_index),
+            label_space=self.classes, cls_classes=self.cls_classes, strict=self.strict_labels, rank=self.rank, world_size=self.world_size,
+        )
+        mine = len(shards[self.rank::self.world_size])
+        return DataLoader(
+            dataset, batch_size=self.local_batch, num_workers=min(self.num_workers, mine),
+            collate_fn=collate_labelled, pin_memory=self.pin_memory,
+        )
+
+    def _shard_batches(self, count: int) -> Iterator[LabelledBatch]:
+        emitted = 0
+        while emitted < count:
+            position = self.stream
+            raw = 0
+            emitted_before = emitted
+            good: list[tuple[torch.Tensor, torch.Tensor, str, int]] = []
+            failed: list[tuple[str, str]] = []
+            dropped = None
+            for batch in self._shard_loader(position.pass_index):
+                start = raw
+                raw += len(batch) + len(batch.failed)
+                if raw <= position.consumed:
+                    continue  # replaying up to the saved position
+                failed.extend(batch.failed)
+                dropped = batch.dropped if dropped is None else dropped + batch.dropped
+                for i in range(len(batch)):
+                    index = start + len(batch.failed) + i
+                    if index >= position.consumed:
+                        good.append((batch.images[i], batch.targets[i], batch.keys[i], index))
+                while len(good) >= self.local_batch:
+                    chunk, good = good[:self.local_batch], good[self.local_batch:]
+                    self.stream = StreamPosition(position.pass_index, chunk[-1][3] + 1)
+                    yield LabelledBatch(
+                        images=torch.stack([c[0] for c in chunk]),
+                        targets=torch.stack([c[1] for c in chunk]),
+                        keys=[c[2] for c in chunk],
+                        orders=[(position.pass_index, c[3]) for c in chunk],
+                        failed=failed,
+                        dropped=dropped if dropped is not None else batch.dropped,
+                    )
+                    failed, dropped = [], None
+                    emitted += 1
+                    if emitted >= count:
+                        return
+            if emitted == emitted_before and position.consumed == 0:
+                raise DataError(f"a whole pass over this process's shards gave fewer than {self.local_batch} usable images")
+            # Leftover good samples at the end of a pass are dropped, like the last partial batch of files.
+            self.stream = StreamPosition(position.pass_index + 1, 0)

@@ -1,0 +1,147 @@
+"""The model a training run starts from, its optimizer groups and its precision.
+
+A fresh model (from `--model NAME --pretrained TAG|PATH`, `--model demo`, or a training-free `--init`
+checkpoint) gets the reference's trained-mode settings: adapters and deep prompts at the backbone's last three
+layers (9, 10, 11 on ViT-B/16), 8 adapter tokens, 4 prompt tokens, τ_loc = 2e-3, squash resize, mean = std = 0.5
+(the demo model keeps the normalisation it was pretrained with). A trained `--init` checkpoint continues from
+its own adapters, tokens, prompts and temperatures.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from ramtag.engine.train_config import TrainConfig
+from ramtag.errors import UsageError
+from ramtag.model.checkpoint import load_checkpoint
+from ramtag.model.config import KcotConfig, Preprocessing, RamConfig
+from ramtag.model.ram import RamModel
+from ramtag.model.weights import DEMO_NAME, load_backbone, load_demo_clip
+
+DEFAULT_TEMPLATE = "A photo of a {}."
+DEFAULT_TEMPERATURE_LOC = 2e-3
+REFERENCE_MEAN_STD = (0.5, 0.5, 0.5)
+
+
+def _last_layers(depth: int, count: int = 3) -> tuple[int, ...]:
+    return tuple(range(max(depth - count, 0), depth))
+
+
+def _check_layers(name: str, layers: tuple[int, ...], depth: int) -> None:
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise UsageError(f"--{name.replace('_', '-')} {list(bad)}: the backbone has layers 0..{depth - 1}")
+
+
+def _text_depth(clip: nn.Module) -> int:
+    return len(getattr(clip, "text", clip).transformer.resblocks)
+
+
+def _image_size(clip: nn.Module) -> int:
+    size = clip.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _checkpoint_has_backbone(path: str) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as handle:
+            return json.loads((handle.metadata() or {}).get("includes_backbone", "false"))
+    except Exception:  # noqa: BLE001 - reference .pth files carry their backbone
+        return True
+
+
+def _fresh_config(config: TrainConfig, clip: nn.Module, backbone: str, pretrained: str | None, template: str,
+                  mean=REFERENCE_MEAN_STD, std=REFERENCE_MEAN_STD) -> RamConfig:  # noqa: ANN001
+    vision_depth, text_depth = len(clip.visual.transformer.resblocks), _text_depth(clip)
+    adapter_layers = tuple(config.adapter_layers) if config.adapter_layers is not None else _last_layers(vision_depth)
+    prompt_layers = tuple(config.prompt_layers) if config.prompt_layers is not None else _last_layers(text_depth)
+    _check_layers("adapter_layers", adapter_layers, vision_depth)
+    _check_layers("prompt_layers", prompt_layers, text_depth)
+    size = _image_size(clip)
+    if config.image_size is not None and config.image_size != size:
+        raise UsageError(f"--image-size {config.image_size}: the backbone takes {size}x{size} images")
+    return RamConfig(
+        backbone=backbone,
+        pretrained=pretrained,
+        adapter_layers=adapter_layers,
+        adapter_tokens=config.adapter_tokens,
+        prompt_layers=prompt_layers,
+        prompt_tokens=config.prompt_tokens,
+        temperature_loc=config.temperature_loc or DEFAULT_TEMPERATURE_LOC,
+        template=template,
+        trained=True,
+        kcot=KcotConfig(teacher_weight=config.teacher_weight),
+        preprocessing=Preprocessing(image_size=size, mean=tuple(mean), std=tuple(std), resize="squash", interpolation="bilinear"),
+    )
+
+
+def build_training_model(config: TrainConfig) -> tuple[RamModel, bool]:
+    """The model to train and whether its checkpoints must carry the backbone (it cannot be found by name)."""
+    if config.init is not None:
+        if config.temperature_loc is not None:
+            raise UsageError("--temperature-loc sets a fresh model's initial value; --init continues from the checkpoint's")
+        loaded = load_checkpoint(config.init)
+        include_backbone = _checkpoint_has_backbone(config.init)
+        if not loaded.config.trained:
+            old = loaded.config
+            template = config.template or old.template
+            fresh = _fresh_config(config, loaded.clip, old.backbone, old.pretrained, template, old.preprocessing.mean, old.preprocessing.std)
+            torch.manual_seed(config.seed)
+            return RamModel(loaded.clip, fresh), include_backbone
+        for name in ("adapter_layers", "prompt_layers"):
+            wanted = getattr(config, name)
+            if wanted is not None and tuple(wanted) != tuple(getattr(loaded.config, name)):
+                raise UsageError(f"--{name.replace('_', '-')} {wanted} differs from the --init checkpoint's {list(getattr(loaded.config, name))}")
+        size = _image_size(loaded.clip)
+        if config.image_size is not None and config.image_size != size:
+            raise UsageError(f"--image-size {config.image_size}: the backbone takes {size}x{size} images")
+        loaded.config.preprocessing.image_size = size  # the only size the backbone's position embedding allows
+        if config.template is not None:
+            loaded.config.template = config.template
+        loaded.config.kcot.teacher_weight = config.teacher_weight
+        return loaded, include_backbone
+    if config.model == DEMO_NAME:
+        clip, meta = load_demo_clip()
+        template = config.template or meta.get("template", DEFAULT_TEMPLATE)
+        ram_config = _fresh_config(config, clip, DEMO_NAME, None, template, meta.get("mean", REFERENCE_MEAN_STD), meta.get("std", REFERENCE_MEAN_STD))
+    else:
+        clip = load_backbone(config.model, config.pretrained)
+        ram_config = _fresh_config(config, clip, config.model, config.pretrained, config.template or DEFAULT_TEMPLATE)
+    torch.manual_seed(config.seed)
+    return RamModel(clip, ram_config), False
+
+
+def parameter_groups(model: RamModel, config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(AdamW groups, SGD groups) as the reference splits them: temperatures, adapter weights; tokens."""
+    temperatures, adapters, tokens = [], [], []
+    for name, parameter in model.trainable_parameters().items():
+        if name in ("temperature", "temperature_loc"):
+            temperatures.append(parameter)
+        elif name.startswith("vision.adapters."):
+            adapters.append(parameter)
+        elif name.startswith(("vision.adapter_tokens.", "text.prompts.")):
+            tokens.append(parameter)
+        else:
+            raise RuntimeError(f"no optimizer group for trainable tensor {name}")
+    adamw = [
+        {"params": temperatures, "lr": config.lr, "base_lr": config.lr, "weight_decay": config.weight_decay, "name": "temperatures"},
+        {"params": adapters, "lr": config.adapter_lr, "base_lr": config.adapter_lr, "weight_decay": config.weight_decay, "name": "adapters"},
+    ]
+    sgd = [{"params": tokens, "lr": config.token_lr, "base_lr": config.token_lr, "weight_decay": config.token_weight_decay, "name": "tokens"}]
+    return [g for g in adamw if g["params"]], [g for g in sgd if g["params"]]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise UsageError(f"--precision {precision} needs CUDA; on {device.type} training runs in fp32")
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
