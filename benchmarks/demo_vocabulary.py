@@ -1,0 +1,55 @@
+"""Zero-shot quality of the bundled demo model on the synthetic benchmark, and how the scorers degrade as
+distractor labels join the vocabulary (issue 4's measurements; the README quotes them).
+
+    python benchmarks/demo_vocabulary.py --n 400 --seed 7
+    python benchmarks/demo_vocabulary.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ramtag.engine.demo_study import distractor_study, synthetic_images, zero_shot_report
+from ramtag.engine.runtime import load_runtime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=400, help="benchmark images")
+    parser.add_argument("--seed", type=int, default=7, help="synthetic stream (the demo CLIP never saw it)")
+    parser.add_argument("--distractors", type=int, nargs="+", default=[0, 10, 100, 1000])
+    parser.add_argument("--quick", action="store_true", help="100 images, distractors 0 and 100")
+    parser.add_argument("--out", default="benchmarks/results/demo_vocabulary.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.distractors = 100, [0, 100]
+    torch.manual_seed(0)
+    runtime = load_runtime(model="demo", device="auto")
+    started = time.perf_counter()
+    data = synthetic_images(runtime, args.n, args.seed)
+    result = {
+        "zero_shot": zero_shot_report(runtime, data),
+        "distractors": distractor_study(runtime, data, args.distractors),
+        "settings": vars(args),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(runtime.device)},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    zs = result["zero_shot"]
+    print(f"zero-shot mAP on {zs['images']} images ({zs['labels']} labels): all / unseen")
+    for arm in ("clip_global", "ram_local", "ram", "chance"):
+        print(f"  {arm:12s} {zs[arm]['all']:.3f} / {zs[arm]['unseen']:.3f}")
+    print("distractors  scaled  clip_global  ram_local  ram")
+    for row in result["distractors"]:
+        print(f"  {row['distractors']:9d}  {str(row['scaled_local_temperature']):6s}  {row['clip_global']:.3f}        {row['ram_local']:.3f}      {row['ram']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

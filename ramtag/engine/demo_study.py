@@ -1,0 +1,105 @@
+"""Measurements on the synthetic benchmark: zero-shot quality of the scorers and how they degrade with
+distractor labels. Used by `benchmarks/demo_vocabulary.py` (numbers in the README) and by the tests.
+
+Arms, all from one forward pass of a training-free model: `clip_global` (CLIP's zero-shot ranking,
+softmax(cos/τ_g)), `ram_local` (the KCOT-matched local score), `ram` (their mean, what `ramtag tag` writes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ramtag.data.synth import ALL_LABELS, UNSEEN_LABELS, generate_scene
+from ramtag.metrics import mean_average_precision
+
+ARMS = ("clip_global", "ram_local", "ram")
+
+
+@dataclass
+class LabelledImages:
+    images: torch.Tensor
+    targets: np.ndarray
+    """[N, len(ALL_LABELS)] multi-hot."""
+    scenes: list
+
+
+def synthetic_images(runtime, n: int, seed: int) -> LabelledImages:
+    """`n` scenes of the synthetic stream `seed`, preprocessed for `runtime`'s model."""
+    transform = runtime.transform()
+    size = runtime.config.preprocessing.image_size
+    scenes = [generate_scene(seed, index, size=size) for index in range(n)]
+    targets = np.array([[label in scene.labels for label in ALL_LABELS] for scene in scenes], dtype=np.float32)
+    return LabelledImages(torch.stack([transform(scene.image) for scene in scenes]), targets, scenes)
+
+
+def distractor_labels(count: int, seed: int, exclude: set[str]) -> list[str]:
+    """`count` real words from CLIP's BPE vocabulary (deterministic), none of them a benchmark label."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    words = sorted(
+        token[:-4] for token in SimpleTokenizer().encoder
+        if token.endswith("</w>") and token[:-4].isalpha() and token[:-4].isascii() and len(token) >= 8
+    )
+    words = [w for w in words if w not in exclude]
+    rng = np.random.default_rng(seed)
+    return [words[i] for i in rng.choice(len(words), size=count, replace=False)]
+
+
+@torch.inference_mode()
+def arm_scores(runtime, images: torch.Tensor, labels: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
+    features = runtime.encode_labels(labels)
+    parts: dict[str, list[np.ndarray]] = {arm: [] for arm in ARMS}
+    for start in range(0, len(images), batch_size):
+        out = runtime.score(images[start:start + batch_size], features)
+        parts["clip_global"].append(out.global_scores.float().cpu().numpy())
+        parts["ram_local"].append(out.local_scores.float().cpu().numpy())
+        parts["ram"].append(out.scores.float().cpu().numpy())
+    return {arm: np.concatenate(chunks) for arm, chunks in parts.items()}
+
+
+def chance_map(targets: np.ndarray, seed: int, repeats: int = 20) -> float:
+    """Mean mAP of uniformly random scores on the same targets."""
+    rng = np.random.default_rng(seed)
+    return float(np.mean([mean_average_precision(rng.random(targets.shape), targets)[0] for _ in range(repeats)]))
+
+
+def zero_shot_report(runtime, data: LabelledImages) -> dict:
+    """mAP of every arm over all labels and over the unseen labels alone (scored with all labels), vs chance."""
+    scores = arm_scores(runtime, data.images, list(ALL_LABELS))
+    unseen = [ALL_LABELS.index(label) for label in UNSEEN_LABELS]
+    report = {"images": len(data.images), "labels": len(ALL_LABELS)}
+    for arm, values in scores.items():
+        report[arm] = {
+            "all": mean_average_precision(values, data.targets)[0],
+            "unseen": mean_average_precision(values[:, unseen], data.targets[:, unseen])[0],
+        }
+    report["chance"] = {"all": chance_map(data.targets, 0), "unseen": chance_map(data.targets[:, unseen], 1)}
+    return report
+
+
+def distractor_study(runtime, data: LabelledImages, counts=(0, 10, 100, 1000), seed: int = 0) -> list[dict]:
+    """mAP on the benchmark labels when `count` distractor labels join the vocabulary.
+
+    Each arm is run with the local temperature as it is and with the vocabulary-scaled temperature
+    τ_loc · C_ref / C, C_ref being the benchmark's own vocabulary size.
+    """
+    config = runtime.model.config
+    saved = (config.scale_local_temperature, config.train_vocabulary_size)
+    rows = []
+    try:
+        for count in counts:
+            labels = list(ALL_LABELS) + distractor_labels(count, seed, set(ALL_LABELS)) if count else list(ALL_LABELS)
+            for scaled in (False, True):
+                config.scale_local_temperature = scaled
+                config.train_vocabulary_size = len(ALL_LABELS)
+                scores = arm_scores(runtime, data.images, labels)
+                row = {"distractors": count, "scaled_local_temperature": scaled}
+                for arm, values in scores.items():
+                    row[arm] = mean_average_precision(values[:, : len(ALL_LABELS)], data.targets)[0]
+                rows.append(row)
+    finally:
+        config.scale_local_temperature, config.train_vocabulary_size = saved
+    return rows
