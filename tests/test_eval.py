@@ -1,4 +1,4 @@
-"""`ramtag eval` and ramtag.engine.evaluate: protocols, baselines, score tables, calibration, reports, torchrun."""
+"""`ramtag eval` and the engine behind it: protocols, baselines, score tables, calibration, reports, torchrun."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ramtag.cli import main
 from ramtag.data.images import decode_image
 from ramtag.data.thresholds import read_thresholds
 from ramtag.data.writers import TagBatch, TagTableWriter, prepare_output
-from ramtag.engine.evaluate import (
+from ramtag.engine.eval_protocol import (
     CLIP_GLOBAL_ARM,
     GZSL,
     MODEL_ARM,
@@ -27,9 +27,9 @@ from ramtag.engine.evaluate import (
     TRAINING_FREE_ARM,
     ZSL,
     EvalSettings,
-    evaluate_model,
-    evaluate_score_table,
 )
+from ramtag.engine.evaluate import evaluate_model
+from ramtag.engine.score_table import evaluate_score_table
 from ramtag.engine.report import PLOTS_SKIPPED, markdown_summary, report_dict, results_table
 from ramtag.engine.runtime import load_runtime
 from ramtag.errors import DataError, UsageError, VocabularyError

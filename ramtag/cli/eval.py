@@ -76,7 +76,10 @@ def eval_command(
     from rich.console import Console
 
     from ramtag.engine import dist
-    from ramtag.engine.evaluate import EvalSettings, evaluate_model, evaluate_score_table, write_calibration
+    from ramtag.engine.calibrate import write_calibration
+    from ramtag.engine.eval_protocol import EvalSettings
+    from ramtag.engine.evaluate import evaluate_model
+    from ramtag.engine.score_table import evaluate_score_table
     from ramtag.engine.report import (
         calibration_summary,
         calibration_table,

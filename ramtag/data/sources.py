@@ -73,14 +73,14 @@ class InputPlan:
 
     def files_for_rank(self, rank: int, world_size: int) -> pa.Table:
         """This rank's share of files: every ``world_size``-th item from ``rank`` on."""
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         if world_size == 1:
             return self.files
         return self.files.take(pa.array(range(rank, self.files.num_rows, world_size), pa.int64()))
 
     def shards_for_rank(self, rank: int, world_size: int) -> list[str]:
         """This rank's share of shards (the same split as webdataset's ``split_by_node``)."""
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         return self.shards[rank::world_size]
 
     def without_keys(self, done: Iterable[str]) -> InputPlan:
@@ -96,7 +96,8 @@ class InputPlan:
         return shard_split_problem(len(self.shards), world_size, workers)
 
 
-def _check_rank(rank: int, world_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> None:
+    """Refuse a rank outside ``[0, world_size)`` (a programming error, not bad input)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of size {world_size}")
 
@@ -604,7 +605,7 @@ class ShardDataset(IterableDataset):
         max_pixels: int | None = PIL_LIMIT,
         draft_size: int | None = None,
     ) -> None:
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         self.shards = list(shards)
         self.transform = transform
         self.rank = rank

@@ -27,7 +27,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -431,18 +431,28 @@ def _read_key_tables(sources: Sequence[Path]) -> list[pa.Table]:
 
 
 def _read_jsonl_keys(path: Path) -> pa.Table:
-    keys, errors = [], []
+    rows = [row for _, row in iter_jsonl_rows(path)]
+    keys = [row["key"] for row in rows]
+    errors = [row.get("error") for row in rows]
+    return pa.table({"key": pa.array(keys, pa.string()), "error": pa.array(errors, pa.string())})
+
+
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` for each non-blank line of a JSONL tag table; every row has a string ``key``.
+
+    Raises OutputError naming the line when it is not JSON or not such an object.
+    """
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                keys.append(row["key"])
-                errors.append(row.get("error"))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise OutputError(f"{path}:{number}: not a ramtag JSONL row") from exc
-    return pa.table({"key": pa.array(keys, pa.string()), "error": pa.array(errors, pa.string())})
+            except json.JSONDecodeError as exc:
+                raise OutputError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+                raise OutputError(f"{path}:{number}: expected an object with a string 'key'")
+            yield number, row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,6 +862,7 @@ __all__ = [
     "batch_to_arrow",
     "count_rows",
     "finalize_output",
+    "iter_jsonl_rows",
     "output_kind",
     "prepare_output",
     "read_table_metadata",

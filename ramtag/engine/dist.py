@@ -87,18 +87,20 @@ def broadcast_object(obj, src: int = 0):
 
 def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
     """The minimum over ranks (no gradient)."""
-    if not info().distributed:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return value
+    return _all_reduce(value, "MIN")
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (no gradient)."""
+    return _all_reduce(value, "SUM")
+
+
+def _all_reduce(value: torch.Tensor, op: str) -> torch.Tensor:
+    # ``op`` names a ReduceOp member, so a single-process run never touches torch.distributed
     if not info().distributed:
         return value
     value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    dist.all_reduce(value, op=getattr(dist.ReduceOp, op))
     return value
 
 

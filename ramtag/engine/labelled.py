@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ramtag.data.annotations import PrefixMapping, read_annotations
 from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
 from ramtag.data.shard_labels import shard_labels
-from ramtag.data.sources import SHARD_EXTENSIONS, iter_shard_samples, plan_inputs, shard_name
+from ramtag.data.sources import SHARD_EXTENSIONS, check_rank, iter_shard_samples, plan_inputs, shard_name
 from ramtag.errors import DataError, UsageError, VocabularyError
 
 Transform = Callable[[Any], torch.Tensor]
@@ -382,6 +382,14 @@ def _strict_error(where: str, dropped: Counter[str]) -> DataError:
     return DataError(f"{where}: {len(dropped)} label(s) outside the label space: {listed}{more} (--strict-labels)")
 
 
+def check_strict_labels(items: Iterable[LabelledItem], label_space: Iterable[str], where: str) -> None:
+    """Refuse (``--strict-labels``) items that carry labels outside ``label_space``, listing them."""
+    known = frozenset(label_space)
+    dropped = Counter(label for item in items for label in item.labels if label not in known)
+    if dropped:
+        raise _strict_error(where, dropped)
+
+
 def select_items(
     items: Sequence[LabelledItem], require_any: Sequence[str] | None = None
 ) -> list[tuple[int, LabelledItem]]:
@@ -406,8 +414,7 @@ class LabelledFiles(Dataset):
         world_size: int = 1,
         max_pixels: int | None = PIL_LIMIT,
     ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+        check_rank(rank, world_size)
         self.classes = tuple(classes)
         self.transform = transform
         self.max_pixels = max_pixels
@@ -447,8 +454,7 @@ class LabelledShards(IterableDataset):
         world_size: int = 1,
         max_pixels: int | None = PIL_LIMIT,
     ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+        check_rank(rank, world_size)
         self.shards = list(shards)
         self.classes = tuple(classes)
         self.transform = transform
@@ -532,10 +538,7 @@ def labelled_dataset(
             strict=strict, rank=rank, world_size=world_size, max_pixels=max_pixels,
         )
     if strict:
-        known = frozenset(space)
-        dropped = Counter(label for item in source.items for label in item.labels if label not in known)
-        if dropped:
-            raise _strict_error(source.description, dropped)
+        check_strict_labels(source.items, space, source.description)
     selected = select_items(source.items, require_any)
     if not selected:
         if require_any is not None:
@@ -558,6 +561,7 @@ __all__ = [
     "LabelledSample",
     "LabelledShards",
     "LabelledSource",
+    "check_strict_labels",
     "collate_labelled",
     "labelled_dataset",
     "normalise_key",

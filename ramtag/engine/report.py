@@ -1,4 +1,4 @@
-"""Render an :class:`~ramtag.engine.evaluate.EvalResult`: rich tables, a JSON report, Markdown, PNG plots.
+"""Render an :class:`~ramtag.engine.eval_protocol.EvalResult`: rich tables, a JSON report, Markdown, PNG plots.
 
 Figures in tables and Markdown are percentages with two decimals, as the paper prints them; the
 JSON report keeps fractions in [0, 1]. Plots need matplotlib (the optional ``plots`` extra); without
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from ramtag.engine.evaluate import GZSL, Calibration, EvalResult, ProtocolResult
+from ramtag.engine.calibrate import Calibration
+from ramtag.engine.eval_protocol import GZSL, EvalResult, ProtocolResult
 from ramtag.errors import OutputError
 
 _PLOT_LABELS = 30
@@ -73,25 +74,37 @@ def results_table(result: EvalResult) -> Table:
     return table
 
 
+_CALIBRATION_COLUMNS = (
+    ("label", "left"), ("threshold", "right"), ("P %", "right"), ("R %", "right"), ("F1 %", "right"),
+    ("positives", "right"), ("status", "left"),
+)
+"""Columns of the calibration tables (terminal and Markdown), with their terminal alignment."""
+
+
+def _calibration_row(calibration: Calibration, index: int) -> list[str]:
+    data = calibration.thresholds
+    threshold = data.thresholds[index]
+    return [
+        calibration.labels[index],
+        "inf" if not np.isfinite(threshold) else f"{threshold:.4g}",
+        _percent(data.precision[index]),
+        _percent(data.recall[index]),
+        _percent(data.f1[index]),
+        str(int(data.n_positives[index])),
+        data.status[index],
+    ]
+
+
 def calibration_table(calibration: Calibration, max_rows: int | None = 40) -> Table:
     """Threshold, precision, recall and F1 per label on the calibration set."""
     data = calibration.thresholds
     objective = "best F1" if data.target_precision is None else f"precision >= {data.target_precision}"
     table = Table(title=f"thresholds ({objective}, {calibration.protocol}, {calibration.n_images} images)")
-    for name, justify in (("label", "left"), ("threshold", "right"), ("P %", "right"), ("R %", "right"), ("F1 %", "right"), ("positives", "right"), ("status", "left")):
+    for name, justify in _CALIBRATION_COLUMNS:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     order = range(len(calibration.labels))
     for index in list(order)[: max_rows if max_rows is not None else None]:
-        threshold = data.thresholds[index]
-        table.add_row(
-            calibration.labels[index],
-            "inf" if not np.isfinite(threshold) else f"{threshold:.4g}",
-            _percent(data.precision[index]),
-            _percent(data.recall[index]),
-            _percent(data.f1[index]),
-            str(int(data.n_positives[index])),
-            data.status[index],
-        )
+        table.add_row(*_calibration_row(calibration, index))
     hidden = len(calibration.labels) - (max_rows if max_rows is not None else len(calibration.labels))
     if hidden > 0:
         table.caption = f"{hidden} more label(s) in the JSON and Markdown reports"
@@ -253,20 +266,8 @@ def markdown_summary(result: EvalResult, *, plots: Sequence[str] = (), plots_not
 
 
 def _calibration_markdown(calibration: Calibration) -> list[str]:
-    data = calibration.thresholds
-    rows = []
-    for index, label in enumerate(calibration.labels[:_CALIBRATION_ROWS]):
-        threshold = data.thresholds[index]
-        rows.append([
-            label,
-            "inf" if not np.isfinite(threshold) else f"{threshold:.4g}",
-            _percent(data.precision[index]),
-            _percent(data.recall[index]),
-            _percent(data.f1[index]),
-            str(int(data.n_positives[index])),
-            data.status[index],
-        ])
-    lines = _md_table(["label", "threshold", "P %", "R %", "F1 %", "positives", "status"], rows)
+    rows = [_calibration_row(calibration, index) for index in range(min(len(calibration.labels), _CALIBRATION_ROWS))]
+    lines = _md_table([name for name, _ in _CALIBRATION_COLUMNS], rows)
     if len(calibration.labels) > _CALIBRATION_ROWS:
         lines += ["", f"({len(calibration.labels) - _CALIBRATION_ROWS} more labels in the JSON report)"]
     return lines

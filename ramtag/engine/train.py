@@ -526,7 +526,8 @@ class TrainRecipe:
 
     # -- validation ---------------------------------------------------------------------------------------
     def _evaluate(self, report_warnings: bool) -> dict[str, float] | None:
-        from ramtag.engine.evaluate import EvalSettings, evaluate_model
+        from ramtag.engine.eval_protocol import EvalSettings
+        from ramtag.engine.evaluate import evaluate_model
 
         cfg = self.config
         labels = self.seen + self.unseen
