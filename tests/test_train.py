@@ -350,3 +350,13 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
         main(["train", "-o", str(tmp_path / "none")])
     assert exit_info.value.code == 2
     assert "no training data" in capsys.readouterr().err
+
+
+def test_kcot_options_reach_the_trained_model():
+    from ramtag.engine.train_model import _kcot
+    from ramtag.errors import UsageError as _UsageError
+
+    kcot = _kcot(TrainConfig(ot_reg=0.2, ot_max_iter=50, ot_tol=1e-4, ot_stop="marginal", teacher_weight=0.1))
+    assert (kcot.reg, kcot.max_iter, kcot.tol, kcot.stop, kcot.teacher_weight) == (0.2, 50, 1e-4, "marginal", 0.1)
+    with pytest.raises(_UsageError):
+        _kcot(TrainConfig(ot_stop="sometimes"))

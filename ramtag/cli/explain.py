@@ -7,7 +7,7 @@ from typing import Annotated, List
 import typer
 
 from ramtag.cli.app import app
-from ramtag.cli.options import Checkpoint, Device, ModelChoice, ModelName, Pretrained
+from ramtag.cli.options import Checkpoint, Device, ModelChoice, ModelName, OtMaxIter, OtReg, OtStop, OtTol, Pretrained, ScaleLocalTemperature
 
 
 @app.command(
@@ -29,6 +29,11 @@ def explain(
     model: ModelName = "ViT-B-16-quickgelu",
     pretrained: Pretrained = "openai",
     device: Device = "auto",
+    scale_local_temperature: ScaleLocalTemperature = None,
+    ot_reg: OtReg = None,
+    ot_max_iter: OtMaxIter = None,
+    ot_tol: OtTol = None,
+    ot_stop: OtStop = None,
 ) -> None:
     """Write, per image, a PNG with one region heat map per top tag, from the transport plan."""
     from ramtag.engine.explain import run_explain
@@ -37,7 +42,7 @@ def explain(
 
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
-    runtime = ModelChoice(checkpoint, model, pretrained, device).load()
+    runtime = ModelChoice(checkpoint, model, pretrained, device, scale_local_temperature, ot_reg, ot_max_iter, ot_tol, ot_stop).load()
     vocabulary = load_vocabulary(runtime, labels)
     written, failures = run_explain(runtime, vocabulary, images, output, top_k=top_k, batch_size=batch_size)
     for key, reason in failures:

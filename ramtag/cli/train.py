@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ramtag.cli.app import app
+from ramtag.cli.options import OtMaxIter, OtReg, OtStop, OtTol
 
 DATA_PANEL = "Data"
 MODEL_PANEL = "Model"
@@ -63,6 +64,10 @@ def train_command(
     prompt_tokens: Annotated[Optional[int], typer.Option("--prompt-tokens", help="Deep prompt tokens per prompted layer (default: 4).", rich_help_panel=MODEL_PANEL)] = None,
     temperature_loc: Annotated[Optional[float], typer.Option("--temperature-loc", help="Initial local temperature (default: 2e-3).", rich_help_panel=MODEL_PANEL)] = None,
     template: Annotated[Optional[str], typer.Option("--template", help="Prompt template with {} (default: 'A photo of a {}.').", rich_help_panel=MODEL_PANEL)] = None,
+    ot_reg: OtReg = None,
+    ot_max_iter: OtMaxIter = None,
+    ot_tol: OtTol = None,
+    ot_stop: OtStop = None,
     teacher_weight: Annotated[Optional[float], typer.Option("--teacher-weight", help="Weight of the teacher's knowledge term in KCOT; 0 turns it off (default: 0.05).", rich_help_panel=MODEL_PANEL)] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Must equal the backbone's input size (default: the backbone's).", rich_help_panel=AUGMENT_PANEL)] = None,
     padding: Annotated[Optional[int], typer.Option("--padding", help="Pad before the random crop (default: 10).", rich_help_panel=AUGMENT_PANEL)] = None,
@@ -110,7 +115,7 @@ def train_command(
         "resume": resume, "model": model, "pretrained": pretrained, "init": init,
         "adapter_layers": _layers(adapter_layers, "--adapter-layers"), "prompt_layers": _layers(prompt_layers, "--prompt-layers"),
         "adapter_tokens": adapter_tokens, "prompt_tokens": prompt_tokens, "temperature_loc": temperature_loc,
-        "template": template, "teacher_weight": teacher_weight, "image_size": image_size, "padding": padding,
+        "template": template, "teacher_weight": teacher_weight, "ot_reg": ot_reg, "ot_max_iter": ot_max_iter, "ot_tol": ot_tol, "ot_stop": ot_stop, "image_size": image_size, "padding": padding,
         "flip": flip, "erase": erase, "photometric": photometric, "batch_size": batch_size, "epochs": epochs,
         "max_steps": max_steps, "grad_accum": grad_accum, "lr": lr, "adapter_lr": adapter_lr, "token_lr": token_lr,
         "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "warmup_epochs": warmup_epochs,

@@ -70,6 +70,12 @@ class TrainConfig:
     """Prompt template; default: the `--init` checkpoint's, the demo model's, else "A photo of a {}."."""
     teacher_weight: float = 0.05
     """Weight of the frozen teacher's knowledge term in the KCOT cost (0 turns the teacher off)."""
+    ot_reg: float = 0.1
+    """Sinkhorn regularisation at inference; training adds `teacher_weight` to it (the reference's 0.15)."""
+    ot_max_iter: int = 100
+    ot_tol: float = 1e-3
+    ot_stop: str = "reference"
+    """Sinkhorn stopping rule: `reference` (parity) or `marginal`."""
 
     # -- images -------------------------------------------------------------------------------------------
     image_size: int | None = None

@@ -75,9 +75,16 @@ def _fresh_config(config: TrainConfig, clip: nn.Module, backbone: str, pretraine
         temperature_loc=config.temperature_loc or DEFAULT_TEMPERATURE_LOC,
         template=template,
         trained=True,
-        kcot=KcotConfig(teacher_weight=config.teacher_weight),
+        kcot=_kcot(config),
         preprocessing=Preprocessing(image_size=size, mean=tuple(mean), std=tuple(std), resize="squash", interpolation="bilinear"),
     )
+
+
+def _kcot(config: TrainConfig) -> KcotConfig:
+    try:
+        return KcotConfig(reg=config.ot_reg, teacher_weight=config.teacher_weight, max_iter=config.ot_max_iter, tol=config.ot_tol, stop=config.ot_stop)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def build_training_model(config: TrainConfig) -> tuple[RamModel, bool]:
@@ -103,7 +110,7 @@ def build_training_model(config: TrainConfig) -> tuple[RamModel, bool]:
         loaded.config.preprocessing.image_size = size  # the only size the backbone's position embedding allows
         if config.template is not None:
             loaded.config.template = config.template
-        loaded.config.kcot.teacher_weight = config.teacher_weight
+        loaded.config.kcot = _kcot(config)
         return loaded, include_backbone
     if config.model == DEMO_NAME:
         clip, meta = load_demo_clip()

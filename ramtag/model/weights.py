@@ -16,7 +16,9 @@ DEMO_NAME = "demo"
 
 
 def demo_asset_dir() -> Path:
-    return Path(str(resources.files("ramtag") / "assets" / "demo"))
+    """The bundled demo model; RAMTAG_DEMO_DIR points elsewhere (a rebuilt or candidate demo model)."""
+    override = os.environ.get("RAMTAG_DEMO_DIR")
+    return Path(override) if override else Path(str(resources.files("ramtag") / "assets" / "demo"))
 
 
 def load_demo_clip() -> tuple[nn.Module, dict]:
