@@ -103,3 +103,40 @@ def distractor_study(runtime, data: LabelledImages, counts=(0, 10, 100, 1000), s
     finally:
         config.scale_local_temperature, config.train_vocabulary_size = saved
     return rows
+
+
+def map_peak_hits(runtime, data: LabelledImages, batch_size: int = 64) -> dict:
+    """How often the region map of a present label peaks inside a box of an object carrying that label.
+
+    Chance is the fraction of the image those boxes cover (a peak placed uniformly at random). Reported for
+    colour labels and shape labels separately, scored with the whole benchmark vocabulary.
+    """
+    from ramtag.data.synth import COLOURS
+    from ramtag.engine.explain import peak_position, region_maps
+
+    labels = list(ALL_LABELS)
+    features = runtime.encode_labels(labels)
+    size = runtime.config.preprocessing.image_size
+    tallies = {"colour": [0, 0, 0.0], "shape": [0, 0, 0.0]}  # hits, trials, summed chance
+    for start in range(0, len(data.images), batch_size):
+        out = runtime.score(data.images[start:start + batch_size], features)
+        for offset, scene in enumerate(data.scenes[start:start + batch_size]):
+            for label in scene.labels:
+                kind = "colour" if label in COLOURS else "shape"
+                boxes = [o.box for o in scene.objects if label in (o.colour, o.shape)]
+                column = torch.tensor([[labels.index(label)]])
+                region_map = region_maps(_row(out, offset), column)[0, 0]
+                x, y = peak_position(region_map, (size, size))
+                covered = np.zeros((size, size), dtype=bool)
+                for x0, y0, x1, y1 in boxes:
+                    covered[y0:y1, x0:x1] = True  # boxes are [x0, y0, x1, y1), end-exclusive
+                tallies[kind][0] += int(covered[min(int(y), size - 1), min(int(x), size - 1)])
+                tallies[kind][1] += 1
+                tallies[kind][2] += float(covered.mean())
+    return {kind: {"hit_rate": h / max(n, 1), "chance": c / max(n, 1), "trials": n} for kind, (h, n, c) in tallies.items()}
+
+
+def _row(output, index: int):
+    from ramtag.engine.explain import _one
+
+    return _one(output, index)
