@@ -77,3 +77,16 @@ def test_data_synth_command_is_deterministic(tmp_path):
         assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes()
     labels = json.loads((tmp_path / "a" / "labels.json").read_text())
     assert len(labels["images"]) == 6
+
+
+def test_no_network_names_the_ways_out(monkeypatch, tmp_path, capsys):
+    import open_clip
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai': Failed to download file (x.bin)")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    (tmp_path / "v.txt").write_text("cat\n")
+    assert run_cli("tag", tmp_path, "--labels", tmp_path / "v.txt", "-o", tmp_path / "o.jsonl") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--pretrained" in error[0] and "--model demo" in error[0] and "ramtag model fetch" in error[0]

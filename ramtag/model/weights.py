@@ -64,15 +64,16 @@ def load_backbone(name: str, pretrained: str | None) -> nn.Module:
         return _load_local_weights(name, Path(pretrained))
     try:
         model = open_clip.create_model(name, pretrained=pretrained or None, precision="fp32", device="cpu")
-    except RuntimeError as error:
-        if "pretrained" in str(error).lower() or "tag" in str(error).lower():
-            raise CheckpointError(f"{name}: {error}") from None
+    except (RuntimeError, OSError) as error:
+        message = str(error).lower()
+        if isinstance(error, OSError) or "download" in message or "connection" in message:
+            raise CheckpointError(
+                f"cannot download {name} weights ({pretrained}): no network? Pass --pretrained /path/to/weights "
+                "(copy them with `ramtag model fetch` on a machine with network) or use --model demo"
+            ) from None
+        if "pretrained" in message or "tag" in message:
+            raise CheckpointError(f"{name}: {str(error).splitlines()[0]}") from None
         raise
-    except OSError as error:
-        raise CheckpointError(
-            f"cannot download {name} weights ({pretrained}): {error.__class__.__name__}. Without network, pass "
-            "--pretrained /path/to/weights (copied with `ramtag model fetch` elsewhere) or use --model demo"
-        ) from None
     return model.eval()
 
 
