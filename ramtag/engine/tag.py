@@ -104,6 +104,15 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _share_cores_with_workers(runtime: Runtime, workers: int) -> None:
+    """On the CPU, leave the decoding workers their cores: torch's spinning OpenMP threads otherwise fight
+    them and small kernels slow down many times (benchmarks/README.md). OMP_NUM_THREADS still wins."""
+    if runtime.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or workers == 0:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - workers)))
+
+
 def _plan(options: TagOptions, info: dist.DistInfo, stdin: TextIO | None, log) -> InputPlan:
     """Rank 0 lists the inputs (it alone may read stdin) and shares the plan."""
     plan = None
@@ -160,6 +169,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         thresholds = read_thresholds(options.thresholds_file).for_vocabulary(vocabulary.labels, vocabulary.fingerprint, runtime.fingerprint)
     plan = _plan(options, info, stdin, log)
     workers = default_workers() if options.workers is None else options.workers
+    _share_cores_with_workers(runtime, workers)
     problem = plan.shard_split_problem(info.world_size, workers)
     if problem and info.is_main:
         log(f"ramtag: warning: {problem}")
