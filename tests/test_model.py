@@ -383,3 +383,19 @@ def test_unsupported_towers_and_layers_are_refused(clip):
     model = tiny_ram(seed=0, clip=clip)
     with pytest.raises(ValueError, match="text_features"):
         model.vision(images(1), use_adapters=True)
+
+
+def test_text_features_do_not_depend_on_the_padding_run():
+    """Only positions up to the last end-of-text token (plus prompt room) are run: same features as full context."""
+    from tests.model_fixtures import tiny_ram, tokens as _tokens
+
+    model = tiny_ram(seed=3).eval()
+    short = _tokens(["cat"])
+    long_label = " ".join(["red"] * 10)  # end-of-text within the last positions: the whole context is run
+    both = _tokens(["cat", long_label])
+    with torch.no_grad():
+        for use_prompts in (False, True):
+            alone = model.text(short, use_prompts=use_prompts)
+            together = model.text(both, use_prompts=use_prompts)
+            torch.testing.assert_close(alone[0], together[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.text(both, use_prompts=False), model.clip.encode_text(both), rtol=1e-5, atol=1e-6)

@@ -165,22 +165,28 @@ class PromptedText(nn.Module):
         """Label features [C, D], unnormalised, from token ids [C, context_length]."""
         t = self.tower
         cast = t.positional_embedding.dtype
-        x = t.token_embedding(tokens).to(cast) + t.positional_embedding.to(cast)
-        mask = t.attn_mask
-        context = x.shape[1]
+        prompted = use_prompts and bool(self.prompts)
+        end = tokens.argmax(dim=-1)
+        # Under the causal mask nothing after a label's end-of-text token reaches its feature: run only the
+        # positions up to the last one (plus room for the prompts, so the tail cut at prompted layers is padding
+        # alone). Same features, several times less text compute for short labels.
+        context = min(tokens.shape[1], int(end.max()) + 1 + (self.prompt_tokens if prompted else 0))
+        kept = tokens[:, :context]
+        x = t.token_embedding(kept).to(cast) + t.positional_embedding[:context].to(cast)
+        mask = t.attn_mask[:context, :context] if t.attn_mask is not None else None
         for index, block in enumerate(t.transformer.resblocks):
             key = str(index)
-            if use_prompts and key in self.prompts:
+            if prompted and key in self.prompts:
                 prompts = self.prompts[key].to(x.dtype).expand(x.shape[0], -1, -1)
                 joined = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
-                # Cut back to the context length: the padding tail that falls off skips this layer.
+                # Cut back to the context length: the tail that falls off skips this layer.
                 inside, tail = joined[:, :context], joined[:, context:]
                 inside = block(inside, attn_mask=mask)
                 x = torch.cat([inside[:, :1], inside[:, 1 + self.prompt_tokens:], tail], dim=1)
             else:
                 x = block(x, attn_mask=mask)
         x = t.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        pooled = x[torch.arange(x.shape[0], device=x.device), end]
         projection = t.text_projection
         return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
