@@ -72,3 +72,20 @@ def test_readme_tour_runs(tmp_path, monkeypatch):
     assert ran >= 8
     assert (tmp_path / "tags.parquet").is_file() and (tmp_path / "vocab.rtv").is_file()
     assert len(list((tmp_path / "maps").glob("*.png"))) == 12
+
+
+def test_rebuilt_demo_weights_never_reuse_cached_label_features(tmp_path, monkeypatch):
+    """The feature cache is keyed by the model fingerprint: it must change when the weights file changes."""
+    from safetensors.torch import load_file, save_file
+
+    from ramtag.model.weights import demo_asset_dir
+
+    original = load_runtime(model="demo", device="cpu").fingerprint
+    copy = tmp_path / "demo"
+    copy.mkdir()
+    shutil.copy(demo_asset_dir() / "demo-clip.json", copy / "demo-clip.json")
+    weights = load_file(str(demo_asset_dir() / "demo-clip.safetensors"))
+    weights["logit_scale"] = weights["logit_scale"] + 0.5
+    save_file(weights, str(copy / "demo-clip.safetensors"))
+    monkeypatch.setenv("RAMTAG_DEMO_DIR", str(copy))
+    assert load_runtime(model="demo", device="cpu").fingerprint != original

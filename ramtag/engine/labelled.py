@@ -171,8 +171,8 @@ def _sample_labels(sample: dict[str, Any], cls_classes: Sequence[str] | None) ->
     except DataError as exc:
         return None, str(exc)
     if labels is None:
-        if any(name in sample for name in ("cls", ".cls")) and cls_classes is None:
-            raise UsageError("shards label samples by .cls indices: pass --labels with the label list they index")
+        if any(name in sample for name in ("cls", ".cls", "idx", ".idx")) and cls_classes is None:
+            raise UsageError("shards label samples by .cls/.idx indices: pass --labels with the label list they index")
         return None, NO_LABEL_MEMBER
     return labels, None
 

@@ -15,7 +15,7 @@ from ramtag.errors import UsageError, VocabularyError
 from ramtag.model.checkpoint import build_model, file_fingerprint, load_checkpoint
 from ramtag.model.config import RamConfig
 from ramtag.model.ram import RamModel, RamOutput
-from ramtag.model.weights import DEMO_NAME, load_demo_clip
+from ramtag.model.weights import DEMO_NAME, demo_asset_dir, load_demo_clip
 
 DEFAULT_BACKBONE = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -151,7 +151,8 @@ def load_runtime(
         )
         ram = build_model(config, clip)
         source = {"model": DEMO_NAME}
-        backbone_id = {"backbone": DEMO_NAME, "weights": meta.get("training", {}).get("weights_sha256", "bundled")}
+        # The weights' own hash: a rebuilt demo must never reuse label features cached for the old one.
+        backbone_id = {"backbone": DEMO_NAME, "weights_sha256_16": file_fingerprint(demo_asset_dir() / "demo-clip.safetensors")}
     else:
         import open_clip
 
@@ -164,6 +165,8 @@ def load_runtime(
             config.preprocessing.std = tuple(pre.get("std", config.preprocessing.std))
         source = {"model": model, "pretrained": pretrained}
         backbone_id = dict(source)
+        if pretrained and Path(pretrained).is_file():
+            backbone_id["weights_sha256_16"] = file_fingerprint(pretrained)
     if kcot_overrides:
         for key, value in kcot_overrides.items():
             if value is not None:
