@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
 from ramtag.errors import CheckpointError, UsageError
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None) -> dict:
@@ -29,6 +20,7 @@ def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None
     import open_clip
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
+    from ramtag.model.checkpoint import file_sha256
     from ramtag.model.weights import load_backbone
 
     if name not in open_clip.list_models():
@@ -60,7 +52,7 @@ def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None
         "architecture": name,
         "tag": tag,
         "file": target.name,
-        "sha256": _sha256(target),
+        "sha256": file_sha256(target),
         "bytes": target.stat().st_size,
         "origin": where,
         "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

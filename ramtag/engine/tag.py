@@ -29,9 +29,12 @@ from ramtag.selection import select_tags
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, usable_cores() - 1))
 
 
 @dataclass
@@ -109,8 +112,7 @@ def _share_cores_with_workers(runtime: Runtime, workers: int) -> None:
     them and small kernels slow down many times (benchmarks/README.md). OMP_NUM_THREADS still wins."""
     if runtime.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or workers == 0:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - workers)))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - workers)))
 
 
 def _plan(options: TagOptions, info: dist.DistInfo, stdin: TextIO | None, log) -> InputPlan:

@@ -83,12 +83,17 @@ def backbone_shape(clip_model: nn.Module) -> dict:
     }
 
 
-def file_fingerprint(path: str | Path) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A file's sha256, shortened: what fingerprints of models and vocabularies record."""
+    return file_sha256(path)[:16]
 
 
 def load_checkpoint(path: str | Path, config_overrides: dict | None = None, clip_model: nn.Module | None = None) -> RamModel:
