@@ -52,3 +52,11 @@ def test_shell_completion_scripts(shell):
     result = subprocess.run([sys.executable, "-m", "ramtag"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "ramtag" in result.stdout and len(result.stdout) > 100
+
+
+@pytest.mark.parametrize("argv", [["tag", "--no-such-option"], ["train", "--quiet"], ["nonsense"]])
+def test_usage_mistakes_are_one_message_and_exit_2_not_a_traceback(argv):
+    result = subprocess.run([sys.executable, "-m", "ramtag", *argv], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "Error:" in result.stderr

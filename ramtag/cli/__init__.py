@@ -32,14 +32,33 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as error:  # click usage errors and friends
-        import click
-
-        if isinstance(error, click.exceptions.Exit):
-            sys.exit(error.exit_code)
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
-            print("ramtag: aborted", file=sys.stderr)
-            sys.exit(130)
+        _exit_for_click_error(error)
         raise
+
+
+def _click_exception_types(name: str) -> tuple[type, ...]:
+    """Click's exception class ``name`` from click itself and from the copy newer typer vendors.
+
+    typer >= 0.2x ships its own click (``typer._click``) whose exceptions are not click's, so catching
+    only ``click.ClickException`` lets an unknown option escape as a traceback.
+    """
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _exit_for_click_error(error: Exception) -> None:
+    if isinstance(error, _click_exception_types("Exit")):
+        sys.exit(error.exit_code)
+    if isinstance(error, _click_exception_types("ClickException")):
+        error.show()
+        sys.exit(error.exit_code)
+    if isinstance(error, _click_exception_types("Abort")):
+        print("ramtag: aborted", file=sys.stderr)
+        sys.exit(130)
