@@ -194,7 +194,20 @@ def test_formats_can_be_chosen(tmp_path):
         synth.write_dataset(tmp_path, n=0, seed=0)
 
 
+def test_a_palette_limits_colours_and_keeps_everything_else_of_the_scene():
+    restricted = [synth.generate_scene(4, i, 48, palette=("red", "blue")) for i in range(20)]
+    assert {o.colour for s in restricted for o in s.objects} <= {"red", "blue"}
+    # The palette replaces only the colour draw: positions and shapes come from the same random stream.
+    free = synth.generate_scene(4, 0, 48)
+    assert [o.shape for o in restricted[0].objects] == [o.shape for o in free.objects]
+    assert _png(synth.generate_scene(4, 0, 48, palette=list(synth.COLOURS)).image) == _png(free.image)
+
+
 def test_bad_arguments_raise_typed_errors():
+    with pytest.raises(UsageError):
+        synth.generate_scene(0, 0, palette=["mauve"])
+    with pytest.raises(UsageError):
+        synth.generate_scene(0, 0, palette=[])
     with pytest.raises(UsageError):
         synth.generate_scene(0, 0, size=8)
     with pytest.raises(UsageError):

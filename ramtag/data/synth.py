@@ -289,14 +289,22 @@ def describe(objects: Sequence[SceneObject] | Sequence[tuple[str, str]], style: 
     return "a photo of " + _join([f"{_article(p)} {p}" for p in phrases]) + "."
 
 
-def generate_scene(seed: int, index: int, size: int = 64, max_objects: int = MAX_OBJECTS) -> Scene:
-    """Render scene ``index`` of the stream ``seed``: 1 to ``max_objects`` objects on a varied background."""
+def generate_scene(seed: int, index: int, size: int = 64, max_objects: int = MAX_OBJECTS,
+                   palette: Sequence[str] | None = None) -> Scene:
+    """Render scene ``index`` of the stream ``seed``: 1 to ``max_objects`` objects on a varied background.
+
+    ``palette`` restricts the objects' colours (default: all of :data:`COLOURS`); the demo model's build
+    uses it to make batches in which colour cannot tell images apart, so only shape can.
+    """
     if size < 16:
         raise UsageError(f"image size must be at least 16 pixels, got {size}")
     if not 1 <= max_objects <= 8:
         raise UsageError(f"max_objects must be between 1 and 8, got {max_objects}")
     if seed < 0 or index < 0:
         raise UsageError("seed and index must be non-negative")
+    colours = list(COLOURS) if palette is None else list(palette)
+    if not colours or any(c not in COLOURS for c in colours):
+        raise UsageError(f"palette must name colours from {', '.join(COLOURS)}")
     rng = np.random.default_rng([seed, index])
     _, background = _background(rng, size)
     canvas = background.copy()
@@ -307,7 +315,7 @@ def generate_scene(seed: int, index: int, size: int = 64, max_objects: int = MAX
     objects: list[SceneObject] = []
     for _ in range(wanted):
         shape = SHAPES[rng.integers(len(SHAPES))]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        colour = colours[rng.integers(len(colours))]
         texture = TEXTURES[rng.integers(len(TEXTURES))]
         # Fewer objects may be larger; a shape always fits in the disc of its radius, rotated or not.
         radius = size * rng.uniform(0.15, 0.27 if wanted > 2 else 0.33)
