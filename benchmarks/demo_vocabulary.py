@@ -1,5 +1,5 @@
 """Zero-shot quality of the bundled demo model on the synthetic benchmark, and how the scorers degrade as
-distractor labels join the vocabulary (issue 4's measurements; the README quotes them).
+distractor labels join the vocabulary, and where region maps peak (issue 4's measurements; the README quotes them).
 
     python benchmarks/demo_vocabulary.py --n 400 --seed 7
     python benchmarks/demo_vocabulary.py --quick
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ramtag.engine.demo_study import distractor_study, synthetic_images, zero_shot_report
+from ramtag.engine.demo_study import distractor_study, map_peak_hits, synthetic_images, zero_shot_report
 from ramtag.engine.runtime import load_runtime
 
 
@@ -36,6 +36,7 @@ def main() -> None:
     result = {
         "zero_shot": zero_shot_report(runtime, data),
         "distractors": distractor_study(runtime, data, args.distractors),
+        "map_peaks": map_peak_hits(runtime, data),
         "settings": vars(args),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(runtime.device)},
         "seconds": round(time.perf_counter() - started, 1),
@@ -43,9 +44,11 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     zs = result["zero_shot"]
-    print(f"zero-shot mAP on {zs['images']} images ({zs['labels']} labels): all / unseen")
+    print(f"zero-shot mAP on {zs['images']} images ({zs['labels']} labels): all / unseen / shapes / colours")
     for arm in ("clip_global", "ram_local", "ram", "chance"):
-        print(f"  {arm:12s} {zs[arm]['all']:.3f} / {zs[arm]['unseen']:.3f}")
+        print(f"  {arm:12s} " + " / ".join(f"{zs[arm][g]:.3f}" for g in ("all", "unseen", "shapes", "colours")))
+    for kind, row in result["map_peaks"].items():
+        print(f"map peaks inside the {kind}'s box: {row['hit_rate']:.2f} (chance {row['chance']:.2f}, {row['trials']} labels)")
     print("distractors  scaled  clip_global  ram_local  ram")
     for row in result["distractors"]:
         print(f"  {row['distractors']:9d}  {str(row['scaled_local_temperature']):6s}  {row['clip_global']:.3f}        {row['ram_local']:.3f}      {row['ram']:.3f}")

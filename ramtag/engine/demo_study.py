@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ramtag.data.synth import ALL_LABELS, UNSEEN_LABELS, generate_scene
+from ramtag.data.synth import ALL_LABELS, COLOURS, SHAPES, UNSEEN_LABELS, generate_scene
 from ramtag.metrics import mean_average_precision
 
 ARMS = ("clip_global", "ram_local", "ram")
@@ -66,17 +66,25 @@ def chance_map(targets: np.ndarray, seed: int, repeats: int = 20) -> float:
     return float(np.mean([mean_average_precision(rng.random(targets.shape), targets)[0] for _ in range(repeats)]))
 
 
+LABEL_GROUPS: dict[str, tuple[str, ...]] = {
+    "all": ALL_LABELS,
+    "unseen": UNSEEN_LABELS,
+    "shapes": SHAPES,
+    "colours": tuple(COLOURS),
+}
+
+
 def zero_shot_report(runtime, data: LabelledImages) -> dict:
-    """mAP of every arm over all labels and over the unseen labels alone (scored with all labels), vs chance."""
+    """mAP of every arm per label group (all, unseen, shapes, colours), each group's columns taken from one
+    scoring with all labels, against chance on the same columns."""
     scores = arm_scores(runtime, data.images, list(ALL_LABELS))
-    unseen = [ALL_LABELS.index(label) for label in UNSEEN_LABELS]
+    columns = {group: [ALL_LABELS.index(label) for label in labels] for group, labels in LABEL_GROUPS.items()}
     report = {"images": len(data.images), "labels": len(ALL_LABELS)}
     for arm, values in scores.items():
-        report[arm] = {
-            "all": mean_average_precision(values, data.targets)[0],
-            "unseen": mean_average_precision(values[:, unseen], data.targets[:, unseen])[0],
-        }
-    report["chance"] = {"all": chance_map(data.targets, 0), "unseen": chance_map(data.targets[:, unseen], 1)}
+        report[arm] = {group: mean_average_precision(values[:, cols], data.targets[:, cols])[0]
+                       for group, cols in columns.items()}
+    report["chance"] = {group: chance_map(data.targets[:, cols], seed)
+                        for seed, (group, cols) in enumerate(columns.items())}
     return report
 
 
