@@ -1,10 +1,11 @@
 """What a short CPU training run adds on the demo backbone, measured on held-out synthetic scenes.
 
-Issue 5 asks that a short run beat training-free RAM *and* CLIP global scoring; on the demo it beats the
-first and only ties the second (README, "The demo model"). This test guards the part that holds: training the
-adapters (deep prompts and adapter tokens frozen, `--token-lr 0`) raises held-out ZSL, GZSL and seen-label
-mAP over training-free RAM, for the EMA and the live weights. Trained with the reference recipe's token
-rate, prompts and adapter tokens make the global branch worse and the run ends below training-free RAM.
+Issue 5 asks that a short run beat training-free RAM *and* CLIP global scoring on ZSL, GZSL and seen labels.
+On the demo, training the adapters alone (no adapter tokens, no deep prompts: `--adapter-tokens 0
+--prompt-tokens 0`) beats both on GZSL and seen labels and training-free RAM on ZSL, for the EMA and the live
+weights, but stays below CLIP global on ZSL (README, "The demo model"). This test guards what holds. With the
+reference recipe's prompts and adapter tokens, the global branch gets worse and the run ends below
+training-free RAM on all three.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def trained(tmp_path_factory):
     run = root / "run"
     assert run_cli(
         "train", root / "train" / "seen.json", "--root", root / "train", "--model", "demo", "-o", run,
-        "--batch-size", 32, "--epochs", 4, "--schedule", "cosine", "--adapter-lr", 3e-3, "--token-lr", 0,
+        "--batch-size", 32, "--epochs", 4, "--schedule", "cosine", "--adapter-lr", 3e-3,
+        "--adapter-tokens", 0, "--prompt-tokens", 0,
         "--workers", 0, "--seed", 42,
     ) == 0
     results = {}
@@ -47,10 +49,15 @@ def _maps(protocols: dict, arm: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("weights", ["ema", "live"])
-def test_short_training_beats_training_free_ram_on_held_out_scenes(trained, weights):
+def test_short_training_beats_both_baselines_except_clip_global_on_unseen_labels(trained, weights):
     model = _maps(trained[weights], "model")
     training_free = _maps(trained[weights], "training_free")
-    # measured (EMA; live within 0.0001): ZSL 0.779 vs 0.763, GZSL 0.720 vs 0.709, seen 0.730 vs 0.712;
-    # CLIP global 0.778 / 0.723 / 0.733, which training only ties. The margin is a third of the smallest gain.
-    for protocol in ("zsl", "gzsl", "seen"):
-        assert model[protocol] > training_free[protocol] + 0.005, (protocol, model, training_free)
+    clip_global = _maps(trained[weights], "clip_global")
+    # measured (EMA; live within 0.001): trained / training-free RAM / CLIP global
+    #   GZSL 0.730 / 0.709 / 0.723, seen 0.739 / 0.712 / 0.733, ZSL 0.767 / 0.763 / 0.778.
+    # The same recipe on fresh seeds (train 31, held-out 13): GZSL 0.706 / 0.675 / 0.703,
+    # seen 0.724 / 0.685 / 0.719, ZSL 0.746 / 0.743 / 0.760.
+    for protocol in ("gzsl", "seen"):
+        assert model[protocol] > training_free[protocol] + 0.01, (protocol, model, training_free)
+        assert model[protocol] > clip_global[protocol] + 0.002, (protocol, model, clip_global)
+    assert model["zsl"] > training_free["zsl"] + 0.001, (model, training_free)
