@@ -254,39 +254,31 @@ class CompactText(torch.nn.Module):
         model.token_embedding.weight[self.used] = self.weight.detach()
 
 
-def encode_image_both(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_image_both(tower, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised global feature [B, D] and normalised region features [B, N, D] of ramtag's dual path.
 
-    Runs ramtag's own block (so the build trains exactly the value-value path RAM reads), with autograd
-    through every layer and no adapters.
+    ``tower`` is ramtag's ``DualPathVision`` over the CLIP being built, without adapters, so the build trains
+    exactly the value-value path RAM reads, with autograd through every layer.
     """
-    from ramtag.model.backbone import DualPathVision
-
-    tower = DualPathVision(model.visual, model.text_projection.shape[1], adapter_layers=(), adapter_tokens=0)
-    x = tower.embed(images)
-    local = x
-    for index, block in enumerate(model.visual.transformer.resblocks):
-        x, local = tower._block(index, block, x, local, None, adapt=False, with_local=True)
-    v = model.visual
-    global_feature = torch.nn.functional.normalize(v.ln_post(x[:, 0]) @ v.proj, dim=-1)
-    return global_feature, torch.nn.functional.normalize(v.ln_post(local[:, 1:]) @ v.proj, dim=-1)
+    global_feature, regions = tower(images, use_adapters=False, backbone_grad=True)
+    normalize = torch.nn.functional.normalize
+    return normalize(global_feature, dim=-1), normalize(regions, dim=-1)
 
 
 def region_phrase_loss(regions: torch.Tensor, owners: torch.Tensor, phrase_features: torch.Tensor,
-                       phrase_tokens: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each object's mean region feature over the batch's distinct phrases."""
+                       phrase_class: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each object's mean region feature over the batch's distinct phrases.
+
+    ``phrase_features`` [P, D] are the distinct phrases' features and ``phrase_class`` [objects] each object's
+    index among them (``torch.unique(phrase_tokens, dim=0, return_inverse=True)``): equal phrases (two red
+    stars in one batch) are one class, not each other's negatives, and are encoded once.
+    """
     flat = regions.reshape(-1, regions.shape[-1])
     index = owners.reshape(-1)
     keep = index >= 0
-    count = phrase_features.shape[0]
-    sums = torch.zeros(count, flat.shape[1], dtype=flat.dtype).index_add_(0, index[keep], flat[keep])
+    sums = torch.zeros(len(phrase_class), flat.shape[1], dtype=flat.dtype).index_add_(0, index[keep], flat[keep])
     objects = torch.nn.functional.normalize(sums, dim=-1)
-    # Equal phrases (two red stars in one batch) are one class, not each other's negatives.
-    distinct, target = torch.unique(phrase_tokens, dim=0, return_inverse=True)
-    first = torch.full((len(distinct),), count, dtype=torch.long).scatter_reduce(
-        0, target, torch.arange(count), reduce="amin")
-    logits = scale * objects @ phrase_features[first].T
-    return torch.nn.functional.cross_entropy(logits, target)
+    return torch.nn.functional.cross_entropy(scale * objects @ phrase_features.T, phrase_class)
 
 
 def lr_at(step: int, config: BuildConfig) -> float:
@@ -467,6 +459,10 @@ def train(config: BuildConfig) -> None:
         log(f"resumed at step {start}")
 
     loss_fn = ClipLoss()
+    from ramtag.model.backbone import DualPathVision
+
+    # No parameters of its own (no adapters): it only runs the CLIP's blocks with the value-value path.
+    tower = DualPathVision(model.visual, model.text_projection.shape[1], adapter_layers=(), adapter_tokens=0)
     loader = torch.utils.data.DataLoader(
         TrainBatches(config), batch_size=None, num_workers=1, prefetch_factor=4,
         sampler=range(start, config.steps), persistent_workers=False)
@@ -483,10 +479,11 @@ def train(config: BuildConfig) -> None:
             group["lr"] = lr_at(step, config)
         text_features = text(model, texts)
         if config.region_weight > 0:
-            image_features, regions = encode_image_both(model, images)
+            image_features, regions = encode_image_both(tower, images)
+            distinct, phrase_class = torch.unique(phrases, dim=0, return_inverse=True)
             scale = model.logit_scale.exp()
             loss = loss_fn(image_features, text_features, scale) + config.region_weight * region_phrase_loss(
-                regions, owners, text(model, phrases), phrases, scale)
+                regions, owners, text(model, distinct), phrase_class, scale)
         else:
             image_features = model.encode_image(images, normalize=True)
             loss = loss_fn(image_features, text_features, model.logit_scale.exp())

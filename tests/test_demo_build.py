@@ -55,7 +55,9 @@ def test_equal_phrases_are_one_class_in_the_region_loss(build):
     owners = torch.tensor([[0, 0, 1, -1], [2, 2, -1, -1]])
     tokens = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 5, 2]])  # objects 0 and 2 have the same phrase
     features = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-    loss = build.region_phrase_loss(regions, owners, features, tokens, torch.tensor(10.0))
+    distinct, phrase_class = torch.unique(tokens, dim=0, return_inverse=True)
+    assert distinct.tolist() == [[1, 5, 2], [1, 6, 2]] and phrase_class.tolist() == [0, 1, 0]
+    loss = build.region_phrase_loss(regions, owners, features[[0, 1]], phrase_class, torch.tensor(10.0))
     objects = torch.nn.functional.normalize(torch.stack([regions[0, :2].sum(0), regions[0, 2], regions[1, :2].sum(0)]), dim=-1)
     logits = 10 * objects @ features[[0, 1]].T  # two distinct phrases, in torch.unique's sorted order
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0]))

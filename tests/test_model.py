@@ -118,6 +118,23 @@ def test_layers_before_the_first_adapter_build_no_graph(adapter_layers):
         assert seen[index] == expected, index
 
 
+def test_backbone_grad_trains_every_layer_of_the_dual_path():
+    """The demo build trains the CLIP through ramtag's dual path; by default the frozen tower has no graph."""
+    model = tiny_ram(seed=5, adapter_layers=(2, 3))
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    model.clip.visual.requires_grad_(True)  # as the build has it: the CLIP itself is trained
+    blocks = model.clip.visual.transformer.resblocks
+    frozen_global, frozen_regions = model.vision(images, use_adapters=False)
+    (frozen_global.sum() + frozen_regions.sum()).backward()
+    assert model.clip.visual.conv1.weight.grad is None
+    assert all(block.attn.in_proj_weight.grad is None for block in blocks)
+    global_feature, regions = model.vision(images, use_adapters=False, backbone_grad=True)
+    assert torch.allclose(global_feature, frozen_global) and torch.allclose(regions, frozen_regions)
+    (global_feature.sum() + regions.sum()).backward()
+    assert model.clip.visual.conv1.weight.grad is not None
+    assert all(block.attn.in_proj_weight.grad is not None for block in blocks)
+
+
 # -- training-free mode: the main stream is open_clip's own ------------------------------------------------
 
 

@@ -107,15 +107,20 @@ class DualPathVision(nn.Module):
         text_features: torch.Tensor | None = None,
         use_adapters: bool = True,
         with_local: bool = True,
+        backbone_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (global feature [B, D], region features [B, N, D] or None).
 
-        Layers before the first adapter run without autograd: nothing before it trains.
+        Layers before the first adapter run without autograd: nothing before it trains. ``backbone_grad``
+        keeps autograd through every layer, for training the CLIP itself (the demo model's build).
         """
         use_adapters = use_adapters and bool(self.adapter_layers)
         if use_adapters and text_features is None:
             raise ValueError("the adapters attend to label features: pass text_features")
-        first_trainable = self.adapter_layers[0] if use_adapters else self.depth
+        if backbone_grad:
+            first_trainable = 0
+        else:
+            first_trainable = self.adapter_layers[0] if use_adapters else self.depth
         with torch.no_grad() if first_trainable > 0 else nullcontext():
             x = self.embed(images)
         local = x
