@@ -322,15 +322,6 @@ def eval_set(config: BuildConfig) -> tuple[torch.Tensor, np.ndarray]:
     return to_tensor([s.image for s in scenes]), targets
 
 
-def mean_ap(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Per-label average precision over images, averaged over labels with at least one positive."""
-    from sklearn.metrics import average_precision_score
-
-    aps = [average_precision_score(targets[:, j], scores[:, j])
-           for j in range(targets.shape[1]) if targets[:, j].any()]
-    return float(np.mean(aps)) if aps else float("nan")
-
-
 @torch.no_grad()
 def zero_shot_scores(model, images: torch.Tensor, labels: list[str], context_length: int) -> np.ndarray:
     model.eval()
@@ -341,27 +332,22 @@ def zero_shot_scores(model, images: torch.Tensor, labels: list[str], context_len
 
 
 def evaluate(model, images: torch.Tensor, targets: np.ndarray, config: BuildConfig) -> dict:
-    """Zero-shot mAP per label group against chance, each split scored within its own label set."""
-    groups = {
-        "seen": list(synth.SEEN_LABELS),
-        "unseen": list(synth.UNSEEN_LABELS),
-        "all": list(synth.ALL_LABELS),
-        "shapes": list(synth.SHAPES),
-        "colours": list(synth.COLOURS),
-    }
+    """Zero-shot mAP per label group against chance (ramtag's mAP and demo study), all labels scored at once."""
+    from ramtag.engine.demo_study import LABEL_GROUPS, chance_map
+    from ramtag.metrics import average_precision, mean_average_precision
+
+    groups = {**LABEL_GROUPS, "seen": synth.SEEN_LABELS}
     scores = zero_shot_scores(model, images, list(synth.ALL_LABELS), config.context_length)
-    rng = np.random.default_rng(0)
-    chance_draws = [rng.random(targets.shape) for _ in range(20)]
     result = {}
-    for name, labels in groups.items():
+    for seed, (name, labels) in enumerate(groups.items()):
         cols = [synth.ALL_LABELS.index(label) for label in labels]
         result[name] = {
-            "mAP": round(mean_ap(scores[:, cols], targets[:, cols]), 4),
-            "chance": round(float(np.mean([mean_ap(d[:, cols], targets[:, cols]) for d in chance_draws])), 4),
+            "mAP": round(mean_average_precision(scores[:, cols], targets[:, cols])[0], 4),
+            "chance": round(chance_map(targets[:, cols], seed), 4),
             "labels": len(labels),
         }
-    per_label = {label: round(mean_ap(scores[:, [j]], targets[:, [j]]), 3)
-                 for j, label in enumerate(synth.ALL_LABELS)}
+    per_label = {label: None if np.isnan(ap) else round(float(ap), 3)
+                 for label, ap in zip(synth.ALL_LABELS, average_precision(scores, targets))}
     return {"groups": result, "per_label": per_label, "images": int(targets.shape[0]),
             "eval_seed": config.eval_seed}
 
