@@ -42,7 +42,7 @@ COCO_LABELS = tuple(label.replace("\0", " ") for label in COCO_LABELS)
 # bundled weights are not in this checkout.
 DEMO_SHAPE = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "layers": 6, "width": 192, "patch_size": 8, "head_width": 64},
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 64},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
     "quick_gelu": False,
 }
