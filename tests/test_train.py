@@ -360,3 +360,59 @@ def test_kcot_options_reach_the_trained_model():
     assert (kcot.reg, kcot.max_iter, kcot.tol, kcot.stop, kcot.teacher_weight) == (0.2, 50, 1e-4, "marginal", 0.1)
     with pytest.raises(_UsageError):
         _kcot(TrainConfig(ot_stop="sometimes"))
+
+
+def _record_step_gradients(monkeypatch) -> list[list[torch.Tensor]]:
+    """Make every optimizer step record the gradients it is about to apply (before clipping)."""
+    recorded: list[list[torch.Tensor]] = []
+    original = TrainRecipe._optimizer_step
+
+    def recording(self):
+        recorded.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.parameters])
+        return original(self)
+
+    monkeypatch.setattr(TrainRecipe, "_optimizer_step", recording)
+    return recorded
+
+
+def test_gradient_accumulation_averages_the_micro_batch_gradients(data, tmp_path, monkeypatch):
+    recorded = _record_step_gradients(monkeypatch)
+    frozen = dict(lr=0.0, adapter_lr=0.0, token_lr=0.0, ema_decay=0.0)  # the weights stay put between steps
+    train(settings(data, tmp_path / "accumulated", grad_accum=2, max_steps=1, **frozen))
+    train(settings(data, tmp_path / "one-by-one", grad_accum=1, max_steps=2, **frozen))
+    accumulated, first, second = recorded
+    assert any(g.abs().sum() > 0 for g in first)
+    for together, a, b in zip(accumulated, first, second):
+        torch.testing.assert_close(together, (a + b) / 2, rtol=1e-5, atol=1e-8)
+    assert not all(torch.allclose(a, b) for a, b in zip(first, second))  # two different micro-batches
+
+
+def test_gradient_clipping_bounds_the_applied_update(data, tmp_path, monkeypatch):
+    applied: list[float] = []
+    original = TrainRecipe._optimizer_step
+
+    def measuring(self):
+        for optimizer in self.optimizers:  # read the gradients at the optimizer, after clipping
+            step = optimizer.step
+
+            def spy(*args, _step=step, _optimizer=optimizer, **kwargs):
+                grads = [p.grad for group in _optimizer.param_groups for p in group["params"] if p.grad is not None]
+                applied.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+                return _step(*args, **kwargs)
+
+            optimizer.step = spy
+        try:
+            return original(self)
+        finally:
+            for optimizer in self.optimizers:
+                del optimizer.step
+
+    monkeypatch.setattr(TrainRecipe, "_optimizer_step", measuring)
+    train(settings(data, tmp_path / "free", max_steps=1, schedule="cosine"))
+    unclipped = math.sqrt(sum(n * n for n in applied))
+    applied.clear()
+    train(settings(data, tmp_path / "clipped", max_steps=1, schedule="cosine", clip_grad_norm=unclipped / 10))
+    assert unclipped > 0
+    assert math.sqrt(sum(n * n for n in applied)) == pytest.approx(unclipped / 10, rel=1e-4)
+    line = _metric_lines(tmp_path / "clipped", "train")[0]
+    assert line["grad_norm"] == pytest.approx(unclipped, rel=1e-4)  # the log reports the norm before clipping
