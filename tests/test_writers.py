@@ -205,6 +205,29 @@ def test_existing_output_is_refused_without_resume_or_overwrite(tmp_path):
         prepare_output(out, resume=True, overwrite=True)
 
 
+def test_only_ramtag_tables_are_resumed_or_replaced(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "NOTES.md").write_text("mine")
+    (folder / "cat.jpg").write_bytes(b"jpeg")
+    for flags in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(OutputError, match="files that ramtag did not write .*cat.jpg"):
+            prepare_output(f"{folder}/", **flags)
+    assert sorted(path.name for path in folder.iterdir()) == ["NOTES.md", "cat.jpg"]
+    foreign = tmp_path / "manifest.jsonl"
+    foreign.write_text('{"image": "a.jpg"}\n')
+    with pytest.raises(OutputError, match="not a ramtag tag table"):
+        prepare_output(foreign, resume=True)
+    assert foreign.read_text() == '{"image": "a.jpg"}\n'
+    dataset = tmp_path / "tags"
+    run_once(f"{dataset}/", [good_batch(["a"])])
+    layout = prepare_output(f"{dataset}/", resume=True)  # a folder ramtag wrote is extended
+    assert layout.finished_keys() == {"a"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_output(f"{empty}/", resume=True) is not None
+
+
 def test_interrupted_parts_are_refused_without_resume(tmp_path):
     out = tmp_path / "tags.parquet"
     writer = TagTableWriter(prepare_output(out), LABELS)

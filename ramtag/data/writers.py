@@ -47,6 +47,7 @@ RUN_FILE = "run.json"
 TAG_TYPE = pa.list_(pa.struct([pa.field("label", pa.string()), pa.field("score", pa.float32())]))
 SCORES_TYPE = pa.list_(pa.float32())
 _PART_RE = re.compile(r"^part-(\d+)-r(\d+)-c(\d+)\.parquet$")
+_DATASET_METADATA_FILES = ("_common_metadata", "_metadata")
 _RESERVED = ("key", "source", "tags", "error", "scores")
 
 
@@ -370,6 +371,8 @@ def prepare_output(
             )
     if path.exists() and kind != "dataset" and path.is_dir():
         raise OutputError(f"{path} is a directory; end the path with / to write a partitioned dataset there")
+    if path.exists() and (resume or (overwrite and kind == "dataset")):  # --overwrite may replace a named file
+        _refuse_foreign_output(path, kind)
     if work_dir.exists() and (overwrite or not has_parts):  # nothing worth keeping
         shutil.rmtree(work_dir)
     try:
@@ -390,6 +393,30 @@ def prepare_output(
         work_dir / RUN_FILE, {"run": run, "identity": identity, "extends_output": extends_output}
     )
     return OutputLayout(path, kind, work_dir, run, extends_output)
+
+
+def _refuse_foreign_output(path: Path, kind: OutputKind) -> None:
+    """Only a tag table that ramtag wrote is extended or replaced: `-o photos/ --resume` must never delete photos."""
+    if kind == "dataset":
+        if not path.is_dir():
+            raise OutputError(f"{path} exists and is not a directory; choose another output")
+        foreign = sorted(
+            entry.name for entry in path.iterdir()
+            if entry.name not in _DATASET_METADATA_FILES and not _PART_RE.match(entry.name)
+        )
+        if foreign:
+            raise OutputError(
+                f"{path} holds files that ramtag did not write ({', '.join(foreign[:3])}"
+                f"{', …' if len(foreign) > 3 else ''}); choose another output folder"
+            )
+        if not any(path.iterdir()):
+            return
+    try:
+        ours = bool(read_table_metadata(path))
+    except OutputError:
+        ours = False
+    if not ours:
+        raise OutputError(f"{path} exists and is not a ramtag tag table; choose another output")
 
 
 def _check_identity(path: Path, stored: Mapping[str, Any] | None, identity: Mapping[str, Any], verb: str) -> None:
