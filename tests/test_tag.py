@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -72,6 +73,25 @@ def test_folder_to_parquet_with_an_error_row(photos, tiny_checkpoint, tmp_path, 
     meta = json.loads(pq.read_schema(out).metadata[b"ramtag"])
     assert meta["vocabulary"] == LABELS and meta["model_fingerprint"] and meta["ramtag_version"]
     assert "tag" in meta["command_line"]
+
+
+def test_file_names_that_are_not_utf8_are_tagged_under_escaped_keys(photos, tiny_checkpoint, tmp_path):
+    root, vocab = photos
+    odd = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name, as Python reads it from a UTF-8 file system
+    shutil.copy(root / "img0.PNG", root / odd)
+    shard = tmp_path / "latin.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as archive:
+        for name in (odd, "plain.png"):
+            archive.add(root / "img0.PNG", arcname=name)
+    out = tmp_path / "tags.parquet"
+    code = run_cli("tag", root, shard, "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0)
+    assert code == 3  # broken.jpg only
+    rows = {row["key"]: row for row in _rows(out)}
+    plain = rows["img0.PNG"]["tags"]
+    for key in ("caf\\xe9.png", "latin.tar/caf\\xe9", "latin.tar/plain"):  # the same picture as img0.PNG
+        assert rows[key]["error"] is None, key
+        assert [t["label"] for t in rows[key]["tags"]] == [t["label"] for t in plain], key
+        assert [t["score"] for t in rows[key]["tags"]] == pytest.approx([t["score"] for t in plain], abs=1e-5)
 
 
 def test_mixed_inputs_keys_and_carried_columns(photos, tiny_checkpoint, tmp_path, monkeypatch):

@@ -120,6 +120,39 @@ def shard_split_problem(n_shards: int, world_size: int, workers: int) -> str | N
     )
 
 
+_UNDECODABLE = "\x00"
+"""Prefix of a stored path whose name is not UTF-8 (Arrow strings are UTF-8): the rest is its bytes in hex.
+No real path contains NUL, so the prefix cannot be mistaken for one."""
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8 for keys, sources and messages: bytes that are not UTF-8 (file names from
+    another locale, decoded by Python with surrogate escapes) become backslash escapes such as ``\\xe9``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def storable_path(path: str) -> str:
+    """A path as an Arrow string that :func:`filesystem_path` turns back into the same file name."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return _UNDECODABLE + os.fsencode(path).hex()
+
+
+def filesystem_path(stored: str) -> str:
+    """The file name a files table stores (see :func:`storable_path`)."""
+    return os.fsdecode(bytes.fromhex(stored[1:])) if stored.startswith(_UNDECODABLE) else stored
+
+
 @dataclass
 class _Collector:
     keys: list[str] = field(default_factory=list)
@@ -129,10 +162,10 @@ class _Collector:
     extra_tables: list[tuple[int, pa.Table]] = field(default_factory=list)
 
     def add(self, key: str, source: str, path: str | None, error: str | None = None) -> None:
-        self.keys.append(key)
-        self.sources.append(source)
-        self.paths.append(path)
-        self.errors.append(error)
+        self.keys.append(printable(key))
+        self.sources.append(printable(source))
+        self.paths.append(storable_path(path) if path is not None else None)
+        self.errors.append(printable(error) if error is not None else None)
 
 
 def plan_inputs(
@@ -515,7 +548,7 @@ class FileDataset(Dataset):
         extra = {name: self.files[name][index].as_py() for name in self._extra_names}
         if row["error"] is not None or row["path"] is None:
             return Record(row["key"], row["source"], None, row["error"] or "no path", extra)
-        image, error = _decode(row["path"], self.transform, self.max_pixels, self.draft_size)
+        image, error = _decode(filesystem_path(row["path"]), self.transform, self.max_pixels, self.draft_size)
         return Record(row["key"], row["source"], image, error, extra)
 
 
@@ -627,26 +660,27 @@ class ShardDataset(IterableDataset):
             yield from self._read_shard(url)
 
     def _read_shard(self, url: str) -> Iterator[Record]:
-        name = shard_name(url)
+        name = printable(shard_name(url))
+        source = printable(url)
         count = 0
         try:
             for sample in iter_shard_samples(url):
                 count += 1
-                key = f"{name}/{sample['__key__']}"
+                key = printable(f"{name}/{sample['__key__']}")
                 if key in self.skip_keys:
                     continue
                 data = _sample_image(sample)
                 if data is None:
                     members = ", ".join(sorted(k for k in sample if k != "__key__"))
-                    yield Record(key, url, None, f"no image in sample (members: {members})")
+                    yield Record(key, source, None, printable(f"no image in sample (members: {members})"))
                     continue
                 image, error = _decode(data, self.transform, self.max_pixels, self.draft_size)
-                yield Record(key, url, image, error)
+                yield Record(key, source, image, error)
         except Exception as exc:  # tar, pipe and network errors: record them, go on to the next shard
             key = f"{name}/"
             if key not in self.skip_keys:
                 where = f" after {count} sample(s)" if count else ""
-                yield Record(key, url, None, f"cannot read shard{where}: {_shard_error(exc)}")
+                yield Record(key, source, None, f"cannot read shard{where}: {_shard_error(exc)}")
 
 
 # ---------------------------------------------------------------------------------------------

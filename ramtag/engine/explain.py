@@ -124,7 +124,7 @@ def _one(output: RamOutput, index: int) -> RamOutput:
 def run_explain(runtime, vocabulary, inputs: Sequence[str], out_dir: str | Path, top_k: int = 3, batch_size: int = 16, max_pixels: int | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
     """Explanation PNGs for image files and folders; returns (written files, [(key, error)] of failures)."""
     from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
-    from ramtag.data.sources import plan_inputs
+    from ramtag.data.sources import filesystem_path, plan_inputs
     from ramtag.selection import select_tags
 
     plan = plan_inputs(list(inputs))
@@ -144,7 +144,7 @@ def run_explain(runtime, vocabulary, inputs: Sequence[str], out_dir: str | Path,
             try:
                 if row["error"]:
                     raise ImageDecodeError(row["error"])
-                picture = decode_image(row["path"], max_pixels=max_pixels if max_pixels is not None else PIL_LIMIT)
+                picture = decode_image(filesystem_path(row["path"]), max_pixels=max_pixels if max_pixels is not None else PIL_LIMIT)
             except ImageDecodeError as error:
                 failures.append((row["key"], error.reason))
                 continue
