@@ -54,7 +54,12 @@ def test_shell_completion_scripts(shell):
     assert "ramtag" in result.stdout and len(result.stdout) > 100
 
 
-@pytest.mark.parametrize("argv", [["tag", "--no-such-option"], ["train", "--quiet"], ["nonsense"]])
+@pytest.mark.parametrize("argv", [
+    ["tag", "--no-such-option"], ["train", "--quiet"], ["nonsense"],
+    # out-of-range numbers are usage mistakes too, not error rows for every image or a traceback
+    ["tag", "x.jpg", "-l", "v.txt", "--max-pixels", "-5"], ["tag", "x.jpg", "-l", "v.txt", "--workers", "-1"],
+    ["tag", "x.jpg", "-l", "v.txt", "--part-rows", "0"], ["eval", "d.json", "--batch-size", "0"],
+])
 def test_usage_mistakes_are_one_message_and_exit_2_not_a_traceback(argv):
     result = subprocess.run([sys.executable, "-m", "ramtag", *argv], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

@@ -24,7 +24,7 @@ def explain(
     labels: Annotated[str, typer.Option("--labels", "-l", help="Label file or .rtv file.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Folder for the PNG files.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tags (maps) per image.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
     checkpoint: Checkpoint = None,
     model: ModelName = "ViT-B-16-quickgelu",
     pretrained: Pretrained = "openai",

@@ -90,7 +90,7 @@ def train_command(
     ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="EMA of the trainable weights for validation and export; 0 = off (default: 0.9997).", rich_help_panel=OPTIM_PANEL)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="(default: 42)", rich_help_panel=OPTIM_PANEL)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: auto).", rich_help_panel=LOOP_PANEL)] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="DataLoader worker processes per process (default: 2).", rich_help_panel=LOOP_PANEL)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="DataLoader worker processes per process (default: 2).", rich_help_panel=LOOP_PANEL)] = None,
     log_every: Annotated[Optional[int], typer.Option("--log-every", help="Steps between metric lines (default: 10).", rich_help_panel=LOOP_PANEL)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints; 0 = only at the end (default: 500).", rich_help_panel=LOOP_PANEL)] = None,
     val_every: Annotated[Optional[int], typer.Option("--val-every", help="Steps between validations; 0 = by epochs (default: 0).", rich_help_panel=LOOP_PANEL)] = None,
