@@ -54,3 +54,16 @@ def test_file_names_from_keys_never_escape_the_folder(key):
     name = safe_file_name(key)
     assert "/" not in name and "\\" not in name and not name.startswith(".") and name.endswith(".png")
     assert safe_file_name(key) != safe_file_name(key + "x")
+
+
+def test_tag_refuses_a_maps_folder_it_cannot_write_before_tagging(folder, tiny_checkpoint, tmp_path, capsys):
+    place = tmp_path / "out"
+    place.mkdir()
+    blocker = place / "a-file"
+    blocker.write_text("not a folder")
+    out = place / "t.parquet"
+    code = run_cli("tag", folder, "--labels", folder / "vocab.txt", "-c", tiny_checkpoint, "-o", out, "--save-maps", blocker / "maps", "--workers", 0)
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "cannot write region maps" in message and "Traceback" not in message
+    assert sorted(path.name for path in place.iterdir()) == ["a-file"]  # no output and no parts were started

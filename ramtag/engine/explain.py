@@ -7,6 +7,7 @@ region carries; scaled by C it is a distribution over regions. Upsampled to the 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from ramtag.errors import OutputError
 from ramtag.model.ram import RamOutput
 from ramtag.selection import Selection
 
@@ -86,7 +88,13 @@ class MapWriter:
 
     def __init__(self, folder: str | Path, labels: Sequence[str], mean: Sequence[float], std: Sequence[float]):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".ramtag-write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(f"{self.folder}: cannot write region maps there ({exc.strerror or exc})") from None
         self.labels = list(labels)
         self.mean, self.std = tuple(mean), tuple(std)
         self.written: list[Path] = []
@@ -106,7 +114,10 @@ class MapWriter:
                 maps = torch.zeros(0)
             captions = [f"{self.labels[c]} {s:.2f}" for c, s in zip(chosen, scores)]
             path = self.folder / safe_file_name(key)
-            render(picture, maps, captions).save(path)
+            try:
+                render(picture, maps, captions).save(path)
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot write the region map ({exc.strerror or exc})") from None
             paths.append(path)
         self.written.extend(paths)
         return paths

@@ -176,6 +176,13 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     if problem and info.is_main:
         log(f"ramtag: warning: {problem}")
 
+    map_writer = None
+    if options.save_maps:  # before the output is prepared: an unwritable maps folder leaves nothing behind
+        from ramtag.engine.explain import MapWriter
+
+        pre = runtime.config.preprocessing
+        map_writer = MapWriter(options.save_maps, vocabulary.labels, pre.mean, pre.std)
+
     layout = None
     if info.is_main:
         layout = prepare_output(options.output, resume=options.resume, overwrite=options.overwrite, identity=_identity(vocabulary, runtime, options, thresholds))
@@ -202,12 +209,6 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     progress = Progress(total if info.world_size == 1 else None, "tagging", quiet=options.quiet or not info.is_main)
     autocast = PRECISIONS[options.precision]
     label_features = vocabulary.features.to(runtime.device)
-    map_writer = None
-    if options.save_maps:
-        from ramtag.engine.explain import MapWriter
-
-        pre = runtime.config.preprocessing
-        map_writer = MapWriter(options.save_maps, vocabulary.labels, pre.mean, pre.std)
     tagged = failed = 0
     started = time.perf_counter()
     interrupted = False
