@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,21 @@ def test_usage_mistakes_are_one_message_and_exit_2_not_a_traceback(argv):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "Error:" in result.stderr
+
+
+def test_sigterm_while_starting_up_exits_130_like_ctrl_c(tmp_path):
+    vocabulary = tmp_path / "vocab.txt"
+    vocabulary.write_text("cat\n")
+    # Paths come from a stdin that stays open, so the run is still planning its inputs when the signal comes.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ramtag", "tag", "-", "-l", str(vocabulary), "--model", "demo", "-o", str(tmp_path / "t.parquet")],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(3)  # past Python's start-up, which no handler can cover
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr

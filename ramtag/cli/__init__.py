@@ -12,6 +12,17 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> None:
+    previous_sigterm = _sigterm_interrupts()
+    try:
+        _run(argv)
+    finally:
+        if previous_sigterm is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run(argv: list[str] | None) -> None:
     from ramtag.errors import RamtagError
 
     try:
@@ -34,6 +45,21 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # click usage errors and friends
         _exit_for_click_error(error)
         raise
+
+
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's pre-emption, `kill`) ends any command like Ctrl-C: exit 130, finished work kept.
+    Installed before anything loads, so a run stopped while it starts up exits the same way; returns the
+    handler it replaced (None when it could not install one)."""
+    import signal
+
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (main() called from a library)
+        return None
 
 
 def _click_exception_types(name: str) -> tuple[type, ...]:
