@@ -12,14 +12,12 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> None:
-    previous_sigterm = _sigterm_interrupts()
-    try:
-        _run(argv)
-    finally:
-        if previous_sigterm is not None:
-            import signal
+    from ramtag.engine.signals import sigterm_as_interrupt
 
-            signal.signal(signal.SIGTERM, previous_sigterm)
+    # SIGTERM ends any command like Ctrl-C (exit 130, finished work kept), from the start: a run stopped while
+    # it loads its model exits the same way as one stopped while tagging.
+    with sigterm_as_interrupt():
+        _run(argv)
 
 
 def _run(argv: list[str] | None) -> None:
@@ -45,21 +43,6 @@ def _run(argv: list[str] | None) -> None:
     except Exception as error:  # click usage errors and friends
         _exit_for_click_error(error)
         raise
-
-
-def _sigterm_interrupts():
-    """SIGTERM (a scheduler's pre-emption, `kill`) ends any command like Ctrl-C: exit 130, finished work kept.
-    Installed before anything loads, so a run stopped while it starts up exits the same way; returns the
-    handler it replaced (None when it could not install one)."""
-    import signal
-
-    def interrupt(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread (main() called from a library)
-        return None
 
 
 def _click_exception_types(name: str) -> tuple[type, ...]:

@@ -51,6 +51,7 @@ from ramtag.engine.labelled import (
     labelled_dataset,
     resolve_label_space,
 )
+from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.errors import DataError, RamtagError
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -137,6 +138,7 @@ def _score_pass(
         num_workers=_workers(settings, dataset),
         collate_fn=collate_labelled,
         pin_memory=device.type == "cuda",
+        worker_init_fn=worker_ignores_sigterm,
     )
     total = len(dataset) if hasattr(dataset, "__len__") else None
     tally = LabelTally()

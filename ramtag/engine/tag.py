@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TextIO
@@ -22,6 +20,7 @@ from ramtag.data.writers import TagBatch, TagTableWriter, attach_output, output_
 from ramtag.engine import dist
 from ramtag.engine.progress import Progress
 from ramtag.engine.runtime import Runtime
+from ramtag.engine.signals import sigterm_as_interrupt, worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import PartialFailure, UsageError
 from ramtag.selection import select_tags
@@ -88,23 +87,6 @@ class TagSummary:
     @property
     def images_per_second(self) -> float:
         return (self.tagged + self.failed) / self.seconds if self.seconds > 0 else 0.0
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM ends the run like Ctrl-C, so finished rows are kept for --resume."""
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _share_cores_with_workers(runtime: Runtime, workers: int) -> None:
@@ -199,9 +181,9 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     pin = runtime.device.type == "cuda"
     loaders = []
     if len(files):
-        loaders.append(DataLoader(files, batch_size=options.batch_size, num_workers=workers, collate_fn=collate_records, pin_memory=pin))
+        loaders.append(DataLoader(files, batch_size=options.batch_size, num_workers=workers, collate_fn=collate_records, pin_memory=pin, worker_init_fn=worker_ignores_sigterm))
     if plan.shards:
-        loaders.append(DataLoader(shards, batch_size=options.batch_size, num_workers=min(workers, max(1, len(shards.shards[info.rank::info.world_size]))) if workers else 0, collate_fn=collate_records, pin_memory=pin))
+        loaders.append(DataLoader(shards, batch_size=options.batch_size, num_workers=min(workers, max(1, len(shards.shards[info.rank::info.world_size]))) if workers else 0, collate_fn=collate_records, pin_memory=pin, worker_init_fn=worker_ignores_sigterm))
 
     metadata = _metadata(runtime, vocabulary, options, thresholds)
     writer = TagTableWriter(layout, vocabulary.labels, metadata=metadata, all_scores=options.all_scores, extra_schema=plan.extra_schema, rank=info.rank, stdout=sys.stdout if layout is None else None, row_group_rows=min(16_384, options.part_rows), rows_per_part=options.part_rows)
@@ -213,7 +195,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     started = time.perf_counter()
     interrupted = False
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             for loader in loaders:
                 for batch in loader:
                     if batch.failed_keys:

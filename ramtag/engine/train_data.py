@@ -33,6 +33,7 @@ from ramtag.engine.labelled import (
     LabelledSource,
     collate_labelled,
 )
+from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.errors import DataError
 
 
@@ -193,6 +194,7 @@ class TrainBatches:
             num_workers=self.num_workers,
             collate_fn=collate_labelled,
             pin_memory=self.pin_memory,
+            worker_init_fn=worker_ignores_sigterm,
         )
         yield from loader
 
@@ -207,7 +209,7 @@ class TrainBatches:
         mine = len(shards[self.rank::self.world_size])
         return DataLoader(
             dataset, batch_size=self.local_batch, num_workers=min(self.num_workers, mine),
-            collate_fn=collate_labelled, pin_memory=self.pin_memory,
+            collate_fn=collate_labelled, pin_memory=self.pin_memory, worker_init_fn=worker_ignores_sigterm,
         )
 
     def _shard_batches(self, count: int) -> Iterator[LabelledBatch]:

@@ -1,0 +1,35 @@
+"""How long runs meet signals: SIGTERM (a scheduler's pre-emption, `kill`, `timeout`) ends a run like Ctrl-C.
+
+Schedulers such as Slurm send SIGTERM to every process of a job, DataLoader workers included. torch's worker
+handler dies of a SIGTERM that does not come from its parent, and the main process then reports the dead
+worker as a RuntimeError with a traceback. Workers therefore ignore SIGTERM: the main process turns it into
+KeyboardInterrupt, stops its workers itself, and exits 130 with the finished work kept for --resume.
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (a no-op elsewhere)."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def worker_ignores_sigterm(worker_id: int) -> None:  # noqa: ARG001
+    """DataLoader ``worker_init_fn``: leave SIGTERM to the main process (workers still stop when it does)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
