@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ramtag.atomic import atomic_path
 from ramtag.errors import VocabularyError
 
 FEATURES_TENSOR = "text_features"
@@ -169,16 +170,12 @@ def save_vocab_features(
         raise ValueError(f"vocabulary metadata lacks {', '.join(missing)}")
     payload = {"version": __version__, **dict(metadata), "labels": list(labels)}
     target = Path(path)
-    temporary = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    try:
+    with atomic_path(target) as temporary:
         save_file(
             {FEATURES_TENSOR: features},
-            str(temporary),
+            temporary,
             metadata={METADATA_ENTRY: json.dumps(payload, ensure_ascii=False, default=str)},
         )
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
     return target
 
 

@@ -6,15 +6,14 @@ Written with torch.save from plain tensors, numbers, strings, lists and dicts on
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ramtag.atomic import atomic_path
 from ramtag.errors import CheckpointError
 
 STATE_VERSION = 1
@@ -58,18 +57,8 @@ def _to_cpu(value: Any) -> Any:
 
 def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"version": STATE_VERSION, **_to_cpu(state)}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode any other output gets
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as temporary:
+        torch.save({"version": STATE_VERSION, **_to_cpu(state)}, temporary)
     return path
 
 

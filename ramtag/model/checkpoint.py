@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ramtag.atomic import atomic_path
 from ramtag.errors import CheckpointError
 from ramtag.model.adapter import adapter_state_from_reference
 from ramtag.model.config import Preprocessing, RamConfig
@@ -54,19 +53,8 @@ def save_checkpoint(path: str | Path, model: RamModel, include_backbone: bool = 
     }
     if include_backbone:
         metadata["backbone_shape"] = json.dumps(backbone_shape(model.clip))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        # mkstemp makes the file private (0600); a checkpoint should follow the user's umask like any file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
     return path
 
 
