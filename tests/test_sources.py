@@ -364,3 +364,20 @@ def test_shard_names_in_keys():
     assert shard_name("/data/shards/000001.tar") == "000001.tar"
     assert shard_name("https://host/a/000002.tar?token=x") == "000002.tar"
     assert shard_name("pipe:curl -s -L https://host/a/000003.tar") == "000003.tar"
+
+
+def test_shards_that_share_a_file_name_are_refused(tmp_path):
+    first = image_shard(tmp_path / "a" / "same.tar", ["k"])
+    second = image_shard(tmp_path / "b" / "same.tar", ["k"])
+    with pytest.raises(DataError, match="share the name 'same.tar'"):
+        plan_inputs([str(first), str(second)])
+
+
+def test_a_key_that_comes_back_later_in_a_shard_is_its_own_error_row(tmp_path):
+    shard = write_shard(
+        tmp_path / "odd.tar",
+        [("a", {"jpg": image_bytes(1, "JPEG")}), ("b", {"jpg": image_bytes(2, "JPEG")}), ("a", {"png": image_bytes(3)})],
+    )
+    rows = read_all(ShardDataset([str(shard)], as_tensor))
+    assert [(row[0], row[3] is None) for row in rows] == [("odd.tar/a", True), ("odd.tar/b", True), ("odd.tar/a (repeat 2)", False)]
+    assert "must be consecutive" in rows[2][3]

@@ -226,7 +226,21 @@ def plan_inputs(
     unique_shards = list(dict.fromkeys(shards))
     if len(unique_shards) < len(shards):
         warn(f"{len(shards) - len(unique_shards)} shard(s) named more than once; each is read once")
+    _refuse_shared_shard_names(unique_shards)
     return InputPlan(files, unique_shards, extra_schema or pa.schema([]), warnings)
+
+
+def _refuse_shared_shard_names(shards: Sequence[str]) -> None:
+    """Row keys start with the shard's file name: two shards with one name would give their samples one key."""
+    first: dict[str, str] = {}
+    for url in shards:
+        name = shard_name(url)
+        if name in first:
+            raise DataError(
+                f"shards {first[name]} and {url} share the name {name!r}, so their row keys would collide; "
+                "rename one, or tag them in separate runs"
+            )
+        first[name] = url
 
 
 def _default_stdin() -> TextIO:
@@ -664,9 +678,16 @@ class ShardDataset(IterableDataset):
         source = printable(url)
         count = 0
         try:
+            seen: dict[str, int] = {}
             for sample in iter_shard_samples(url):
                 count += 1
                 key = printable(f"{name}/{sample['__key__']}")
+                repeats = seen[key] = seen.get(key, 0) + 1
+                if repeats > 1:  # members of a sample must be consecutive; a later group is recorded, not merged
+                    key = f"{key} (repeat {repeats})"
+                    if key not in self.skip_keys:
+                        yield Record(key, source, None, "key repeats an earlier sample of the shard (members of a sample must be consecutive)")
+                    continue
                 if key in self.skip_keys:
                     continue
                 data = _sample_image(sample)
