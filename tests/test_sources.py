@@ -381,3 +381,20 @@ def test_a_key_that_comes_back_later_in_a_shard_is_its_own_error_row(tmp_path):
     rows = read_all(ShardDataset([str(shard)], as_tensor))
     assert [(row[0], row[3] is None) for row in rows] == [("odd.tar/a", True), ("odd.tar/b", True), ("odd.tar/a (repeat 2)", False)]
     assert "must be consecutive" in rows[2][3]
+
+
+def test_link_members_become_error_rows_not_silence(tmp_path):
+    shard = tmp_path / "links.tar"
+    with tarfile.open(shard, "w") as archive:
+        data = image_bytes(1, "JPEG")
+        info = tarfile.TarInfo("real.jpg")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+        for name, kind in (("hard.jpg", tarfile.LNKTYPE), ("soft.jpg", tarfile.SYMTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "real.jpg"
+            archive.addfile(link)
+    rows = {row[0]: row[3] for row in read_all(ShardDataset([str(shard)], as_tensor))}
+    assert rows["links.tar/real"] is None
+    for key in ("links.tar/hard", "links.tar/soft"):
+        assert rows[key] == "image member is a link (jpg); links in shards are not followed"

@@ -585,6 +585,10 @@ def _shard_error(exc: BaseException) -> str:
     return _first_line(exc)
 
 
+LINK_MEMBERS = "__links__"
+"""Sample entry listing the suffixes of members that are symbolic or hard links (their bytes are not read)."""
+
+
 def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
     """Yield raw webdataset samples (``__key__`` plus member bytes) of one shard, in order.
 
@@ -597,7 +601,7 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
         current: dict[str, Any] | None = None
         with tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
-                if not member.isreg():
+                if not (member.isreg() or member.islnk() or member.issym()):
                     continue
                 prefix, suffix = _split_member_name(member.name)
                 if prefix is None:
@@ -606,8 +610,11 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
                     if current is not None:
                         yield current
                     current = {"__key__": prefix}
-                handle = archive.extractfile(member)
-                current[suffix.lower()] = handle.read() if handle is not None else b""
+                if member.isreg():
+                    handle = archive.extractfile(member)
+                    current[suffix.lower()] = handle.read() if handle is not None else b""
+                else:  # a stream cannot go back to a link's target; the sample records it instead of vanishing
+                    current.setdefault(LINK_MEMBERS, []).append(suffix.lower())
                 archive.members = []  # streaming: do not keep every member header in memory
         if current is not None:
             yield current
@@ -692,8 +699,11 @@ class ShardDataset(IterableDataset):
                     continue
                 data = _sample_image(sample)
                 if data is None:
-                    members = ", ".join(sorted(k for k in sample if k != "__key__"))
-                    yield Record(key, source, None, printable(f"no image in sample (members: {members})"))
+                    members = ", ".join(sorted(k for k in sample if k not in ("__key__", LINK_MEMBERS)))
+                    linked = ", ".join(m for m in sample.get(LINK_MEMBERS, []) if m in SHARD_IMAGE_MEMBERS)
+                    reason = (f"image member is a link ({linked}); links in shards are not followed" if linked
+                              else f"no image in sample (members: {members})")
+                    yield Record(key, source, None, printable(reason))
                     continue
                 image, error = _decode(data, self.transform, self.max_pixels, self.draft_size)
                 yield Record(key, source, image, error)
