@@ -398,3 +398,16 @@ def test_link_members_become_error_rows_not_silence(tmp_path):
     assert rows["links.tar/real"] is None
     for key in ("links.tar/hard", "links.tar/soft"):
         assert rows[key] == "image member is a link (jpg); links in shards are not followed"
+
+
+def test_a_shard_cut_at_a_member_boundary_is_reported(tmp_path):
+    shard = image_shard(tmp_path / "whole.tar", ["a", "b", "c"])
+    with tarfile.open(shard) as archive:
+        boundary = archive.getmembers()[4].offset  # where sample c starts: two whole samples before it
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[:boundary])
+    rows = {row[0]: row[3] for row in read_all(ShardDataset([str(shard), str(cut)], as_tensor))}
+    assert [key for key in rows if key.startswith("whole.tar")] == ["whole.tar/a", "whole.tar/b", "whole.tar/c"]
+    assert not any(key == "whole.tar/" for key in rows)
+    assert rows["cut.tar/a"] is None
+    assert rows["cut.tar/"] == "cannot read shard after 2 sample(s): the archive ends without its end-of-archive blocks (cut off?)"

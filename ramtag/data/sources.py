@@ -616,8 +616,12 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
                 else:  # a stream cannot go back to a link's target; the sample records it instead of vanishing
                     current.setdefault(LINK_MEMBERS, []).append(suffix.lower())
                 archive.members = []  # streaming: do not keep every member header in memory
-        if current is not None:
-            yield current
+            if current is not None:  # its members all arrived whole
+                yield current
+            # tarfile ends quietly when the data stops at a member boundary; a whole archive ends with zero
+            # blocks, which tarfile reads past (so its stream is ahead of its offset). A cut-off download is not.
+            if archive.fileobj.tell() == archive.offset:
+                raise tarfile.ReadError("the archive ends without its end-of-archive blocks (cut off?)")
     finally:
         stream.close()
 
