@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -197,6 +198,28 @@ def test_settings_precedence_defaults_then_file_then_options(tmp_path):
         read_config_file(bad)
 
 
+@pytest.mark.parametrize("text, message", [
+    ('max_steps = "two"', "max_steps must be an integer or unset, not 'two'"),
+    ('lr = "fast"', "lr must be a finite number"),
+    ("lr = nan", "lr must be a finite number, not nan"),
+    ("max_steps = true", "max_steps must be an integer"),
+    ('photometric = "false"', "photometric must be true or false"),
+    ("batch_size = 8.5", "batch_size must be an integer"),
+    ('adapter_layers = "1,x"', "adapter_layers must be a list of integers"),
+])
+def test_config_file_values_of_the_wrong_type_are_usage_errors(tmp_path, text, message):
+    path = tmp_path / "run.toml"
+    path.write_text(f'train = ["a.json"]\n{text}\n')
+    with pytest.raises(UsageError, match=re.escape(message)):
+        resolve_config(path, {})
+
+
+def test_config_file_layers_may_use_the_options_comma_form(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('train = ["a.json"]\nadapter_layers = "2, 0"\n')
+    assert resolve_config(path, {}).adapter_layers == [0, 2]
+
+
 # -- training runs ----------------------------------------------------------------------------------------
 
 
@@ -306,6 +329,10 @@ def test_unusable_data_is_refused_before_training(data, tmp_path):
         train(settings(data, tmp_path / "b", batch_size=64))
     with pytest.raises(DataError, match="grad-accum"):
         train(settings(data, tmp_path / "c", grad_accum=4))
+    with pytest.raises(DataError, match="not found"):  # the validation file too, not after the first steps
+        train(settings(data, tmp_path / "v", val=str(tmp_path / "absent.json"), val_every=100))
+    assert not (tmp_path / "v" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "v" / "metrics.jsonl").exists() or not (tmp_path / "v" / "metrics.jsonl").read_text()
     with pytest.raises(UsageError, match="differs from the --init checkpoint"):
         train(settings(data, tmp_path / "d", adapter_layers=[0]))
 
@@ -346,6 +373,10 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
     assert not (output / "checkpoint-live.safetensors").exists()
     main(["train", "--resume", "-o", str(output), "--max-steps", "2", "--no-progress"])  # settings from the run
     assert json.loads((output / "train-summary.json").read_text())["steps"] == 2
+    # The saved settings of a resumed run start a new run when reused, as its refusal message advises.
+    assert json.loads((output / "train-config.json").read_text())["resume"] is False
+    main(["train", "--config", str(output / "train-config.json"), "-o", str(tmp_path / "again"), "--no-progress"])
+    assert json.loads((tmp_path / "again" / "train-summary.json").read_text())["steps"] == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "-o", str(tmp_path / "none")])
     assert exit_info.value.code == 2

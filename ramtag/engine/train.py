@@ -223,6 +223,10 @@ class TrainRecipe:
         if listed is not None and not cfg.labels:
             space = replace(space, origin=f"labels found in {self.source.description}")
         held_out = set(self.unseen)
+        absent = [label for label in self.unseen if label not in space.labels]
+        if absent:  # normal when the data carries seen labels only, but a typo would leave its label in training
+            self.log(f"warning: {len(absent)} --unseen label(s) are not in the label space ({space.origin}), so "
+                     f"nothing is held out for them: {', '.join(absent[:10])}{' …' if len(absent) > 10 else ''}")
         self.all_listed = space.labels
         self.seen = tuple(label for label in space.labels if label not in held_out)
         if not self.seen:
@@ -282,6 +286,10 @@ class TrainRecipe:
             )
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.last_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        if cfg.val:  # read it now: a missing or malformed validation file must not wait for the first validation
+            from ramtag.engine.labelled import open_labelled_source
+
+            open_labelled_source(cfg.val, root=cfg.root, prefix_map=list(cfg.map_prefix))
 
     def _setup_optimisation(self) -> None:
         cfg = self.config
@@ -336,7 +344,8 @@ class TrainRecipe:
 
     def _save_config(self) -> None:
         if self.info.is_main:
-            _write_json(self.output / CONFIG_FILE, self.config.to_dict())
+            # Saved as a starting point: reused with --config it must start a run unless --resume is passed.
+            _write_json(self.output / CONFIG_FILE, {**self.config.to_dict(), "resume": False})
 
     def _log_setup(self) -> None:
         cfg, model = self.config, self.model
@@ -358,7 +367,9 @@ class TrainRecipe:
         if self.dropped:
             common = ", ".join(f"{label!r} ({count})" for label, count in self.dropped.most_common(20))
             more = f" and {len(self.dropped) - 20} more" if len(self.dropped) > 20 else ""
-            self.log(f"{sum(self.dropped.values())} label occurrence(s) outside the label space dropped, "
+            held_out = sum(count for label, count in self.dropped.items() if label in set(self.unseen))
+            why = f", {held_out} of them --unseen labels" if held_out else ""
+            self.log(f"{sum(self.dropped.values())} label occurrence(s) outside the seen label space dropped{why}; "
                      f"{len(self.dropped)} distinct: {common}{more} (all in {self.output / DROPPED_LABELS_FILE})")
             if self.info.is_main:
                 lines = [f"{label}\t{count}" for label, count in self.dropped.most_common()]

@@ -8,7 +8,10 @@ that file can be passed back as `--config`.
 from __future__ import annotations
 
 import json
+import math
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -143,11 +146,17 @@ class TrainConfig:
             self.train = [self.train]
         self.train = [str(item) for item in self.train]
         self.map_prefix = [str(item) for item in ([self.map_prefix] if isinstance(self.map_prefix, str) else self.map_prefix)]
+        for name in ("adapter_layers", "prompt_layers"):  # the CLI's I,J,K form, in a config file too
+            value = getattr(self, name)
+            if isinstance(value, str) and re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", value):
+                setattr(self, name, [int(part) for part in value.split(",")])
+        problems = _type_problems(self)
+        if problems:  # a config file can hold anything; the checks below assume the declared types
+            raise UsageError("invalid training settings: " + "; ".join(problems))
         for name in ("adapter_layers", "prompt_layers"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, sorted(int(i) for i in value))
-        problems = []
         positive_ints = ("batch_size", "epochs", "grad_accum", "log_every", "val_batch_size", "val_every_epochs")
         problems += [f"{name} must be at least 1" for name in positive_ints if getattr(self, name) < 1]
         non_negative = ("checkpoint_every", "val_every", "num_workers", "padding", "adapter_tokens", "prompt_tokens")
@@ -249,3 +258,46 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict[str, A
         merged.update({k.replace("-", "_"): v for k, v in read_config_file(config_file).items()})
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig.from_dict(merged)
+
+
+def _type_problems(config: "TrainConfig") -> list[str]:
+    """Settings whose values do not have their declared types (ints for int, finite numbers for float, true or
+    false for bool, lists of them), as readable problems. Options are typed by the CLI; config files are not."""
+    hints = typing.get_type_hints(type(config))
+    return [
+        f"{f.name} must be {_describe(hints[f.name])}, not {getattr(config, f.name)!r}"
+        for f in fields(config) if not _fits(getattr(config, f.name), hints[f.name])
+    ]
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        return isinstance(value, (list, tuple)) and all(_fits(element, item) for element in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if origin in (list, tuple):
+        plurals = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        item = typing.get_args(hint)[0]
+        return f"a list of {plurals.get(item, str(item))}"
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "unset"}
+    return names.get(hint, str(hint))
+
