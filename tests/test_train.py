@@ -366,16 +366,25 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text(f'train = ["{data.train}"]\nroot = "{data.root}"\ninit = "{data.init}"\nbatch_size = 2\nnum_workers = 0\n')
     output = tmp_path / "out"
-    main(["train", "--config", str(config), "-o", str(output), "--max-steps", "1", "--grad-accum", "2", "--no-progress", "--ema-decay", "0"])
-    assert capsys.readouterr().out.strip() == str(output / "checkpoint.safetensors")
+
+    def main_with_skipped_images(argv: list[str]) -> None:
+        """The data holds a missing and a corrupt image: the run completes, skips them, and exits 3."""
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 3
+
+    main_with_skipped_images(["train", "--config", str(config), "-o", str(output), "--max-steps", "1", "--grad-accum", "2", "--no-progress", "--ema-decay", "0"])
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(output / "checkpoint.safetensors")
+    assert "training image(s) were missing or unreadable and skipped" in captured.err
     saved = json.loads((output / "train-config.json").read_text())
     assert (saved["batch_size"], saved["grad_accum"], saved["max_steps"], saved["ema_decay"]) == (2, 2, 1, 0.0)
     assert not (output / "checkpoint-live.safetensors").exists()
-    main(["train", "--resume", "-o", str(output), "--max-steps", "2", "--no-progress"])  # settings from the run
+    main_with_skipped_images(["train", "--resume", "-o", str(output), "--max-steps", "2", "--no-progress"])  # settings from the run
     assert json.loads((output / "train-summary.json").read_text())["steps"] == 2
     # The saved settings of a resumed run start a new run when reused, as its refusal message advises.
     assert json.loads((output / "train-config.json").read_text())["resume"] is False
-    main(["train", "--config", str(output / "train-config.json"), "-o", str(tmp_path / "again"), "--no-progress"])
+    main_with_skipped_images(["train", "--config", str(output / "train-config.json"), "-o", str(tmp_path / "again"), "--no-progress"])
     assert json.loads((tmp_path / "again" / "train-summary.json").read_text())["steps"] == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "-o", str(tmp_path / "none")])

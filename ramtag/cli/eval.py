@@ -147,6 +147,11 @@ def eval_command(
         if markdown is not None:
             relative = Path(markdown).parent if markdown != "-" else None
             write_markdown(markdown, markdown_summary(result, plots=plot_files, plots_note=_plots_note(result), relative_to=relative))
+        missed = result.images_not_evaluated()
+        if missed:
+            from ramtag.errors import PartialFailure
+
+            raise PartialFailure(f"{missed} annotated image(s) could not be evaluated (see the warnings and the report); the metrics leave them out")
     finally:
         dist.teardown()
 

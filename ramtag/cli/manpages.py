@@ -10,7 +10,7 @@ from pathlib import Path
 EXIT_STATUS = [
     ("0", "Success: every input was processed."),
     ("2", "Usage error: bad options, unreadable vocabulary, mismatched or corrupt checkpoint, existing output."),
-    ("3", "The run finished but some inputs failed; they are in the output with an error."),
+    ("3", "The run finished and wrote its output, but some inputs failed: error rows (tag), images left out of the metrics (eval), images skipped (train, listed in bad-images.txt), images not explained (explain)."),
     ("130", "Interrupted (Ctrl-C or SIGTERM); finished rows are kept, rerun with --resume."),
 ]
 

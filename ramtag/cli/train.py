@@ -127,3 +127,7 @@ def train_command(
     result = train_from_options(config, options)
     if dist.info().is_main:
         typer.echo(str(result.checkpoint))
+    if result.bad_images:
+        from ramtag.errors import PartialFailure
+
+        raise PartialFailure(f"{result.bad_images} training image(s) were missing or unreadable and skipped; see {result.output / 'bad-images.txt'}")

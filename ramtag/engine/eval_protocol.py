@@ -167,6 +167,12 @@ class EvalResult:
     calibration: Calibration | None = None
     score_table: dict[str, Any] | None = None
 
+    def images_not_evaluated(self) -> int:
+        """Annotated images that no protocol could score: failed to load, or absent from a score table."""
+        failed = {key for result in self.protocols.values() for key, _ in result.tally.failed}
+        absent = (self.score_table or {}).get("annotations_not_in_table", 0)
+        return len(failed) + int(absent)
+
 
 # ---------------------------------------------------------------------------------------------
 # Steps shared by every scorer

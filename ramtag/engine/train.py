@@ -85,6 +85,8 @@ class TrainResult:
     best: dict[str, Any] | None = None
     validation: dict[str, float] | None = None
     """The last validation's metrics, if any."""
+    bad_images: int = 0
+    """Training images that were missing or could not be decoded, skipped (listed in bad-images.txt)."""
 
 
 # -- distribution ---------------------------------------------------------------------------------------
@@ -664,7 +666,7 @@ class TrainRecipe:
         dist.barrier()
         return TrainResult(
             output=self.output, steps=self.step, checkpoint=self.output / CHECKPOINT, losses=list(self.losses),
-            best=summary["best"], validation=self.last_validation,
+            best=summary["best"], validation=self.last_validation, bad_images=len(self.bad_images),
         )
 
 
