@@ -51,8 +51,11 @@ def test_fetch_refuses_weights_of_another_architecture(tiny_architecture, tmp_pa
     wrong = tmp_path / "wrong.pt"
     torch.save({"visual.proj": torch.zeros(3, 3)}, wrong)
     assert run_cli("model", "fetch", TINY_ARCH, "mirror", "--to", tmp_path / "w", "--from", wrong) == 2
-    assert "wrong.pt" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "wrong.pt" in error and len(error.strip().splitlines()) == 1  # no probing warnings before the line
     assert not (tmp_path / "w" / f"{TINY_ARCH}-mirror.json").exists()
+    assert run_cli("model", "fetch", TINY_ARCH, "mirror", "--to", wrong, "--from", tiny_architecture) == 2  # --to a file
+    assert "cannot create the folder" in capsys.readouterr().err
 
 
 def test_training_free_tagging_from_local_weights(tiny_architecture, tmp_path):
@@ -77,6 +80,21 @@ def test_data_synth_command_is_deterministic(tmp_path):
         assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes()
     labels = json.loads((tmp_path / "a" / "labels.json").read_text())
     assert len(labels["images"]) == 6
+
+
+def test_data_synth_refuses_to_mix_two_datasets_in_one_folder(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert run_cli("data", "synth", out, "--n", 6, "--seed", 5, "--format", "images", "--format", "json") == 0
+    (out / "NOTES.md").write_text("mine")
+    assert run_cli("data", "synth", out, "--n", 2, "--seed", 6, "--format", "images", "--format", "json") == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert len(list((out / "images").iterdir())) == 6
+    assert run_cli("data", "synth", out, "--n", 2, "--seed", 6, "--format", "images", "--format", "json", "--overwrite") == 0
+    assert len(list((out / "images").iterdir())) == 2  # the six earlier images are gone, not mixed in
+    assert len(json.loads((out / "labels.json").read_text())["images"]) == 2
+    assert (out / "NOTES.md").read_text() == "mine"  # files it did not write stay
+    assert run_cli("data", "synth", out / "labels.json", "--n", 1) == 2  # a file, not a folder: one line, no traceback
+    assert run_cli("data", "synth", tmp_path / "big", "--n", 1, "--image-size", 100000) == 2
 
 
 def test_no_network_names_the_ways_out(monkeypatch, tmp_path, capsys):

@@ -23,16 +23,27 @@ app.add_typer(data_app, name="data")
 )
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write into.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 1000,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed writes the same bytes.")] = 0,
-    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels.")] = 64,
+    image_size: Annotated[int, typer.Option("--image-size", min=16, max=2048, help="Image side in pixels.")] = 64,
     format: Annotated[Optional[List[str]], typer.Option("--format", help="images, json, jsonl, webdataset (repeatable; default all).")] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per WebDataset shard.")] = 1000,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per WebDataset shard.")] = 1000,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier synthetic dataset in OUT.")] = False,
 ) -> None:
     """Write N synthetic scenes (1-4 coloured shapes each) with labels, boxes, captions and a seen/unseen split."""
-    from ramtag.data.synth import FORMATS, write_dataset
+    from ramtag.data.synth import FORMATS, clear_dataset, write_dataset
+    from ramtag.errors import OutputError
 
-    summary = write_dataset(out, n, seed, image_size=image_size, formats=set(format) if format else FORMATS, shard_size=shard_size)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:  # mixing two seeds' files in one folder would be a silently wrong dataset
+            raise OutputError(f"{out} is not empty; pass --overwrite to replace an earlier synthetic dataset there")
+        clear_dataset(out)
+    try:
+        summary = write_dataset(out, n, seed, image_size=image_size, formats=set(format) if format else FORMATS, shard_size=shard_size)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
     typer.echo(f"{summary.n} scenes (seed {summary.seed}, {summary.image_size}px) -> {summary.out}", err=True)
     for kind, paths in sorted(summary.files.items()):
         typer.echo(f"  {kind}: {len(paths)} file(s)", err=True)

@@ -457,7 +457,7 @@ def write_dataset(out: Path, n: int, seed: int, image_size: int = 64, formats: I
             shard_writer.close()
 
     if "images" in formats:
-        files["images"] = [out / "images"]
+        files["images"] = [out / rel for rel, _ in rows]
     if "json" in formats:
         files["json"] = [
             _reference_json(out / "labels.json", rows, ALL_LABELS),
@@ -472,6 +472,25 @@ def write_dataset(out: Path, n: int, seed: int, image_size: int = 64, formats: I
     (out / "boxes.json").write_text(json.dumps(box_doc), encoding="utf-8")
     files["boxes"] = [out / "boxes.json"]
     return SynthSummary(out, n, seed, image_size, formats, files, counts)
+
+
+DATASET_ENTRIES = (
+    "images", "shards", "labels.json", "seen.json", "unseen.json", "manifest.jsonl", "boxes.json",
+    "all.txt", "seen.txt", "unseen.txt",
+)
+"""What :func:`write_dataset` writes into its folder."""
+
+
+def clear_dataset(out: Path) -> None:
+    """Remove an earlier :func:`write_dataset` from ``out``; other files there stay."""
+    import shutil
+
+    for name in DATASET_ENTRIES:
+        path = Path(out) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 EXAMPLES_SEED = 20250318

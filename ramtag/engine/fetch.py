@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ramtag.errors import CheckpointError, UsageError
+from ramtag.errors import CheckpointError, OutputError, UsageError
 
 
 def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None) -> dict:
@@ -26,7 +26,10 @@ def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None
     if name not in open_clip.list_models():
         raise UsageError(f"unknown open_clip architecture {name!r}")
     target_dir = Path(to)
-    target_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--to {to}: cannot create the folder ({exc.strerror or exc})") from None
     if source is not None:
         origin = Path(source)
         if not origin.is_file():

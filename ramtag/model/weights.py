@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -78,10 +79,18 @@ def load_backbone(name: str, pretrained: str | None) -> nn.Module:
 
 
 def _load_local_weights(name: str, path: Path) -> nn.Module:
-    import open_clip
-
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
+    # Each format is tried in turn; torch warns while probing (TorchScript deprecation, pickle protocol), which
+    # says nothing about the outcome: the file loads, or one CheckpointError line says why not.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _probe_local_weights(name, path)
+
+
+def _probe_local_weights(name: str, path: Path) -> nn.Module:
+    import open_clip
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
