@@ -214,10 +214,11 @@ def test_config_file_values_of_the_wrong_type_are_usage_errors(tmp_path, text, m
         resolve_config(path, {})
 
 
-def test_config_file_layers_may_use_the_options_comma_form(tmp_path):
+def test_config_file_keys_may_be_written_as_the_options_are(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('train = ["a.json"]\nadapter_layers = "2, 0"\n')
-    assert resolve_config(path, {}).adapter_layers == [0, 2]
+    path.write_text('train = ["a.json"]\nadapter-layers = "2, 0"\nworkers = 3\n')
+    config = resolve_config(path, {})
+    assert (config.adapter_layers, config.num_workers) == ([0, 2], 3)
 
 
 # -- training runs ----------------------------------------------------------------------------------------

@@ -169,3 +169,16 @@ def test_fingerprint_is_stable_and_unambiguous():
     assert fingerprint("1") != fingerprint(1)
     assert fingerprint(torch.zeros(2)) != fingerprint(torch.zeros(2, dtype=torch.float64))
     assert fingerprint(torch.zeros(2, 2)) != fingerprint(torch.zeros(4))
+
+
+def test_label_files_that_are_not_label_files_say_what_they_are(tmp_path):
+    from ramtag.data.vocab import read_labels, save_vocab_features
+
+    encoded = save_vocab_features(tmp_path / "v.rtv", torch.randn(2, 4), ["a", "b"], {"templates": ["{}"], "fingerprint": {}})
+    with pytest.raises(VocabularyError, match="an encoded vocabulary"):
+        read_labels(encoded)
+    with pytest.raises(VocabularyError, match="a folder"):
+        read_labels(tmp_path)
+    text = tmp_path / "labels.txt"
+    text.write_text("line\u2028separator inside\r\nnext\n", encoding="utf-8")
+    assert read_labels(text).labels == ["line\u2028separator inside", "next"]  # only newlines end a label

@@ -44,6 +44,11 @@ def _normalised(label: str) -> str:
     return " ".join(label.split()).casefold()
 
 
+def _looks_like_safetensors(raw: bytes) -> bool:
+    """A safetensors file (what .rtv files are) starts with its header's size as 8 little-endian bytes, then '{'."""
+    return len(raw) > 8 and raw[5:8] == b"\0\0\0" and raw[8:9] == b"{"
+
+
 def read_labels(source: str | os.PathLike | TextIO) -> LabelFile:
     """Read a label file (a path, or an open text stream such as stdin); see the module docstring."""
     name = getattr(source, "name", None) or "labels"
@@ -53,8 +58,12 @@ def read_labels(source: str | os.PathLike | TextIO) -> LabelFile:
             raw = Path(source).read_bytes()
         except FileNotFoundError as exc:
             raise VocabularyError(f"{name}: no such label file") from exc
+        except IsADirectoryError as exc:
+            raise VocabularyError(f"{name}: a folder, not a label file") from exc
         except OSError as exc:
             raise VocabularyError(f"{name}: cannot read ({exc.strerror or exc})") from exc
+        if _looks_like_safetensors(raw):
+            raise VocabularyError(f"{name}: an encoded vocabulary (.rtv); this option needs the text label file it was encoded from")
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -65,7 +74,8 @@ def read_labels(source: str | os.PathLike | TextIO) -> LabelFile:
     labels: list[str] = []
     line_numbers: list[int] = []
     first_seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n (and \r\n) only: str.splitlines would also split a label at U+2028 and other separators.
+    for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
         label = line.strip()
         if not label or label.startswith("#"):
             continue

@@ -32,6 +32,10 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+OPTION_NAMES = {"workers": "num_workers"}
+"""Options of `ramtag train` whose setting has another name."""
+
+
 @dataclass
 class TrainConfig:
     # -- data ---------------------------------------------------------------------------------------------
@@ -206,6 +210,9 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         normalised = {key.replace("-", "_"): value for key, value in data.items()}
+        for option, setting in OPTION_NAMES.items():  # keys may be written as the options are named
+            if option in normalised and setting not in normalised:
+                normalised[setting] = normalised.pop(option)
         unknown = sorted(set(normalised) - known)
         if unknown:
             raise UsageError(f"unknown training setting(s): {', '.join(unknown)}")
