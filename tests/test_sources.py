@@ -411,3 +411,11 @@ def test_a_shard_cut_at_a_member_boundary_is_reported(tmp_path):
     assert not any(key == "whole.tar/" for key in rows)
     assert rows["cut.tar/a"] is None
     assert rows["cut.tar/"] == "cannot read shard after 2 sample(s): the archive ends without its end-of-archive blocks (cut off?)"
+
+
+def test_a_folder_without_images_is_a_warning(tmp_path):
+    (tmp_path / "empty" / "deeper").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    plan = plan_inputs([str(tmp_path / "empty")])
+    assert plan.files.num_rows == 0
+    assert len(plan.warnings) == 1 and "no image files" in plan.warnings[0]

@@ -375,6 +375,8 @@ def _add_directory(collector: _Collector, top: str, warn: Warn) -> None:
                 warn(f"{entry.path}: broken or looping symlink; skipped")
         stack.extend(reversed(subdirs))
     found.sort()
+    if not found:
+        warn(f"{top}: no image files in this folder or below ({' '.join(sorted(IMAGE_EXTENSIONS))})")
     for key, path in found:
         collector.add(key, path, path)
 
