@@ -292,6 +292,18 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_an_existing_one(s
         train(replace(config, output=str(tmp_path / "nothing"), resume=True))
 
 
+def test_resume_refuses_changed_annotations_at_the_same_path(data, tmp_path):
+    annotations = tmp_path / "train.json"
+    annotations.write_text(Path(data.train).read_text())
+    output = tmp_path / "run"
+    train(settings(data, output, train=[str(annotations)], max_steps=1))
+    document = json.loads(annotations.read_text())
+    document["images"] = document["images"][1:]  # another data set under the same name
+    annotations.write_text(json.dumps(document))
+    with pytest.raises(UsageError, match="annotations .* changed since the run"):
+        train(settings(data, output, train=[str(annotations)], max_steps=2, resume=True))
+
+
 def test_validation_reports_zsl_and_gzsl_and_keeps_the_best(data, tmp_path):
     unseen = tmp_path / "unseen.txt"
     unseen.write_text("square\n")

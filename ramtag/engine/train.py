@@ -35,6 +35,7 @@ to tag and evaluate with), `checkpoint-live.safetensors` (the live weights, with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -256,6 +257,7 @@ class TrainRecipe:
         self.bad_images: dict[str, str] = {}
         self.dropped: Counter[str] = Counter()
         seen = set(self.seen)
+        self.data_fingerprint = _annotations_fingerprint(self.source)
         if self.source.is_shards:
             items = self.shard_items
         else:
@@ -326,6 +328,13 @@ class TrainRecipe:
         return metric
 
     def _restore(self, state: dict) -> None:
+        saved_data = state.get("data_fingerprint")
+        if saved_data is not None and saved_data != self.data_fingerprint:
+            # The data position (epoch, batch) indexes this list: other images or labels cannot continue the run.
+            raise UsageError(
+                f"--resume: the training annotations ({self.source.description}) changed since the run in "
+                f"{self.output} started; resume with the same data, or start a new run in another --output"
+            )
         self.model.load_state_dict(state["model"], strict=False)
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
@@ -626,6 +635,7 @@ class TrainRecipe:
             "bad_images": [[k, v] for k, v in self.bad_images.items()],
             "best": self.best,
             "config": self.config.to_dict(),
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def _save_all(self, final: bool) -> None:
@@ -671,6 +681,17 @@ class TrainRecipe:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _annotations_fingerprint(source) -> str | None:
+    """What the training images and their labels are, in order (shards: None; their list is in the settings)."""
+    if source.is_shards:
+        return None
+    digest = hashlib.sha256()
+    for item in source.items:
+        digest.update(json.dumps([item.key, list(item.labels)], ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
 
 
 def _write_text(path: Path, text: str) -> None:
