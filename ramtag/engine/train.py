@@ -369,8 +369,11 @@ class TrainRecipe:
         )
         self.log(
             f"data: {self.batches.size} training images, {self.steps_per_epoch} optimizer steps per epoch "
-            f"(batch {cfg.batch_size} x {cfg.grad_accum} accumulated), {self.last_step} steps to run"
+            f"(batch {cfg.batch_size} x {cfg.grad_accum} accumulated), {self.last_step} steps in all"
+            + (f", {max(0, self.last_step - self.step)} left" if self.step else "")
         )
+        if self.step >= self.last_step:
+            self.log(f"the run is complete at step {self.step}; nothing to train (raise --max-steps or --epochs to go on)")
         self.log(f"parameters: {trainable:,} trainable, {frozen:,} frozen in the backbone; device {self.device}, "
                  f"precision {self.autocast_dtype or 'fp32'}")
         if self.bad_images:
