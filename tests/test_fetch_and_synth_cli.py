@@ -108,3 +108,30 @@ def test_no_network_names_the_ways_out(monkeypatch, tmp_path, capsys):
     assert run_cli("tag", tmp_path, "--labels", tmp_path / "v.txt", "-o", tmp_path / "o.jsonl") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--pretrained" in error[0] and "--model demo" in error[0] and "ramtag model fetch" in error[0]
+
+
+def test_download_retries_are_not_logged_when_the_download_fails_but_are_when_it_works():
+    import logging
+
+    from ramtag.model.weights import _logs_held_unless_it_fails
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    hub = logging.getLogger("huggingface_hub")
+    collect = Collect()
+    hub.addHandler(collect)
+    try:
+        with pytest.raises(RuntimeError):
+            with _logs_held_unless_it_fails():
+                logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+                raise RuntimeError("Failed to download")
+        assert seen == []  # the caller reports the failure in one line
+        with _logs_held_unless_it_fails():
+            logging.getLogger("huggingface_hub.utils._http").warning("a warning worth keeping")
+        assert seen == ["a warning worth keeping"]
+    finally:
+        hub.removeHandler(collect)

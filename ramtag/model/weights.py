@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -64,7 +67,8 @@ def load_backbone(name: str, pretrained: str | None) -> nn.Module:
     if pretrained and os.path.sep in pretrained or (pretrained and Path(pretrained).is_file()):
         return _load_local_weights(name, Path(pretrained))
     try:
-        model = open_clip.create_model(name, pretrained=pretrained or None, precision="fp32", device="cpu")
+        with _logs_held_unless_it_fails():
+            model = open_clip.create_model(name, pretrained=pretrained or None, precision="fp32", device="cpu")
     except (RuntimeError, OSError) as error:
         message = str(error).lower()
         if isinstance(error, OSError) or "download" in message or "connection" in message:
@@ -76,6 +80,37 @@ def load_backbone(name: str, pretrained: str | None) -> nn.Module:
             raise CheckpointError(f"{name}: {str(error).splitlines()[0]}") from None
         raise
     return model.eval()
+
+
+@contextmanager
+def _logs_held_unless_it_fails() -> Iterator[None]:
+    """Hold what open_clip and huggingface_hub log while loading; pass it on if loading succeeds.
+
+    Without network, huggingface_hub logs every retry (about 50 lines, each twice) before open_clip gives up; the
+    failure is then reported as one line, so the held records are dropped. On success they are replayed.
+    """
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    hold = _Hold()
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
+    saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.handlers = [hold]
+    loggers[1].propagate = False  # held once, not again through the root logger
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+        if not failed:
+            for record in held:
+                logging.getLogger(record.name).handle(record)
 
 
 def _load_local_weights(name: str, path: Path) -> nn.Module:
