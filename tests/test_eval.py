@@ -479,3 +479,11 @@ def test_two_process_run_equals_one_process(bench: Bench, tmp_path: Path):
         assert left["images"] == right["images"]
         for arm in (MODEL_ARM, TRAINING_FREE_ARM, CLIP_GLOBAL_ARM):
             assert right["arms"][arm] == left["arms"][arm]
+
+
+def test_a_score_table_that_matches_nothing_suggests_the_prefix_to_strip():
+    from ramtag.engine.score_table import _prefix_hint
+
+    assert _prefix_hint(["000001.png", "000002.png"], ["data/images/000002.png"]) == "try --map-prefix 'data/images/='"
+    assert _prefix_hint(["sub/000002.png"], ["images/sub/000002.png"]) == "try --map-prefix 'images/='"
+    assert _prefix_hint(["a.png"], ["images/b.png"]) is None

@@ -270,6 +270,17 @@ def _examples(keys: Sequence[str]) -> list[str]:
     return list(keys[:MAX_EXAMPLES])
 
 
+def _prefix_hint(table_keys: Sequence[str], annotation_keys: Sequence[str]) -> str | None:
+    """The --map-prefix that turns the first annotation keys into table keys, when one prefix does it."""
+    keys = set(table_keys)
+    for key in annotation_keys[:50]:
+        parts = key.split("/")
+        for cut in range(1, len(parts)):
+            if "/".join(parts[cut:]) in keys:
+                return f"try --map-prefix '{'/'.join(parts[:cut])}/='"
+    return None
+
+
 def _coverage(table: ScoreTable, join: _Join) -> dict[str, Any]:
     """How the table and the annotations overlap, for the report."""
     return {
@@ -316,11 +327,12 @@ def evaluate_score_table(
     join = _join(table, items, protocol, space)
     coverage = _coverage(table, join)
     if not join.rows:
+        hint = _prefix_hint(table.keys, [item.key for item in items])
         raise DataError(
             f"no row of {table.path} matches an image of {source.description}: table keys look like "
             f"{_examples(table.keys)[:3]}, annotation keys like {[item.key for item in items[:3]]}; "
-            "set --root to the folder the table's keys are relative to, and --map-prefix OLD=NEW for paths "
-            "written on another machine"
+            + (hint or "set --root to the folder the table's keys are relative to, and --map-prefix OLD=NEW "
+                       "for paths written on another machine")
         )
     target_matrix = np.stack(join.targets)
     join.tally.images_without_labels = int((target_matrix.sum(axis=1) == 0).sum())
