@@ -83,5 +83,7 @@ def test_sigterm_while_starting_up_exits_130_like_ctrl_c(tmp_path):
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
+    # 130 from sys.exit, or death by SIGINT, which CPython uses to end on a KeyboardInterrupt it counts as
+    # unhandled: a shell reports both as status 130 (128 + SIGINT). Death by SIGTERM (-15, 143) is the failure.
+    assert process.returncode in (130, -signal.SIGINT), stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
