@@ -96,6 +96,11 @@ def eval_command(
         raise UsageError("--target-precision needs --calibrate THRESHOLDS.tsv")
     if json_out == "-" and markdown == "-":
         raise UsageError("only one of --json and --markdown can go to stdout ('-')")
+    for option, target in (("--json", json_out), ("--markdown", markdown), ("--calibrate", calibrate)):
+        if target is not None and str(target) != "-" and Path(target).is_dir():  # found out now, not after the run
+            raise UsageError(f"{option} {target}: a folder; give a file name")
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise UsageError(f"--plots {plots}: a file; give a folder")
     if scores is not None and checkpoint is not None:
         raise UsageError("--scores evaluates a score table without a model: drop --checkpoint")
     settings = EvalSettings(

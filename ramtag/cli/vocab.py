@@ -40,7 +40,7 @@ def encode(
 @vocab_app.command(epilog="Example:\n\n  ramtag vocab show vocab.rtv")
 def show(
     path: Annotated[str, typer.Argument(help="A .rtv file.")],
-    limit: Annotated[int, typer.Option("--limit", "-n", help="Labels to list (0: all).")] = 0,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=0, help="Labels to list (0: all).")] = 0,
 ) -> None:
     """List the labels and metadata of a .rtv file."""
     import json
