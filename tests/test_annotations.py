@@ -184,6 +184,7 @@ def test_coco_instances_names_labels_by_category(tmp_path: Path) -> None:
             "images\\[3\\]: repeats image id 10",
         ),
         (lambda d: d["images"].append({"id": 13}), "images\\[3\\]: image path"),
+        (lambda d: d.pop("categories"), "looks like COCO instances but has no 'categories' list"),
     ],
 )
 def test_coco_errors_name_the_file_and_entry(tmp_path: Path, edit, message: str) -> None:
