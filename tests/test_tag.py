@@ -195,7 +195,7 @@ def test_vocabulary_file_round_trip_and_refusal(photos, tiny_checkpoint, tmp_pat
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("cat\ndog\ncat\n", "line"), ("# nothing\n\n", "empty"), ("cat\n" + "very " * 20 + "long label\n", "line 2")],
+    [("cat\ndog\ncat\n", "line"), ("# nothing\n\n", "empty"), ("cat\n" + "very " * 20 + "long label\n", "bad.txt:2: label")],
 )
 def test_bad_vocabularies_name_the_line(photos, tiny_checkpoint, tmp_path, capsys, content, message):
     root, _ = photos

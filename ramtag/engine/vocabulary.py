@@ -79,10 +79,15 @@ def load_vocabulary(runtime: Runtime, source: str, templates: Sequence[str] | No
     if source == "-":
         label_file = read_labels(stdin if stdin is not None else sys.stdin)
     else:
-        if not Path(source).is_file():
+        if not Path(source).exists():
             raise VocabularyError(f"{source}: no such label file")
         label_file = read_labels(source)
-    return encode_vocabulary(runtime, label_file.labels, templates, label_file.line_numbers, use_cache)
+    try:
+        return encode_vocabulary(runtime, label_file.labels, templates, label_file.line_numbers, use_cache)
+    except VocabularyError as error:
+        if str(error).startswith("line "):  # name the file, as every other label-file error does
+            raise VocabularyError(f"{'stdin' if source == '-' else source}:{str(error)[len('line '):]}") from None
+        raise
 
 
 def write_vocabulary_file(runtime: Runtime, vocabulary: Vocabulary, output: str | Path) -> Path:
