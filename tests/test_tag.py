@@ -253,3 +253,12 @@ def test_two_processes_equal_one(photos, tiny_checkpoint, tmp_path):
         assert [t["label"] for t in a["tags"]] == [t["label"] for t in b["tags"]]
         if a["scores"] is not None:
             np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_error_line_stays_one_line_when_the_key_holds_a_newline(photos, tiny_checkpoint, tmp_path, capsys):
+    _, vocab = photos
+    manifest = tmp_path / "images.jsonl"
+    manifest.write_text(json.dumps({"path": "new\nline.png"}) + "\n")
+    assert run_cli("tag", manifest, "--labels", vocab, "-c", tiny_checkpoint, "-o", tmp_path / "t.jsonl", "--workers", 0) == 3
+    lines = [line for line in capsys.readouterr().err.splitlines() if "line.png" in line]
+    assert lines == [lines[0]] and "new\\nline.png" in lines[0]

@@ -89,6 +89,11 @@ class TagSummary:
         return (self.tagged + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
 
+def _one_line(message: str) -> str:
+    """A stderr line stays one line even when a file name holds a newline (a key may)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _share_cores_with_workers(runtime: Runtime, workers: int) -> None:
     """On the CPU, leave the decoding workers their cores: torch's spinning OpenMP threads otherwise fight
     them and small kernels slow down many times (benchmarks/README.md). OMP_NUM_THREADS still wins."""
@@ -200,7 +205,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
                 for batch in loader:
                     if batch.failed_keys:
                         for key, error in zip(batch.failed_keys, batch.failed_errors):
-                            progress.log(f"ramtag: {key}: {error}")
+                            progress.log(_one_line(f"ramtag: {key}: {error}"))
                         writer.write(TagBatch.from_failures(batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra))
                         failed += len(batch.failed_keys)
                     if batch.images is not None:
