@@ -239,13 +239,16 @@ def test_thresholds_select_and_foreign_files_are_refused(photos, tiny_checkpoint
 @pytest.mark.slow
 def test_two_processes_equal_one(photos, tiny_checkpoint, tmp_path):
     root, vocab = photos
+    (root / "c_broken.jpg").write_bytes(b"not a picture")  # second in key order: rank 1 of 2 reads it
     single, double = tmp_path / "one.parquet", tmp_path / "two.parquet"
-    common = ["tag", str(root), "--labels", str(vocab), "-c", str(tiny_checkpoint), "--workers", "0", "--device", "cpu", "--all-scores", "-q"]
-    assert run_cli(*common, "-o", single) == 3
+    common = ["tag", str(root), "--labels", str(vocab), "-c", str(tiny_checkpoint), "--workers", "0", "--device", "cpu", "--all-scores"]
+    assert run_cli(*common, "-q", "-o", single) == 3
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "ramtag"]
     result = subprocess.run(torchrun + common + ["-o", str(double)], capture_output=True, text=True, env=env, timeout=240)
-    assert result.returncode != 0 and "rank" in result.stderr  # exit status 3 from rank 0: one image is broken
+    assert result.returncode != 0 and "rank" in result.stderr  # exit status 3 from rank 0: two images are broken
+    for key in ("broken.jpg", "c_broken.jpg"):  # every rank reports the inputs it could not read
+        assert f"ramtag: {key}: " in result.stderr, result.stderr[-3000:]
     one, two = _rows(single), _rows(double)
     assert [r["key"] for r in one] == [r["key"] for r in two]
     for a, b in zip(one, two):

@@ -205,7 +205,11 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
                 for batch in loader:
                     if batch.failed_keys:
                         for key, error in zip(batch.failed_keys, batch.failed_errors):
-                            progress.log(_one_line(f"ramtag: {key}: {error}"))
+                            line = _one_line(f"ramtag: {key}: {error}")
+                            if info.is_main:
+                                progress.log(line)
+                            elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
+                                print(line, file=sys.stderr, flush=True)
                         writer.write(TagBatch.from_failures(batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra))
                         failed += len(batch.failed_keys)
                     if batch.images is not None:

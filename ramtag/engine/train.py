@@ -491,6 +491,14 @@ class TrainRecipe:
                 self.epoch, self.batch_in_epoch = boundary
                 self.log(f"interrupted at step {self.step}: saving the training state for --resume")
                 self._save_all(final=False)
+            else:
+                # Ranks stop at different points, some inside a collective: a save now could hang or mix steps.
+                saved = self.output / STATE_FILE
+                self.log(
+                    f"interrupted at step {self.step}; under torchrun the state is saved only every "
+                    f"--checkpoint-every {self.config.checkpoint_every} steps: "
+                    + (f"--resume continues from {saved}" if saved.exists() else "none was saved yet, so --resume cannot continue this run")
+                )
             raise
         finally:
             self.reporter.close()
