@@ -84,6 +84,8 @@ class Runtime:
     @torch.inference_mode()
     def encode_labels(self, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 256) -> torch.Tensor:
         """Unnormalised label features [C, D] on the CPU, averaged over templates (normalised first) if several."""
+        if not labels:
+            raise ValueError("no labels to encode")
         templates = self.templates(templates)
         self.check_label_lengths(labels, templates)
         tokenizer = self.tokenizer()
@@ -104,6 +106,11 @@ class Runtime:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def score(self, images: torch.Tensor, label_features: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> RamOutput:
+        size = self.config.preprocessing.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images must be [B, 3, {size}, {size}], as transform() makes them; got {list(images.shape)}")
+        if label_features.ndim != 2 or label_features.shape[0] == 0:
+            raise ValueError(f"label features must be [C, D] with at least one label; got {list(label_features.shape)}")
         images = images.to(self.device, non_blocking=True)
         features = label_features.to(self.device)
         with torch.inference_mode():
