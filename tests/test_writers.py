@@ -413,3 +413,29 @@ def test_loader_batches_flow_into_the_table_with_every_input_once(tmp_path):
     assert {key: row["id"] for key, row in rows.items()} == {f"{tmp_path}/photos/{i}.png": i * 10 for i in range(6)}
     assert rows[f"{tmp_path}/photos/5.png"]["error"] == "not an image"
     assert all(len(row["tags"]) == 2 for key, row in rows.items() if row["error"] is None)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "tags.parquet"
+    holder = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from ramtag.data.writers import prepare_output
+        layout = prepare_output({str(out)!r})
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    first = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "ready"
+        with pytest.raises(OutputError, match="another ramtag run is writing"):
+            prepare_output(out, resume=True)
+    finally:
+        first.kill()  # SIGKILL: the system drops the lock with the process
+        first.wait(timeout=30)
+    layout = prepare_output(out, resume=True)
+    assert layout is not None
+    TagTableWriter(layout, LABELS).finalize()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tags.parquet"]  # no lock file left behind

@@ -359,6 +359,55 @@ def prepare_output(
             raise UsageError("--resume needs an output file; stdout cannot be resumed")
         return None
     path = Path(output)
+    _lock_output(path)
+    try:
+        return _prepare_file_output(path, kind, resume=resume, overwrite=overwrite, identity=identity)
+    except BaseException:
+        _unlock_output(path)
+        raise
+
+
+def _lock_file(output: Path) -> Path:
+    return output.with_name(f".{output.name}.lock")
+
+
+_HELD_LOCKS: dict[Path, Any] = {}
+
+
+def _lock_output(output: Path) -> None:
+    """One run at a time per output: a second one (say, a --resume while the old ranks still run) is refused.
+    The lock is an flock, so the system drops it when its process ends, however it ends."""
+    import fcntl
+
+    key = output.resolve()
+    _unlock_output(output)  # this process starting over (sequential runs in one process, tests)
+    lock = _lock_file(output)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")  # noqa: SIM115 - held until the run ends
+    except OSError as exc:
+        raise OutputError(f"cannot create {lock}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutputError(
+            f"another ramtag run is writing {output} now (it holds {lock}); wait for it, or stop all of its "
+            "processes, then rerun with --resume"
+        ) from None
+    _HELD_LOCKS[key] = handle
+
+
+def _unlock_output(output: Path) -> None:
+    handle = _HELD_LOCKS.pop(output.resolve(), None)
+    if handle is not None:
+        _lock_file(output).unlink(missing_ok=True)
+        handle.close()
+
+
+def _prepare_file_output(
+    path: Path, kind: OutputKind, *, resume: bool, overwrite: bool, identity: Mapping[str, Any] | None
+) -> OutputLayout:
     work_dir = _work_dir(path)
     has_parts = bool(_part_files(work_dir))
     if not (resume or overwrite):
@@ -802,6 +851,7 @@ def finalize_output(
         if layout.kind == "jsonl":
             _write_json_atomically(layout.meta_path, metadata)
     shutil.rmtree(layout.work_dir, ignore_errors=True)
+    _unlock_output(layout.output)
     return layout.output
 
 
