@@ -47,13 +47,15 @@ class ModelChoice:
 
     def load(self):
         """The runtime these options describe (errors become one line in ramtag.cli.main)."""
-        from ramtag.engine.runtime import load_runtime
+        from ramtag.engine.runtime import load_runtime, model_overrides
         from ramtag.errors import UsageError
 
-        kcot = {"reg": self.ot_reg, "max_iter": self.ot_max_iter, "tol": self.ot_tol, "stop": self.ot_stop}
-        overrides = {"scale_local_temperature": self.scale_local_temperature}
+        overrides = model_overrides(
+            scale_local_temperature=self.scale_local_temperature,
+            ot_reg=self.ot_reg, ot_max_iter=self.ot_max_iter, ot_tol=self.ot_tol, ot_stop=self.ot_stop,
+        )
         try:
-            return load_runtime(self.checkpoint, self.model, self.pretrained, self.device, {**overrides, "kcot": kcot})
+            return load_runtime(self.checkpoint, self.model, self.pretrained, self.device, overrides)
         except ValueError as error:
             raise UsageError(str(error)) from None
 

@@ -124,6 +124,22 @@ def _fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+KCOT_OPTIONS = {"ot_reg": "reg", "ot_max_iter": "max_iter", "ot_tol": "tol", "ot_stop": "stop"}
+"""The CLI's KCOT option names (and the Python API's keywords) -> fields of the model's KCOT settings."""
+MODEL_OPTIONS = ("scale_local_temperature", "template", "temperature_loc")
+
+
+def model_overrides(**options) -> dict:
+    """`load_runtime`'s ``overrides`` from option names (``ot_reg=…``, ``scale_local_temperature=…``); None
+    keeps the model's own setting."""
+    unknown = sorted(set(options) - set(KCOT_OPTIONS) - set(MODEL_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown override(s) {', '.join(unknown)}; known: {', '.join([*KCOT_OPTIONS, *MODEL_OPTIONS])}")
+    overrides = {name: value for name, value in options.items() if name in MODEL_OPTIONS}
+    overrides["kcot"] = {KCOT_OPTIONS[name]: value for name, value in options.items() if name in KCOT_OPTIONS}
+    return overrides
+
+
 def load_runtime(
     checkpoint: str | Path | None = None,
     model: str = DEFAULT_BACKBONE,
