@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ramtag.atomic import atomic_path
 from ramtag.errors import OutputError, UsageError
 from ramtag.selection import Selection
 
@@ -333,9 +334,8 @@ def _read_run_file(work_dir: Path) -> dict[str, Any]:
 
 
 def _write_json_atomically(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        Path(temporary).write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
 def prepare_output(

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from ramtag.atomic import atomic_path
 from ramtag.engine.calibrate import Calibration
 from ramtag.engine.eval_protocol import GZSL, EvalResult, ProtocolResult
 from ramtag.errors import OutputError
@@ -168,12 +169,9 @@ def _write_text(path: str | os.PathLike, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, target)
+        with atomic_path(path) as temporary:
+            Path(temporary).write_text(text, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ramtag.atomic import atomic_path
 from ramtag.engine import dist
 from ramtag.engine.augment import TrainAugment
 from ramtag.engine.batchnorm_sync import synchronise_batchnorms
@@ -706,13 +707,11 @@ def _annotations_fingerprint(source) -> str | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        Path(temporary).write_text(text, encoding="utf-8")
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     _write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
