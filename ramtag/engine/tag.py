@@ -20,7 +20,7 @@ from ramtag.data.writers import TagBatch, TagTableWriter, attach_output, output_
 from ramtag.engine import dist
 from ramtag.engine.progress import Progress
 from ramtag.engine.runtime import Runtime
-from ramtag.engine.signals import sigterm_as_interrupt, worker_ignores_sigterm
+from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import PartialFailure, UsageError
 from ramtag.selection import select_tags
@@ -200,27 +200,26 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     started = time.perf_counter()
     interrupted = False
     try:
-        with sigterm_as_interrupt():
-            for loader in loaders:
-                for batch in loader:
-                    if batch.failed_keys:
-                        for key, error in zip(batch.failed_keys, batch.failed_errors):
-                            line = _one_line(f"ramtag: {key}: {error}")
-                            if info.is_main:
-                                progress.log(line)
-                            elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
-                                print(line, file=sys.stderr, flush=True)
-                        writer.write(TagBatch.from_failures(batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra))
-                        failed += len(batch.failed_keys)
-                    if batch.images is not None:
-                        output = runtime.score(batch.images, label_features, autocast)
-                        scores = output.scores.float()
-                        selection = select_tags(scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds)
-                        writer.write(TagBatch.from_selection(batch.keys, batch.sources, selection, scores.cpu().numpy() if options.all_scores else None, batch.extra))
-                        if map_writer is not None:
-                            map_writer.write(batch.keys, batch.images, output, selection)
-                        tagged += len(batch.keys)
-                    progress.advance(len(batch), len(batch.failed_keys))
+        for loader in loaders:
+            for batch in loader:
+                if batch.failed_keys:
+                    for key, error in zip(batch.failed_keys, batch.failed_errors):
+                        line = _one_line(f"ramtag: {key}: {error}")
+                        if info.is_main:
+                            progress.log(line)
+                        elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
+                            print(line, file=sys.stderr, flush=True)
+                    writer.write(TagBatch.from_failures(batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra))
+                    failed += len(batch.failed_keys)
+                if batch.images is not None:
+                    output = runtime.score(batch.images, label_features, autocast)
+                    scores = output.scores.float()
+                    selection = select_tags(scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds)
+                    writer.write(TagBatch.from_selection(batch.keys, batch.sources, selection, scores.cpu().numpy() if options.all_scores else None, batch.extra))
+                    if map_writer is not None:
+                        map_writer.write(batch.keys, batch.images, output, selection)
+                    tagged += len(batch.keys)
+                progress.advance(len(batch), len(batch.failed_keys))
     except KeyboardInterrupt:
         interrupted = True
     finally:
