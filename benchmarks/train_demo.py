@@ -31,6 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
+from ramtag.engine.demo_study import arm_scores  # noqa: E402
 from ramtag.engine.runtime import load_runtime  # noqa: E402
 from ramtag.metrics import mean_average_precision  # noqa: E402
 
@@ -56,7 +57,6 @@ def protocol_maps(report: dict, arm: str) -> dict[str, float]:
     return {"zsl": protocols["zsl"]["arms"][arm]["metrics"]["mAP"], "gzsl": gzsl["mAP"], "seen": gzsl["mAP_seen"]}
 
 
-@torch.inference_mode()
 def branch_maps(runtime, folder: Path) -> dict[str, float]:
     """mAP of the global, local and fused scores alone, under ZSL (unseen vocabulary, images with an unseen
     label) and GZSL (all labels, all images)."""
@@ -71,11 +71,9 @@ def branch_maps(runtime, folder: Path) -> dict[str, float]:
     for name, vocabulary in (("zsl", [l for l in everything if l in unseen]), ("gzsl", [l for l in everything if l])):
         targets = np.array([[label in labels for label in vocabulary] for _, labels in data], dtype=np.float32)
         keep = targets.sum(1) > 0 if name == "zsl" else np.ones(len(targets), dtype=bool)
-        features = runtime.encode_labels(vocabulary)
-        outputs = [runtime.score(images[i:i + 100], features) for i in range(0, len(images), 100)]
-        for branch, attribute in (("global", "global_scores"), ("local", "local_scores"), ("fused", "scores")):
-            scores = torch.cat([getattr(o, attribute) for o in outputs]).float().numpy()
-            result[f"{name}_{branch}"] = mean_average_precision(scores[keep], targets[keep])[0]
+        scores = arm_scores(runtime, images, vocabulary)
+        for branch, arm in (("global", "clip_global"), ("local", "ram_local"), ("fused", "ram")):
+            result[f"{name}_{branch}"] = mean_average_precision(scores[arm][keep], targets[keep])[0]
     return result
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ramtag.engine.demo_study import arm_scores
 from ramtag.engine.runtime import load_runtime
 from ramtag.metrics import mean_average_precision
 from tests.test_tag import run_cli
@@ -58,15 +59,13 @@ def trained(tmp_path_factory):
     return results
 
 
-@torch.inference_mode()
 def _local_branch_map(runtime, folder) -> float:
     """GZSL mAP of the KCOT local branch's scores alone."""
     data = json.loads((folder / "labels.json").read_text())["images"]
-    vocabulary = (folder / "all.txt").read_text().split("\n")
-    vocabulary = [label for label in vocabulary if label]
+    vocabulary = [label for label in (folder / "all.txt").read_text().split("\n") if label]
     transform = runtime.transform()
     images = torch.stack([transform(Image.open(folder / path).convert("RGB")) for path, _ in data])
-    scores = runtime.score(images, runtime.encode_labels(vocabulary)).local_scores.float().numpy()
+    scores = arm_scores(runtime, images, vocabulary)["ram_local"]
     targets = np.array([[label in labels for label in vocabulary] for _, labels in data], dtype=np.float32)
     return mean_average_precision(scores, targets)[0]
 
