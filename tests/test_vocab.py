@@ -13,7 +13,6 @@ from ramtag.data.vocab import (
     cache_dir,
     cached_features,
     check_label_lengths,
-    fingerprint,
     load_cached_features,
     load_vocab_features,
     read_label_file,
@@ -22,6 +21,7 @@ from ramtag.data.vocab import (
     store_cached_features,
 )
 from ramtag.errors import VocabularyError
+from ramtag.fingerprint import fingerprint
 
 
 def write(tmp_path: Path, text: str | bytes, name: str = "vocab.txt") -> Path:

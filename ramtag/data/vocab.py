@@ -12,7 +12,6 @@ unnormalised), and a ``ramtag`` metadata entry holding JSON: labels, templates, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -118,27 +117,6 @@ def check_label_lengths(
             raise VocabularyError(
                 f"{where}: label {label!r} is too long for the text encoder ({count} tokens, at most {max_tokens} fit)"
             )
-
-
-def fingerprint(*parts: Any) -> str:
-    """A 16-hex-digit sha256 fingerprint of ``parts`` (str, bytes, numbers, JSON-able values, tensors).
-
-    Each part is type-tagged and length-prefixed, so ``("ab", "c")`` and ``("a", "bc")`` differ.
-    """
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, bytes):
-            tag, payload = b"b", part
-        elif isinstance(part, str):
-            tag, payload = b"s", part.encode("utf-8")
-        elif isinstance(part, torch.Tensor):
-            tensor = part.detach().cpu().contiguous()
-            tag = f"t{tensor.dtype}{tuple(tensor.shape)}".encode()
-            payload = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        else:
-            tag, payload = b"j", json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-        digest.update(tag + b":" + str(len(payload)).encode() + b":" + payload)
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

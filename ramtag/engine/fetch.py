@@ -20,7 +20,7 @@ def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None
     import open_clip
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
-    from ramtag.model.checkpoint import file_sha256
+    from ramtag.fingerprint import file_sha256
     from ramtag.model.weights import load_backbone
 
     if name not in open_clip.list_models():

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ramtag.errors import UsageError, VocabularyError
-from ramtag.model.checkpoint import build_model, file_fingerprint, load_checkpoint
+from ramtag.fingerprint import file_fingerprint
+from ramtag.model.checkpoint import build_model, load_checkpoint
 from ramtag.model.config import RamConfig
 from ramtag.model.ram import RamModel, RamOutput
 from ramtag.model.weights import DEMO_NAME, demo_asset_dir, load_demo_clip

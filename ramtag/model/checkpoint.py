@@ -7,7 +7,6 @@ and, when the backbone cannot be found by name (imported files), the backbone un
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -69,19 +68,6 @@ def backbone_shape(clip_model: nn.Module) -> dict:
         "text_heads": int(text_tower.transformer.resblocks[0].attn.num_heads),
         "quick_gelu": isinstance(vision_block.mlp.gelu, QuickGELU),
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """A file's sha256, shortened: what fingerprints of models and vocabularies record."""
-    return file_sha256(path)[:16]
 
 
 def load_checkpoint(path: str | Path, config_overrides: dict | None = None, clip_model: nn.Module | None = None) -> RamModel:
