@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _default_mode() -> int:
@@ -30,3 +31,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as temporary:
+        Path(temporary).write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, data: Any, *, allow_nan: bool = True) -> None:
+    """Write ``data`` as indented JSON (non-ASCII kept, unknown types as ``str``) to ``path`` atomically.
+
+    ``allow_nan=False`` refuses NaN and infinities, for reports that strict JSON readers must open."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan) + "\n")

@@ -125,6 +125,26 @@ def _fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""--precision values -> the autocast dtype (None: fp32); "auto" is resolved per device by :func:`autocast_dtype`."""
+PRECISIONS = ("auto", *AUTOCAST_DTYPES)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` on ``device``, or None for fp32 (always on CPU).
+
+    ``auto`` is bf16 where the CUDA device supports it, else fp16. bf16/fp16 asked for off CUDA is a usage error."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise UsageError(f"--precision {precision} needs CUDA; on {device.type} it runs in fp32")
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return AUTOCAST_DTYPES[precision]
+
+
 KCOT_OPTIONS = {"ot_reg": "reg", "ot_max_iter": "max_iter", "ot_tol": "tol", "ot_stop": "stop"}
 """The CLI's KCOT option names (and the Python API's keywords) -> fields of the model's KCOT settings."""
 MODEL_OPTIONS = ("scale_local_temperature", "template", "temperature_loc")
