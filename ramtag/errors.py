@@ -1,10 +1,40 @@
 """Typed errors raised by the library; the CLI maps each to one line on stderr and an exit status."""
 
+# Exit statuses of the `ramtag` command. EXIT_STATUSES is the one table the CLI's help, the man pages and the README
+# describe them from.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_SOME_INPUTS_FAILED = 3
+"""The run finished, but some inputs could not be tagged: they are in the output with an error."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C or SIGTERM (128 + SIGINT, what a shell reports for Ctrl-C)."""
+
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "Success: every input was processed."),
+    (EXIT_USAGE, "Usage error: bad options, unreadable vocabulary, mismatched or corrupt checkpoint, existing output."),
+    (
+        EXIT_SOME_INPUTS_FAILED,
+        "The run finished and wrote its output, but some inputs failed: error rows (tag), images left out of the"
+        " metrics (eval), images skipped (train, listed in bad-images.txt), images not explained (explain).",
+    ),
+    (EXIT_INTERRUPTED, "Interrupted (Ctrl-C or SIGTERM); finished rows are kept, rerun with --resume."),
+)
+
+
+def exit_status_help() -> str:
+    """The table as one paragraph for a command's --help."""
+    return "Exit status: " + "; ".join(f"{status} {_first_clause(meaning)}" for status, meaning in EXIT_STATUSES) + "."
+
+
+def _first_clause(meaning: str) -> str:
+    clause = meaning.split(":")[0].split(";")[0].rstrip(".")
+    return clause[0].lower() + clause[1:]
+
 
 class RamtagError(Exception):
     """Base class for every error ramtag reports to a user without a traceback."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UsageError(RamtagError):
@@ -25,14 +55,6 @@ class DataError(RamtagError):
 
 class OutputError(RamtagError):
     """The output exists (without --resume/--overwrite) or cannot be written."""
-
-
-# Exit statuses of the `ramtag` command (documented in the README and the man pages).
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_SOME_INPUTS_FAILED = 3
-"""The run finished, but some inputs could not be tagged: they are in the output with an error."""
-EXIT_INTERRUPTED = 130
 
 
 class PartialFailure(RamtagError):

@@ -6,9 +6,7 @@ import os
 import sys
 
 from ramtag.cli.app import app
-
-EXIT_OK = 0
-EXIT_USAGE = 2
+from ramtag.errors import EXIT_INTERRUPTED, EXIT_OK, RamtagError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,13 +19,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str] | None) -> None:
-    from ramtag.errors import RamtagError
-
     try:
         # Without standalone mode click returns (not raises) the status of an abort or an explicit exit.
         status = app(args=argv, prog_name="ramtag", standalone_mode=False)
         if isinstance(status, int) and status != EXIT_OK:
-            if status == 130:
+            if status == EXIT_INTERRUPTED:
                 print("ramtag: interrupted; rerun with --resume to continue", file=sys.stderr)
             sys.exit(status)
     except RamtagError as error:
@@ -37,7 +33,7 @@ def _run(argv: list[str] | None) -> None:
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("ramtag: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except SystemExit:
         raise
     except Exception as error:  # click usage errors and friends
@@ -70,4 +66,4 @@ def _exit_for_click_error(error: Exception) -> None:
         sys.exit(error.exit_code)
     if isinstance(error, _click_exception_types("Abort")):
         print("ramtag: aborted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)

@@ -6,13 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-
-EXIT_STATUS = [
-    ("0", "Success: every input was processed."),
-    ("2", "Usage error: bad options, unreadable vocabulary, mismatched or corrupt checkpoint, existing output."),
-    ("3", "The run finished and wrote its output, but some inputs failed: error rows (tag), images left out of the metrics (eval), images skipped (train, listed in bad-images.txt), images not explained (explain)."),
-    ("130", "Interrupted (Ctrl-C or SIGTERM); finished rows are kept, rerun with --resume."),
-]
+from ramtag.errors import EXIT_STATUSES
 
 
 def _plain(text: str | None) -> str:
@@ -66,8 +60,8 @@ def render_page(name: str, command, version: str, parent: str | None = None) -> 
     if command.epilog:
         lines += [".SH EXAMPLES", ".nf", _roff(_plain(command.epilog).replace("\n\n", "\n")), ".fi"]
     lines += [".SH EXIT STATUS"]
-    for code, meaning in EXIT_STATUS:
-        lines += [".TP", f"\\fB{code}\\fR", _roff(meaning)]
+    for status, meaning in EXIT_STATUSES:
+        lines += [".TP", f"\\fB{status}\\fR", _roff(meaning)]
     lines += [".SH SEE ALSO", "\\fBramtag\\fR(1); the README of ramtag for the guide and the output schema."]
     return "\n".join(line for line in lines if line is not None) + "\n"
 

@@ -20,6 +20,7 @@ from ramtag.cli.options import (
     ScaleLocalTemperature,
     command_line,
 )
+from ramtag.errors import exit_status_help
 
 OUTPUT_PANEL = "Output"
 INPUT_PANEL = "Inputs"
@@ -34,7 +35,7 @@ SPEED_PANEL = "Speed"
         "  find /data -name '*.jpg' | ramtag tag - --labels vocab.txt -o tags.jsonl\n\n"
         "  ramtag tag 'shards/{000000..000099}.tar' --labels vocab.rtv -o out/ --checkpoint ram.safetensors\n\n"
         "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{000000..009999}.tar' --labels vocab.txt -o out/\n\n"
-        "Exit status: 0 all inputs tagged; 3 some inputs failed (error rows in the output); 2 usage error; 130 interrupted (rerun with --resume)."
+        + exit_status_help()
     )
 )
 def tag(
