@@ -103,19 +103,25 @@ def check_label_lengths(
     token_count_fn: Callable[[str], int],
     max_tokens: int,
     *,
-    source: str = "labels",
+    source: str | None = None,
+    counted: str = "",
 ) -> None:
     """Raise :class:`VocabularyError` naming the first label whose token count exceeds ``max_tokens``.
 
     ``token_count_fn`` counts what the text encoder will see for a label (template, start, end
-    and deep prompt tokens included); the engine supplies it from the tokenizer.
+    and deep prompt tokens included); the engine supplies it from the tokenizer. ``counted`` says
+    what that count includes, for the message. The error names ``source:line`` where line numbers
+    are given (``labels:line`` without a source), else ``source``.
     """
     for index, label in enumerate(labels):
         count = token_count_fn(label)
         if count > max_tokens:
-            where = f"{source}:{line_numbers[index]}" if line_numbers is not None else source
+            if line_numbers is not None:
+                where = f"{source or 'labels'}:{line_numbers[index]}: "
+            else:
+                where = f"{source}: " if source else ""
             raise VocabularyError(
-                f"{where}: label {label!r} is too long for the text encoder ({count} tokens, at most {max_tokens} fit)"
+                f"{where}label {label!r} is too long for the text encoder ({count} tokens{counted}, at most {max_tokens} fit)"
             )
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -11,8 +10,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ramtag.errors import UsageError, VocabularyError
-from ramtag.fingerprint import file_fingerprint
+from ramtag.data.vocab import check_label_lengths
+from ramtag.errors import UsageError
+from ramtag.fingerprint import file_fingerprint, fingerprint
 from ramtag.model.checkpoint import build_model, load_checkpoint
 from ramtag.model.config import RamConfig
 from ramtag.model.ram import RamModel, RamOutput
@@ -67,20 +67,18 @@ class Runtime:
             return list(override)
         return [self.config.template]
 
-    def check_label_lengths(self, labels: Sequence[str], templates: Sequence[str], line_numbers: Sequence[int] | None = None) -> None:
+    def check_label_lengths(self, labels: Sequence[str], templates: Sequence[str], line_numbers: Sequence[int] | None = None,
+                            source: str | None = None) -> None:
         """Refuse labels whose end-of-text token would fall past the prompted layers' context."""
         tokenizer = self.tokenizer()
-        limit = self.model.text.max_label_position() if self.config.trained else self.model.text.context_length - 1
-        for index, label in enumerate(labels):
-            for template in templates:
-                length = len(tokenizer.encode(template.format(label))) + 1  # + start token; EOT sits at this index
-                if length > limit:
-                    where = f"line {line_numbers[index]}: " if line_numbers else ""
-                    raise VocabularyError(
-                        f"{where}label {label!r} is too long for the text encoder ({length + 1} tokens with the "
-                        f"template and start/end tokens; at most {limit + 1} fit"
-                        + (f" beside {self.model.text.prompt_tokens} deep prompt tokens)" if self.config.trained else ")")
-                    )
+        prompt_tokens = self.model.text.prompt_tokens if self.config.trained and self.model.text.prompts else 0
+
+        def tokens(label: str) -> int:  # + start and end tokens, + the deep prompts inserted after the start token
+            return max(len(tokenizer.encode(template.format(label))) for template in templates) + 2 + prompt_tokens
+
+        counted = f" with the template, start/end and {prompt_tokens} deep prompt tokens" if prompt_tokens else (
+            " with the template and start/end tokens")
+        check_label_lengths(labels, line_numbers, tokens, self.model.text.context_length, source=source, counted=counted)
 
     @torch.inference_mode()
     def encode_labels(self, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 256) -> torch.Tensor:
@@ -103,8 +101,7 @@ class Runtime:
         return torch.stack([F.normalize(f, dim=-1) for f in per_template]).mean(0)
 
     def vocabulary_fingerprint(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> str:
-        payload = json.dumps({"model": self.fingerprint, "labels": list(labels), "templates": self.templates(templates)})
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return fingerprint({"model": self.fingerprint, "labels": list(labels), "templates": self.templates(templates)})
 
     def score(self, images: torch.Tensor, label_features: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> RamOutput:
         size = self.config.preprocessing.image_size
@@ -119,10 +116,6 @@ class Runtime:
                 with torch.autocast("cuda", dtype=autocast_dtype):
                     return self.model(images, features)
             return self.model(images, features)
-
-
-def _fingerprint(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -211,14 +204,16 @@ def load_runtime(
         backbone_id = dict(source)
         if pretrained and Path(pretrained).is_file():
             backbone_id["weights_sha256_16"] = file_fingerprint(pretrained)
+    kcot_overrides = {key: value for key, value in kcot_overrides.items() if value is not None}
     if kcot_overrides:
-        for key, value in kcot_overrides.items():
-            if value is not None:
-                setattr(ram.config.kcot, key, value)
-        ram.config.kcot.__post_init__()
+        ram.config.kcot = dataclasses.replace(ram.config.kcot, **kcot_overrides)  # validated as a new KcotConfig
     torch_device = resolve_device(device)
     ram = ram.to(torch_device).eval()
-    fingerprint = _fingerprint(
-        {**backbone_id, **{k: v for k, v in source.items() if k != "checkpoint"}, "template": ram.config.template, "prompts": list(ram.config.prompt_layers), "trained": ram.config.trained}
-    )
-    return Runtime(model=ram, device=torch_device, fingerprint=fingerprint, source=source)
+    model_fingerprint = fingerprint({
+        **backbone_id,
+        **{k: v for k, v in source.items() if k != "checkpoint"},
+        "template": ram.config.template,
+        "prompts": list(ram.config.prompt_layers),
+        "trained": ram.config.trained,
+    })
+    return Runtime(model=ram, device=torch_device, fingerprint=model_fingerprint, source=source)

@@ -42,13 +42,16 @@ def _feature_fingerprint_record(runtime: Runtime, templates: list[str], vocabula
 
 
 def encode_vocabulary(runtime: Runtime, labels: Sequence[str], templates: Sequence[str] | None = None,
-                      line_numbers: Sequence[int] | None = None, use_cache: bool = True) -> Vocabulary:
-    """Features for `labels`, from the cache when this model already encoded them."""
+                      line_numbers: Sequence[int] | None = None, use_cache: bool = True,
+                      source: str | None = None) -> Vocabulary:
+    """Features for `labels`, from the cache when this model already encoded them.
+
+    ``source`` and ``line_numbers`` (the label file and the lines the labels came from) locate a label in errors."""
     labels = list(labels)
     if not labels:
         raise VocabularyError("the vocabulary is empty")
     chosen = runtime.templates(templates)
-    runtime.check_label_lengths(labels, chosen, line_numbers)
+    runtime.check_label_lengths(labels, chosen, line_numbers, source)
     fingerprint = runtime.vocabulary_fingerprint(labels, chosen)
     if use_cache:
         cached = load_cached_features(fingerprint)
@@ -82,12 +85,9 @@ def load_vocabulary(runtime: Runtime, source: str, templates: Sequence[str] | No
         if not Path(source).exists():
             raise VocabularyError(f"{source}: no such label file")
         label_file = read_labels(source)
-    try:
-        return encode_vocabulary(runtime, label_file.labels, templates, label_file.line_numbers, use_cache)
-    except VocabularyError as error:
-        if str(error).startswith("line "):  # name the file, as every other label-file error does
-            raise VocabularyError(f"{'stdin' if source == '-' else source}:{str(error)[len('line '):]}") from None
-        raise
+    # Name the file, as every other label-file error does.
+    return encode_vocabulary(runtime, label_file.labels, templates, label_file.line_numbers, use_cache,
+                             source="stdin" if source == "-" else source)
 
 
 def write_vocabulary_file(runtime: Runtime, vocabulary: Vocabulary, output: str | Path) -> Path:
