@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ramtag.atomic import atomic_path
+from ramtag.atomic import atomic_path, write_json
 from ramtag.errors import OutputError, UsageError
 from ramtag.selection import Selection
 
@@ -333,11 +333,6 @@ def _read_run_file(work_dir: Path) -> dict[str, Any]:
         raise OutputError(f"{work_dir / RUN_FILE}: unreadable ({exc}); remove {work_dir} or pass --overwrite") from exc
 
 
-def _write_json_atomically(path: Path, payload: Any) -> None:
-    with atomic_path(path) as temporary:
-        Path(temporary).write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-
-
 def prepare_output(
     output: str | os.PathLike,
     *,
@@ -438,7 +433,7 @@ def _prepare_file_output(
     if extends_output and path.exists():
         _check_identity(path, read_table_metadata(path).get("identity"), identity, "written")
     run = _next_run(work_dir, path, kind)
-    _write_json_atomically(
+    write_json(
         work_dir / RUN_FILE, {"run": run, "identity": identity, "extends_output": extends_output}
     )
     return OutputLayout(path, kind, work_dir, run, extends_output)
@@ -622,7 +617,7 @@ class TagTableWriter:
         self._raise_if_failed()
         if self.layout is not None:
             marker = self.layout.work_dir / f"done-{self.layout.run}-r{self.rank}.json"
-            _write_json_atomically(marker, {"rows": self.rows_written, "parts": self.parts_written})
+            write_json(marker, {"rows": self.rows_written, "parts": self.parts_written})
 
     def finalize(self, world_size: int = 1) -> Path | None:
         """Rank 0, after every rank closed (a barrier): assemble the final output."""
@@ -839,17 +834,13 @@ def finalize_output(
     if layout.kind == "dataset":
         _finalize_dataset(layout, sources, masks, schema)
     else:
-        temporary = layout.output.with_name(f".tmp-{layout.output.name}-{os.getpid()}")
-        try:
+        with atomic_path(layout.output) as temporary:
             if layout.kind == "parquet":
-                _write_parquet(temporary, sources, masks, schema, row_group_rows)
+                _write_parquet(Path(temporary), sources, masks, schema, row_group_rows)
             else:
-                _write_jsonl(temporary, sources, masks, schema)
-            os.replace(temporary, layout.output)
-        finally:
-            temporary.unlink(missing_ok=True)
+                _write_jsonl(Path(temporary), sources, masks, schema)
         if layout.kind == "jsonl":
-            _write_json_atomically(layout.meta_path, metadata)
+            write_json(layout.meta_path, metadata)
     shutil.rmtree(layout.work_dir, ignore_errors=True)
     _unlock_output(layout.output)
     return layout.output

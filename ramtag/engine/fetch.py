@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
+from ramtag.atomic import atomic_path, write_json
 from ramtag.errors import CheckpointError, OutputError, UsageError
 
 
@@ -48,9 +48,8 @@ def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None
     load_backbone(name, str(downloaded))  # raises CheckpointError when the file does not fit the architecture
     target = target_dir / f"{name}-{tag}{downloaded.suffix or '.bin'}"
     if downloaded.resolve() != target.resolve():
-        partial = target.with_name(f".{target.name}.partial")
-        shutil.copyfile(downloaded, partial)
-        partial.replace(target)
+        with atomic_path(target) as partial:
+            shutil.copyfile(downloaded, partial)
     record = {
         "architecture": name,
         "tag": tag,
@@ -61,5 +60,5 @@ def fetch_weights(name: str, tag: str, to: str | Path, source: str | None = None
         "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "use": f"ramtag tag … --model {name} --pretrained {target}",
     }
-    (target_dir / f"{name}-{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(target_dir / f"{name}-{tag}.json", record)
     return record
