@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from importlib import resources
@@ -89,13 +91,8 @@ def _logs_held_unless_it_fails() -> Iterator[None]:
     Without network, huggingface_hub logs every retry (about 50 lines, each twice) before open_clip gives up; the
     failure is then reported as one line, so the held records are dropped. On success they are replayed.
     """
-    held: list[logging.LogRecord] = []
-
-    class _Hold(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            held.append(record)
-
-    hold = _Hold()
+    # No level and no count flushes early: only a successful load hands the records on.
+    hold = logging.handlers.MemoryHandler(capacity=sys.maxsize, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
     loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
     saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
     for logger in loggers:
@@ -109,8 +106,16 @@ def _logs_held_unless_it_fails() -> Iterator[None]:
         for logger, handlers, propagate in saved:
             logger.handlers, logger.propagate = handlers, propagate
         if not failed:
-            for record in held:
-                logging.getLogger(record.name).handle(record)
+            hold.setTarget(_ToOwnLogger())
+            hold.flush()
+        hold.close()
+
+
+class _ToOwnLogger(logging.Handler):
+    """Hands a held record to the logger that made it, now that its own handlers are back."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
 
 
 def _load_local_weights(name: str, path: Path) -> nn.Module:
