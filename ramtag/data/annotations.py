@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple, Union
 import numpy as np
 
 from ramtag.errors import DataError
+from ramtag.messages import listed
 
 AnnotationFormat = Literal["reference", "jsonl", "coco"]
 ErrorPolicy = Literal["raise", "skip"]
@@ -267,9 +268,7 @@ def _parse_jsonl(
         except DataError as exc:
             problems.append(str(exc))
     if problems and on_error == "raise":
-        listed = "; ".join(problems[:_MAX_LISTED])
-        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-        raise DataError(f"{len(problems)} bad line(s): {listed}{more}")
+        raise DataError(f"{len(problems)} bad line(s): {listed(problems, _MAX_LISTED, quote=False, sep='; ')}")
     _require_images(images, source)
     return LabelledSet(images=images, source=source, format="jsonl", skipped=tuple(problems))
 
@@ -388,11 +387,8 @@ def filter_label_space(
         images.append(LabelledImage(image.path, kept))
     dropped_labels = dict(sorted(dropped.items(), key=lambda item: (-item[1], item[0])))
     if strict and dropped_labels:
-        listed = ", ".join(f"{label!r} ({count})" for label, count in list(dropped_labels.items())[:10])
-        more = f" and {len(dropped_labels) - 10} more" if len(dropped_labels) > 10 else ""
-        raise DataError(
-            f"{data.source}: {len(dropped_labels)} label(s) outside the label space: {listed}{more}"
-        )
+        counted = listed((f"{label!r} ({count})" for label, count in dropped_labels.items()), 10, quote=False)
+        raise DataError(f"{data.source}: {len(dropped_labels)} label(s) outside the label space: {counted}")
     filtered = LabelledSet(
         images=images, classes=tuple(classes), source=data.source, format=data.format, skipped=data.skipped
     )

@@ -41,11 +41,12 @@ class ImageDecodeError(DataError):
     """An input could not be turned into an image; ``reason`` is a short one-line description."""
 
     def __init__(self, reason: str) -> None:
-        self.reason = _one_line(reason)
+        self.reason = _short_reason(reason)
         super().__init__(self.reason)
 
 
-def _one_line(text: str) -> str:
+def _short_reason(text: str) -> str:
+    """One line of at most _MAX_REASON characters: it is stored in the output's error column, unlike a message."""
     text = " ".join(str(text).split())
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from ramtag.atomic import atomic_path, write_json
 from ramtag.errors import OutputError, UsageError
+from ramtag.messages import listed
 from ramtag.selection import Selection
 
 OutputKind = Literal["parquet", "jsonl", "stdout", "dataset"]
@@ -450,8 +451,8 @@ def _refuse_foreign_output(path: Path, kind: OutputKind) -> None:
         )
         if foreign:
             raise OutputError(
-                f"{path} holds files that ramtag did not write ({', '.join(foreign[:3])}"
-                f"{', …' if len(foreign) > 3 else ''}); choose another output folder"
+                f"{path} holds files that ramtag did not write ({listed(foreign, 3, quote=False)}); "
+                "choose another output folder"
             )
         if not any(path.iterdir()):
             return

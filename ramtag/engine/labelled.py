@@ -31,6 +31,7 @@ from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
 from ramtag.data.shard_labels import shard_labels
 from ramtag.data.sources import SHARD_EXTENSIONS, check_rank, iter_shard_samples, plan_inputs, shard_name
 from ramtag.errors import DataError, UsageError, VocabularyError
+from ramtag.messages import listed
 
 Transform = Callable[[Any], torch.Tensor]
 
@@ -244,7 +245,7 @@ def resolve_label_space(
         if outside:
             raise VocabularyError(
                 f"{len(outside)} unseen label(s) are not in the label space ({origin}): "
-                f"{', '.join(map(repr, outside[:_MAX_LISTED]))}; list every label, seen and unseen, in --labels"
+                f"{listed(outside, _MAX_LISTED)}; list every label, seen and unseen, in --labels"
             )
     return LabelSpace(labels=space, unseen=held_out, origin=origin)
 
@@ -328,15 +329,12 @@ class LabelTally:
         """One-line warnings for a log."""
         out = []
         if self.failed:
-            shown = "; ".join(f"{key}: {error}" for key, error in self.failed[:5])
-            more = f" (and {len(self.failed) - 5} more)" if len(self.failed) > 5 else ""
-            out.append(f"{len(self.failed)} image(s) skipped: {shown}{more}")
+            shown = listed((f"{key}: {error}" for key, error in self.failed), quote=False, sep="; ")
+            out.append(f"{len(self.failed)} image(s) skipped: {shown}")
         if self.dropped:
-            common = ", ".join(f"{label!r} ({count})" for label, count in self.dropped.most_common(5))
-            more = f" and {len(self.dropped) - 5} more" if len(self.dropped) > 5 else ""
             out.append(
                 f"{sum(self.dropped.values())} label(s) outside the label space dropped, "
-                f"{len(self.dropped)} distinct: {common}{more}"
+                f"{len(self.dropped)} distinct: {_counted(self.dropped, 5)}"
             )
         if self.images_without_labels:
             out.append(f"{self.images_without_labels} image(s) have no label in the label space: negatives for every label")
@@ -376,10 +374,15 @@ def _outside(labels: Sequence[str], space: frozenset[str]) -> tuple[str, ...]:
     return tuple(label for label in labels if label not in space)
 
 
+def _counted(labels: Counter[str], limit: int) -> str:
+    """``'cat' (12), 'dog' (3) and 4 more``: the most common first."""
+    return listed((f"{label!r} ({count})" for label, count in labels.most_common()), limit, quote=False)
+
+
 def _strict_error(where: str, dropped: Counter[str]) -> DataError:
-    listed = ", ".join(f"{label!r} ({count})" for label, count in dropped.most_common(_MAX_LISTED))
-    more = f" and {len(dropped) - _MAX_LISTED} more" if len(dropped) > _MAX_LISTED else ""
-    return DataError(f"{where}: {len(dropped)} label(s) outside the label space: {listed}{more} (--strict-labels)")
+    return DataError(
+        f"{where}: {len(dropped)} label(s) outside the label space: {_counted(dropped, _MAX_LISTED)} (--strict-labels)"
+    )
 
 
 def check_strict_labels(items: Iterable[LabelledItem], label_space: Iterable[str], where: str) -> None:
@@ -544,7 +547,7 @@ def labelled_dataset(
         if require_any is not None:
             raise DataError(
                 f"{source.description}: no image has any of the {len(require_any)} required label(s) "
-                f"({', '.join(map(repr, list(require_any)[:5]))}{', ...' if len(require_any) > 5 else ''})"
+                f"({listed(require_any)})"
             )
         raise DataError(f"{source.description}: no images")
     return LabelledFiles(

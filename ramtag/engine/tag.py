@@ -23,6 +23,7 @@ from ramtag.engine.runtime import Runtime
 from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import PartialFailure, UsageError
+from ramtag.messages import one_line
 from ramtag.selection import select_tags
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,11 +88,6 @@ class TagSummary:
     @property
     def images_per_second(self) -> float:
         return (self.tagged + self.failed) / self.seconds if self.seconds > 0 else 0.0
-
-
-def _one_line(message: str) -> str:
-    """A stderr line stays one line even when a file name holds a newline (a key may)."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _share_cores_with_workers(runtime: Runtime, workers: int) -> None:
@@ -204,7 +200,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             for batch in loader:
                 if batch.failed_keys:
                     for key, error in zip(batch.failed_keys, batch.failed_errors):
-                        line = _one_line(f"ramtag: {key}: {error}")
+                        line = one_line(f"ramtag: {key}: {error}")  # a key may hold a newline
                         if info.is_main:
                             progress.log(line)
                         elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's

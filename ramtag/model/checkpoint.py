@@ -15,6 +15,7 @@ from torch import nn
 
 from ramtag.atomic import atomic_path
 from ramtag.errors import CheckpointError
+from ramtag.messages import listed
 from ramtag.model.adapter import adapter_state_from_reference
 from ramtag.model.config import Preprocessing, RamConfig
 from ramtag.model.ram import RamModel
@@ -125,9 +126,9 @@ def _load_strict(model: RamModel, tensors: dict[str, torch.Tensor], path: Path, 
     if missing or unexpected:
         detail = []
         if missing:
-            detail.append(f"missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+            detail.append(f"missing {listed(missing, 3, quote=False)}")
         if unexpected:
-            detail.append(f"unexpected {', '.join(unexpected[:3])}{' …' if len(unexpected) > 3 else ''}")
+            detail.append(f"unexpected {listed(unexpected, 3, quote=False)}")
         raise CheckpointError(f"{path}: does not match the model ({'; '.join(detail)})")
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
