@@ -7,21 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ramtag.data.annotations import (
     LabelledImage,
-    LabelledSet,
+    PathResolver,
     PrefixMapping,
-    detect_format,
-    filter_label_space,
     parse_prefix_mapping,
     read_annotations,
-    read_coco_instances,
-    read_jsonl_manifest,
-    read_reference_json,
-    resolve_image_path,
 )
 from ramtag.errors import DataError
 
@@ -41,51 +34,49 @@ def _raw(path: Path) -> dict:
 def test_reference_split_counts_and_dedupe(path: Path, n_classes: int) -> None:
     raw = _raw(path)
     data = read_annotations(path)
-    assert data.format == "reference" and detect_format(path) == "reference"
+    assert data.format == "reference"
     assert len(data) == len(raw["images"]) > 1000
     assert data.classes == tuple(raw["classes"]) and len(data.classes) == n_classes
     assert any(len(set(labels)) < len(labels) for _, labels in raw["images"])  # instances repeat labels
     for image, (raw_path, raw_labels) in zip(data.images, raw["images"]):
         assert image.path == raw_path
         assert image.labels == tuple(dict.fromkeys(raw_labels))
-    assert set(data.label_counts()) == set(data.classes)
+    assert {label for image in data.images for label in image.labels} == set(data.classes)
 
 
 @needs_reference_files
 def test_reference_paths_mapped_onto_a_local_root() -> None:
-    data = read_reference_json(ZSL_FILE, root="/data/coco/val2014", prefix_map=[f"{REFERENCE_PREFIX}="])
+    data = read_annotations(ZSL_FILE, format="reference", root="/data/coco/val2014", prefix_map=[f"{REFERENCE_PREFIX}="])
     raw = _raw(ZSL_FILE)
     assert all(image.path.startswith("/data/coco/val2014/COCO_val2014_") for image in data.images)
     assert [Path(image.path).name for image in data.images] == [Path(p).name for p, _ in raw["images"]]
-    swapped = read_reference_json(ZSL_FILE, prefix_map=["/mnt/nas=/srv/nas"])
+    swapped = read_annotations(ZSL_FILE, format="reference", prefix_map=["/mnt/nas=/srv/nas"])
     assert swapped.images[0].path == raw["images"][0][0].replace("/mnt/nas/", "/srv/nas/", 1)
 
 
 @needs_reference_files
-def test_filtering_the_gzsl_split_to_unseen_labels_gives_the_zsl_split() -> None:
+def test_the_zsl_split_is_the_gzsl_split_restricted_to_unseen_labels() -> None:
+    from ramtag.engine.labelled import check_strict_labels, open_labelled_source
+
     gzsl, zsl = read_annotations(GZSL_FILE), read_annotations(ZSL_FILE)
-    result = filter_label_space(gzsl, zsl.classes)
-    seen = set(gzsl.classes) - set(zsl.classes)
-    assert len(seen) == 48 and set(result.dropped_labels) == seen
-    counts = gzsl.label_counts()
-    assert result.dropped_labels == {label: counts[label] for label in result.dropped_labels}
-    assert result.dropped_pairs + result.kept_pairs == sum(len(image.labels) for image in gzsl.images)
+    unseen = set(zsl.classes)
+    seen = set(gzsl.classes) - unseen
+    assert len(seen) == 48
     # the reference's ZSL split is exactly the GZSL images that keep an unseen label
-    kept = {(image.path, frozenset(image.labels)) for image in result.data.images if image.labels}
+    kept = {(image.path, frozenset(set(image.labels) & unseen)) for image in gzsl.images if set(image.labels) & unseen}
     assert kept == {(image.path, frozenset(image.labels)) for image in zsl.images}
-    assert result.images_without_labels == len(gzsl) - len(zsl)
     with pytest.raises(DataError, match="48 label\\(s\\) outside the label space"):
-        filter_label_space(gzsl, zsl.classes, strict=True)
+        check_strict_labels(open_labelled_source(str(GZSL_FILE)).items, zsl.classes, "gzsl")
 
 
 def test_prefix_mapping_respects_path_boundaries_and_longest_match() -> None:
-    mappings = ["/mnt/nas=/data", "/mnt/nas/coco/=/fast/coco"]
-    assert resolve_image_path("/mnt/nas/x/a.jpg", prefix_map=mappings) == "/data/x/a.jpg"
-    assert resolve_image_path("/mnt/nas/coco/a.jpg", prefix_map=mappings) == "/fast/coco/a.jpg"
-    assert resolve_image_path("/mnt/nasty/a.jpg", prefix_map=mappings) == "/mnt/nasty/a.jpg"
-    assert resolve_image_path("/mnt/nas/x/a.jpg", root="/r", prefix_map=["/mnt/nas="]) == "/r/x/a.jpg"
-    assert resolve_image_path("rel/a.jpg", root="/r") == "/r/rel/a.jpg"
-    assert resolve_image_path("/abs/a.jpg", root="/r") == "/abs/a.jpg"
+    mapped = PathResolver(None, ["/mnt/nas=/data", "/mnt/nas/coco/=/fast/coco"])
+    assert mapped("/mnt/nas/x/a.jpg") == "/data/x/a.jpg"
+    assert mapped("/mnt/nas/coco/a.jpg") == "/fast/coco/a.jpg"
+    assert mapped("/mnt/nasty/a.jpg") == "/mnt/nasty/a.jpg"
+    assert PathResolver("/r", ["/mnt/nas="])("/mnt/nas/x/a.jpg") == "/r/x/a.jpg"
+    assert PathResolver("/r", ())("rel/a.jpg") == "/r/rel/a.jpg"
+    assert PathResolver("/r", ())("/abs/a.jpg") == "/abs/a.jpg"
     assert parse_prefix_mapping("a=b=c") == PrefixMapping("a", "b=c")
     for bad in ("no-separator", "=new"):
         with pytest.raises(DataError, match="OLD=NEW"):
@@ -107,14 +98,13 @@ def test_jsonl_manifest_with_root_and_dedupe(tmp_path: Path) -> None:
             json.dumps({"image": "sub/c.png", "labels": [" dog "], "extra": 1}),
         ],
     )
-    data = read_jsonl_manifest(manifest, root=tmp_path)
+    data = read_annotations(manifest, format="jsonl", root=tmp_path)
     assert data.images == [
         LabelledImage(str(tmp_path / "a.jpg"), ("cat", "dog")),
         LabelledImage("/abs/b.jpg", ()),
         LabelledImage(str(tmp_path / "sub/c.png"), ("dog",)),
     ]
-    assert data.classes is None and data.vocabulary() == ("cat", "dog")
-    np.testing.assert_array_equal(data.multi_hot(["dog", "cat"]), [[1, 1], [0, 0], [1, 0]])
+    assert data.classes is None
 
 
 def test_jsonl_bad_lines_are_reported_with_line_numbers(tmp_path: Path) -> None:
@@ -158,8 +148,8 @@ def _coco_document() -> dict:
 def test_coco_instances_names_labels_by_category(tmp_path: Path) -> None:
     path = tmp_path / "instances_val.json"
     path.write_text(json.dumps(_coco_document()))
-    assert detect_format(path) == "coco"
-    data = read_coco_instances(path, root="/coco/val2017")
+    data = read_annotations(path, root="/coco/val2017")
+    assert data.format == "coco"
     assert data.classes == ("person", "car", "dog")
     assert data.images == [
         LabelledImage("/coco/val2017/000010.jpg", ("car", "person")),
@@ -202,7 +192,7 @@ def test_format_detected_from_content_whatever_the_extension(tmp_path: Path) -> 
     lines = _write_lines(tmp_path / "list.txt", [json.dumps({"image": "x.jpg", "labels": ["a"]})] * 2)
     coco = tmp_path / "coco.data"
     coco.write_text(json.dumps(_coco_document()))
-    assert [detect_format(p) for p in (reference, lines, coco)] == ["reference", "jsonl", "coco"]
+    assert [read_annotations(p).format for p in (reference, lines, coco)] == ["reference", "jsonl", "coco"]
     assert read_annotations(reference).images == [LabelledImage("x.jpg", ("a",))]
     assert read_annotations(reference).classes is None
     assert len(read_annotations(lines)) == 2
@@ -235,26 +225,6 @@ def test_missing_file_empty_manifest_and_unknown_format(tmp_path: Path) -> None:
         read_annotations(empty)
     with pytest.raises(DataError, match="unknown annotation format"):
         read_annotations(empty, format="csv")  # type: ignore[arg-type]
-
-
-def test_filter_label_space_counts_and_strict_mode() -> None:
-    data = LabelledSet(
-        images=[
-            LabelledImage("a", ("cat", "lion")),
-            LabelledImage("b", ("lion", "tiger")),
-            LabelledImage("c", ("dog",)),
-        ],
-        source="m.jsonl",
-    )
-    result = filter_label_space(data, ["cat", "dog"])
-    assert [image.labels for image in result.data.images] == [("cat",), (), ("dog",)]
-    assert result.dropped_labels == {"lion": 2, "tiger": 1}
-    assert (result.kept_pairs, result.dropped_pairs, result.images_without_labels) == (2, 3, 1)
-    assert result.data.classes == ("cat", "dog")
-    with pytest.raises(DataError, match="m.jsonl: 2 label\\(s\\) outside the label space: 'lion' \\(2\\)"):
-        filter_label_space(data, ["cat", "dog"], strict=True)
-    with pytest.raises(DataError, match="'lion' of a is not in the class list"):
-        data.multi_hot(["cat", "dog"])
 
 
 def test_annotations_module_never_imports_the_model() -> None:

@@ -181,7 +181,7 @@ def test_manifest_with_path_and_keep_columns(fmt, photos, manifest_rows, monkeyp
         manifest.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
     plan = plan_inputs([str(manifest)], path_column="image", keep_columns=["id", "url"])
     assert keys_of(plan) == manifest_rows["image"]
-    assert plan.extra_columns == ["id", "url"]
+    assert plan.extra_schema.names == ["id", "url"]
     assert plan.files["id"].to_pylist() == manifest_rows["id"]
     assert plan.files["url"].to_pylist() == manifest_rows["url"]
     dataset = FileDataset(plan.files, as_tensor)

@@ -15,7 +15,6 @@ from ramtag.data.vocab import (
     check_label_lengths,
     load_cached_features,
     load_vocab_features,
-    read_label_file,
     read_labels,
     save_vocab_features,
     store_cached_features,
@@ -38,11 +37,11 @@ def test_label_file_skips_comments_and_blanks_and_strips(tmp_path):
     parsed = read_labels(path)
     assert parsed.labels == ["dog", "cat", "hot dog", "C#", "café"]
     assert parsed.line_numbers == [2, 4, 6, 7, 8]
-    assert read_label_file(path) == parsed.labels
+    assert read_labels(path).labels == parsed.labels
 
 
 def test_labels_from_a_stream():
-    assert read_label_file(io.StringIO("a\nb\n")) == ["a", "b"]
+    assert read_labels(io.StringIO("a\nb\n")).labels == ["a", "b"]
 
 
 def test_duplicate_names_both_lines(tmp_path):

@@ -2,7 +2,7 @@
 
 Every reader returns a :class:`LabelledSet`: ``(path, labels)`` pairs, labels deduplicated per
 image in first-seen order (the reference's files repeat a label once per object instance), plus
-the class list when the file declares one. Paths go through :func:`resolve_image_path`: prefix
+the class list when the file declares one. Paths go through :class:`PathResolver`: prefix
 mappings first (for files written on another machine, such as the reference's ``/mnt/nas/...``),
 then ``root`` for paths that are still relative. Without ``root`` relative paths are kept as written.
 
@@ -19,8 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
-
-import numpy as np
 
 from ramtag.errors import DataError
 from ramtag.messages import listed
@@ -51,31 +49,6 @@ class LabelledSet:
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def label_counts(self) -> Counter[str]:
-        """Number of images carrying each label."""
-        return Counter(label for image in self.images for label in image.labels)
-
-    def vocabulary(self) -> tuple[str, ...]:
-        """The declared classes, or else every label in first-seen order."""
-        if self.classes is not None:
-            return self.classes
-        return tuple(dict.fromkeys(label for image in self.images for label in image.labels))
-
-    def multi_hot(self, classes: Sequence[str]) -> np.ndarray:
-        """``[N, C]`` uint8 targets over ``classes``; labels outside them are an error (filter first)."""
-        index = {name: column for column, name in enumerate(classes)}
-        targets = np.zeros((len(self.images), len(index)), dtype=np.uint8)
-        for row, image in enumerate(self.images):
-            for label in image.labels:
-                column = index.get(label)
-                if column is None:
-                    raise DataError(
-                        f"{self.source}: label {label!r} of {image.path} is not in the class list "
-                        "(filter the label space first)"
-                    )
-                targets[row, column] = 1
-        return targets
 
 
 @dataclass(frozen=True)
@@ -119,14 +92,10 @@ def _apply_mappings(path: str, mappings: Sequence[PrefixMapping]) -> str:
     return path
 
 
-def resolve_image_path(
-    path: str, root: PathLike | None = None, prefix_map: Iterable[PrefixMapping | str] = ()
-) -> str:
-    """Apply the longest matching prefix mapping, then join a still-relative path to ``root``."""
-    return _PathResolver(root, prefix_map)(path)
+class PathResolver:
+    """Applies the longest matching prefix mapping, then joins a still-relative path to ``root``."""
 
 
-class _PathResolver:
     def __init__(self, root: PathLike | None, prefix_map: Iterable[PrefixMapping | str]):
         self.root = None if root is None else os.fspath(root)
         self.mappings = _mappings(prefix_map)
@@ -190,7 +159,7 @@ def _parse_classes(value: Any, source: str) -> tuple[str, ...]:
     return classes
 
 
-def _parse_reference(document: Any, source: str, resolve: _PathResolver) -> LabelledSet:
+def _parse_reference(document: Any, source: str, resolve: PathResolver) -> LabelledSet:
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise DataError(f"{source}: expected an object with an \"images\" list")
     images = []
@@ -205,7 +174,7 @@ def _parse_reference(document: Any, source: str, resolve: _PathResolver) -> Labe
     return LabelledSet(images=images, classes=classes, source=source, format="reference")
 
 
-def _parse_coco(document: Any, source: str, resolve: _PathResolver) -> LabelledSet:
+def _parse_coco(document: Any, source: str, resolve: PathResolver) -> LabelledSet:
     if not isinstance(document, dict) or not all(
         isinstance(document.get(key), list) for key in ("images", "annotations", "categories")
     ):
@@ -248,7 +217,7 @@ def _parse_coco(document: Any, source: str, resolve: _PathResolver) -> LabelledS
 
 
 def _parse_jsonl(
-    text: str, source: str, resolve: _PathResolver, on_error: ErrorPolicy
+    text: str, source: str, resolve: PathResolver, on_error: ErrorPolicy
 ) -> LabelledSet:
     images = []
     problems = []
@@ -303,11 +272,6 @@ def _sniff(path: PathLike, text: str) -> tuple[AnnotationFormat, Any]:
     return _detect(document, source), document
 
 
-def detect_format(path: PathLike) -> AnnotationFormat:
-    """Which reader suits ``path``: from the extension (.jsonl, .ndjson), else from the content."""
-    return _sniff(path, _read_text(path))[0]
-
-
 def read_annotations(
     path: PathLike,
     *,
@@ -318,6 +282,12 @@ def read_annotations(
 ) -> LabelledSet:
     """Read an annotation file in any supported format (``format="auto"`` detects it).
 
+    ``reference``: the reference's split files, ``{"images": [[path, [labels...]], ...], "classes": [...]}``;
+    ``classes`` is kept in file order (the reference sorts a training file's classes to index them, which
+    matters only for its own one-hot layout). ``jsonl``: one ``{"image": path, "labels": [...]}`` object per
+    line; blank lines are ignored. ``coco``: COCO instances JSON, label names from ``categories``, one per
+    annotated category per image.
+
     ``prefix_map`` entries are :class:`PrefixMapping` or ``"OLD=NEW"`` strings. ``on_error`` applies
     to JSONL lines: ``"raise"`` reports every bad line (with its number) in one DataError,
     ``"skip"`` drops them and lists them in ``LabelledSet.skipped``. An empty set is always an error.
@@ -326,7 +296,7 @@ def read_annotations(
         raise DataError(f"unknown annotation format {format!r} (reference, jsonl, coco or auto)")
     source = str(path)
     text = _read_text(path)
-    resolve = _PathResolver(root, prefix_map)
+    resolve = PathResolver(root, prefix_map)
     document = None
     if format == "auto":
         format, document = _sniff(path, text)
@@ -337,65 +307,3 @@ def read_annotations(
     if format == "reference":
         return _parse_reference(document, source, resolve)
     return _parse_coco(document, source, resolve)
-
-
-def read_reference_json(path: PathLike, **options: Any) -> LabelledSet:
-    """The reference's split files: ``{"images": [[path, [labels...]], ...], "classes": [...]}``.
-
-    ``classes`` is kept in file order; the reference itself sorts a training file's classes to
-    index them, which matters only for its own one-hot layout.
-    """
-    return read_annotations(path, format="reference", **options)
-
-
-def read_jsonl_manifest(path: PathLike, **options: Any) -> LabelledSet:
-    """One ``{"image": path, "labels": [...]}`` object per line; blank lines are ignored."""
-    return read_annotations(path, format="jsonl", **options)
-
-
-def read_coco_instances(path: PathLike, **options: Any) -> LabelledSet:
-    """COCO instances JSON: label names from ``categories``, one per annotated category per image."""
-    return read_annotations(path, format="coco", **options)
-
-
-@dataclass(frozen=True)
-class LabelFilterResult:
-    """The filtered set and what was dropped (``dropped_labels``: label -> images it was dropped from)."""
-
-    data: LabelledSet
-    kept_pairs: int
-    dropped_pairs: int
-    dropped_labels: dict[str, int]
-    images_without_labels: int
-
-
-def filter_label_space(
-    data: LabelledSet, classes: Sequence[str], *, strict: bool = False
-) -> LabelFilterResult:
-    """Drop labels outside ``classes`` as the reference does; ``strict`` makes any such label an error.
-
-    Images left with no label stay (negatives for every class); their count is reported.
-    """
-    allowed = set(classes)
-    dropped: Counter[str] = Counter()
-    kept_pairs = 0
-    images = []
-    for image in data.images:
-        kept = tuple(label for label in image.labels if label in allowed)
-        dropped.update(label for label in image.labels if label not in allowed)
-        kept_pairs += len(kept)
-        images.append(LabelledImage(image.path, kept))
-    dropped_labels = dict(sorted(dropped.items(), key=lambda item: (-item[1], item[0])))
-    if strict and dropped_labels:
-        counted = listed((f"{label!r} ({count})" for label, count in dropped_labels.items()), 10, quote=False)
-        raise DataError(f"{data.source}: {len(dropped_labels)} label(s) outside the label space: {counted}")
-    filtered = LabelledSet(
-        images=images, classes=tuple(classes), source=data.source, format=data.format, skipped=data.skipped
-    )
-    return LabelFilterResult(
-        data=filtered,
-        kept_pairs=kept_pairs,
-        dropped_pairs=sum(dropped.values()),
-        dropped_labels=dropped_labels,
-        images_without_labels=sum(1 for image in images if not image.labels),
-    )

@@ -15,7 +15,6 @@ from typing import Any
 
 from ramtag.errors import DataError
 
-LABEL_MEMBERS: tuple[str, ...] = ("json", "txt", "idx", "cls")
 _INT_SEPARATORS = re.compile(r"[\s,]+")
 
 

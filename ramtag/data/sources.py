@@ -67,21 +67,12 @@ class InputPlan:
     extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def extra_columns(self) -> list[str]:
-        return list(self.extra_schema.names)
-
     def files_for_rank(self, rank: int, world_size: int) -> pa.Table:
         """This rank's share of files: every ``world_size``-th item from ``rank`` on."""
         check_rank(rank, world_size)
         if world_size == 1:
             return self.files
         return self.files.take(pa.array(range(rank, self.files.num_rows, world_size), pa.int64()))
-
-    def shards_for_rank(self, rank: int, world_size: int) -> list[str]:
-        """This rank's share of shards (the same split as webdataset's ``split_by_node``)."""
-        check_rank(rank, world_size)
-        return self.shards[rank::world_size]
 
     def without_keys(self, done: Iterable[str]) -> InputPlan:
         """The plan minus files whose key is in ``done`` (resume); shards are filtered per sample."""

@@ -13,7 +13,6 @@ Boxes are ``[x0, y0, x1, y1]`` in pixels, end-exclusive: every pixel the object 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -516,29 +515,3 @@ def write_examples(out: Path, seed: int = EXAMPLES_SEED, n: int = EXAMPLES_COUNT
     written.append(_write_lines(out / "vocab.txt", ALL_LABELS))
     written.append(_write_lines(out / "labels.jsonl", truth))
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ramtag.data.synth OUT [--seed S --n N --size PX]`` or ``--examples DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m ramtag.data.synth", description=main.__doc__)
-    parser.add_argument("out", nargs="?", type=Path, help="dataset folder to write")
-    parser.add_argument("--examples", type=Path, help="regenerate the shipped examples folder here")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--shard-size", type=int, default=1000)
-    args = parser.parse_args(argv)
-    if args.examples is not None:
-        for path in write_examples(args.examples):
-            print(path)
-        return 0
-    if args.out is None:
-        parser.error("give OUT or --examples DIR")
-    summary = write_dataset(args.out, args.n, args.seed, args.size, shard_size=args.shard_size)
-    for kind, paths in summary.files.items():
-        print(kind, *paths)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

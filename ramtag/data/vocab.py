@@ -92,11 +92,6 @@ def read_labels(source: str | os.PathLike | TextIO) -> LabelFile:
     return LabelFile(labels, line_numbers)
 
 
-def read_label_file(source: str | os.PathLike | TextIO) -> list[str]:
-    """The labels of a label file (see :func:`read_labels`)."""
-    return read_labels(source).labels
-
-
 def check_label_lengths(
     labels: Sequence[str],
     line_numbers: Sequence[int] | None,

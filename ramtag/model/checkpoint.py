@@ -115,11 +115,11 @@ def _load_ramtag_file(path: Path, overrides: dict | None, clip_model: nn.Module 
         clip_model.load_state_dict(backbone_state)
     model = build_model(config, clip_model)
     own = {k: v for k, v in tensors.items() if not k.startswith("clip.")}
-    _load_strict(model, own, path, backbone_included=bool(backbone_state))
+    _load_strict(model, own, path)
     return model
 
 
-def _load_strict(model: RamModel, tensors: dict[str, torch.Tensor], path: Path, backbone_included: bool) -> None:
+def _load_strict(model: RamModel, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -223,5 +223,5 @@ def model_from_reference_state(state: dict[str, torch.Tensor], overrides: dict |
     own.update({f"text.prompts.{i}": p.half().float() for i, p in prompts.items()})
     own["temperature"] = state["temperature"].reshape(())
     own["temperature_loc"] = state["temperature_loc"].reshape(())
-    _load_strict(model, own, Path("<reference state dict>"), backbone_included=True)
+    _load_strict(model, own, Path("<reference state dict>"))
     return model
