@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ramtag.engine.demo_study import distractor_study, map_peak_hits, synthetic_images, zero_shot_report
+from demo_study import distractor_study, map_peak_hits, synthetic_images, zero_shot_report
 from ramtag.engine.runtime import load_runtime
 
 

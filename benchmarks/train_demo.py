@@ -31,7 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from ramtag.engine.demo_study import arm_scores  # noqa: E402
+from demo_study import arm_scores  # noqa: E402
 from ramtag.engine.runtime import load_runtime  # noqa: E402
 from ramtag.metrics import mean_average_precision  # noqa: E402
 

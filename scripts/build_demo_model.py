@@ -333,7 +333,7 @@ def zero_shot_scores(model, images: torch.Tensor, labels: list[str], context_len
 
 def evaluate(model, images: torch.Tensor, targets: np.ndarray, config: BuildConfig) -> dict:
     """Zero-shot mAP per label group against chance (ramtag's mAP and demo study), all labels scored at once."""
-    from ramtag.engine.demo_study import LABEL_GROUPS, chance_map
+    from benchmarks.demo_study import LABEL_GROUPS, chance_map
     from ramtag.metrics import average_precision, mean_average_precision
 
     groups = {**LABEL_GROUPS, "seen": synth.SEEN_LABELS}

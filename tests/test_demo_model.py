@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ramtag.engine.demo_study import map_peak_hits, synthetic_images, zero_shot_report
+from benchmarks.demo_study import map_peak_hits, synthetic_images, zero_shot_report
 from ramtag.engine.runtime import load_runtime
 from tests.test_tag import run_cli
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ramtag.engine.demo_study import arm_scores
+from benchmarks.demo_study import arm_scores
 from ramtag.engine.runtime import load_runtime
 from ramtag.metrics import mean_average_precision
 from tests.test_tag import run_cli

@@ -1,5 +1,6 @@
 """Measurements on the synthetic benchmark: zero-shot quality of the scorers and how they degrade with
-distractor labels. Used by `benchmarks/demo_vocabulary.py` (numbers in the README) and by the tests.
+distractor labels. Used by `demo_vocabulary.py` here (numbers in the README), by the tests and by
+scripts/build_demo_model.py.
 
 Arms, all from one forward pass of a training-free model: `clip_global` (CLIP's zero-shot ranking,
 softmax(cos/τ_g)), `ram_local` (the KCOT-matched local score), `ram` (their mean, what `ramtag tag` writes).
