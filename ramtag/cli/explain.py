@@ -7,7 +7,23 @@ from typing import Annotated, List
 import typer
 
 from ramtag.cli.app import app
-from ramtag.cli.options import Checkpoint, Device, ModelChoice, ModelName, OtMaxIter, OtReg, OtStop, OtTol, Pretrained, ScaleLocalTemperature
+from ramtag.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    BatchSize,
+    Checkpoint,
+    Device,
+    Labels,
+    ModelChoice,
+    ModelName,
+    OtMaxIter,
+    OtReg,
+    OtStop,
+    OtTol,
+    Pretrained,
+    ScaleLocalTemperature,
+)
 
 
 @app.command(
@@ -21,14 +37,14 @@ from ramtag.cli.options import Checkpoint, Device, ModelChoice, ModelName, OtMax
 )
 def explain(
     images: Annotated[List[str], typer.Argument(help="Image files or folders.")],
-    labels: Annotated[str, typer.Option("--labels", "-l", help="Label file or .rtv file.")],
+    labels: Labels,
     output: Annotated[str, typer.Option("--output", "-o", help="Folder for the PNG files.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tags (maps) per image.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
+    batch_size: BatchSize = 16,
     checkpoint: Checkpoint = None,
-    model: ModelName = "ViT-B-16-quickgelu",
-    pretrained: Pretrained = "openai",
-    device: Device = "auto",
+    model: ModelName = DEFAULT_MODEL,
+    pretrained: Pretrained = DEFAULT_PRETRAINED,
+    device: Device = DEFAULT_DEVICE,
     scale_local_temperature: ScaleLocalTemperature = None,
     ot_reg: OtReg = None,
     ot_max_iter: OtMaxIter = None,

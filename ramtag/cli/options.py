@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 MODEL_PANEL = "Model"
 KCOT_PANEL = "KCOT (optimal transport)"
+INPUT_PANEL = "Inputs"
+SPEED_PANEL = "Speed"
+
+# The defaults of --model, --pretrained and --device (ramtag.engine.runtime's, written here so that parsing the
+# command line does not import torch).
+DEFAULT_MODEL = "ViT-B-16-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+DEFAULT_DEVICE = "auto"
 
 Checkpoint = Annotated[
     Optional[str],
@@ -31,6 +39,16 @@ OtReg = Annotated[Optional[float], typer.Option("--ot-reg", help="Sinkhorn entro
 OtMaxIter = Annotated[Optional[int], typer.Option("--ot-max-iter", help="Sinkhorn iteration limit (default 100).", rich_help_panel=KCOT_PANEL)]
 OtTol = Annotated[Optional[float], typer.Option("--ot-tol", help="Sinkhorn tolerance (default 1e-3).", rich_help_panel=KCOT_PANEL)]
 OtStop = Annotated[Optional[str], typer.Option("--ot-stop", help="Stopping rule: reference (parity) or marginal.", rich_help_panel=KCOT_PANEL)]
+
+Labels = Annotated[
+    str,
+    typer.Option("--labels", "-l", help="Label file (one per line, # comments) or a .rtv file from `ramtag vocab encode`; '-' reads labels from stdin.", rich_help_panel=INPUT_PANEL),
+]
+Template = Annotated[
+    Optional[List[str]],
+    typer.Option("--template", help="Prompt template with {} (repeatable: an ensemble, training-free models only).", rich_help_panel=INPUT_PANEL),
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.", rich_help_panel=SPEED_PANEL)]
 
 
 @dataclass

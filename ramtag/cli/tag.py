@@ -8,8 +8,15 @@ import typer
 
 from ramtag.cli.app import app
 from ramtag.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    INPUT_PANEL,
+    SPEED_PANEL,
+    BatchSize,
     Checkpoint,
     Device,
+    Labels,
     ModelChoice,
     ModelName,
     OtMaxIter,
@@ -18,13 +25,12 @@ from ramtag.cli.options import (
     OtTol,
     Pretrained,
     ScaleLocalTemperature,
+    Template,
     command_line,
 )
 from ramtag.errors import exit_status_help
 
 OUTPUT_PANEL = "Output"
-INPUT_PANEL = "Inputs"
-SPEED_PANEL = "Speed"
 
 
 @app.command(
@@ -40,7 +46,7 @@ SPEED_PANEL = "Speed"
 )
 def tag(
     inputs: Annotated[List[str], typer.Argument(help="Folders, image files, @list.txt, '-' (paths on stdin), manifests (.parquet/.csv/.jsonl) or WebDataset shards (.tar, brace patterns, pipe:).", show_default=False)],
-    labels: Annotated[str, typer.Option("--labels", "-l", help="Label file (one per line, # comments) or a .rtv file from `ramtag vocab encode`; '-' reads labels from stdin.", rich_help_panel=INPUT_PANEL)],
+    labels: Labels,
     output: Annotated[str, typer.Option("--output", "-o", help="OUT.parquet, OUT.jsonl, '-' (JSONL on stdout) or DIR/ (partitioned Parquet).", rich_help_panel=OUTPUT_PANEL)] = "tags.parquet",
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=0, help="At most K tags per image (0: no limit).", rich_help_panel=OUTPUT_PANEL)] = 5,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Minimum score of a tag.", rich_help_panel=OUTPUT_PANEL)] = None,
@@ -54,17 +60,17 @@ def tag(
     keep_columns: Annotated[Optional[str], typer.Option("--keep-columns", help="Comma-separated manifest columns to carry into the output.", rich_help_panel=INPUT_PANEL)] = None,
     root: Annotated[Optional[str], typer.Option("--root", help="Resolve relative paths of lists, stdin and manifests against DIR.", rich_help_panel=INPUT_PANEL)] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels (decompression-bomb guard; 0 = no cap).", rich_help_panel=INPUT_PANEL)] = 89_478_485,
-    template: Annotated[Optional[List[str]], typer.Option("--template", help="Prompt template with {} (repeatable: an ensemble, training-free models only).", rich_help_panel=INPUT_PANEL)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.", rich_help_panel=SPEED_PANEL)] = 32,
+    template: Template = None,
+    batch_size: BatchSize = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes (default: cores - 1, at most 8).", rich_help_panel=SPEED_PANEL)] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast on CUDA).", rich_help_panel=SPEED_PANEL)] = "fp32",
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode JPEGs at reduced scale (faster; pixels differ slightly).", rich_help_panel=SPEED_PANEL)] = False,
     part_rows: Annotated[int, typer.Option("--part-rows", min=1, help="Rows per part file (what an interrupted run can lose at most, besides a minute of work).", rich_help_panel=OUTPUT_PANEL)] = 262_144,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")] = False,
     checkpoint: Checkpoint = None,
-    model: ModelName = "ViT-B-16-quickgelu",
-    pretrained: Pretrained = "openai",
-    device: Device = "auto",
+    model: ModelName = DEFAULT_MODEL,
+    pretrained: Pretrained = DEFAULT_PRETRAINED,
+    device: Device = DEFAULT_DEVICE,
     scale_local_temperature: ScaleLocalTemperature = None,
     ot_reg: OtReg = None,
     ot_max_iter: OtMaxIter = None,

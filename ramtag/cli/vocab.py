@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
 from ramtag.cli.app import app
-from ramtag.cli.options import Checkpoint, Device, ModelChoice, ModelName, Pretrained
+from ramtag.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    Checkpoint,
+    Device,
+    ModelChoice,
+    ModelName,
+    Pretrained,
+    Template,
+)
 
 vocab_app = typer.Typer(help="Encode a label vocabulary into text features (.rtv) and inspect such files.", no_args_is_help=True)
 app.add_typer(vocab_app, name="vocab")
@@ -19,11 +29,11 @@ app.add_typer(vocab_app, name="vocab")
 def encode(
     labels: Annotated[str, typer.Argument(help="Label file: UTF-8, one label per line, # comments.")],
     output: Annotated[str, typer.Option("--output", "-o", help="The .rtv file to write.")],
-    template: Annotated[Optional[List[str]], typer.Option("--template", help="Prompt template with {} (repeatable: an ensemble, training-free models only).")] = None,
+    template: Template = None,
     checkpoint: Checkpoint = None,
-    model: ModelName = "ViT-B-16-quickgelu",
-    pretrained: Pretrained = "openai",
-    device: Device = "auto",
+    model: ModelName = DEFAULT_MODEL,
+    pretrained: Pretrained = DEFAULT_PRETRAINED,
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Encode LABELS with the model's text encoder into a .rtv file that `ramtag tag --labels` accepts."""
     from ramtag.engine.vocabulary import load_vocabulary, write_vocabulary_file
