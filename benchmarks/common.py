@@ -159,7 +159,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "device": str(device),
         "load_average_at_start": list(os.getloadavg()),
-        "environment": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS") if k in os.environ},
+        "environment": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS") if k in os.environ
+        },
     }
     for package in ("open_clip", "ot", "torchvision", "PIL"):
         try:
@@ -282,7 +284,9 @@ def runtime_for(model, device: torch.device, name: str):
     """A ramtag Runtime around an in-process model (what `load_runtime` returns for a checkpoint)."""
     from ramtag.engine.runtime import Runtime
 
-    return Runtime(model=model.to(device).eval(), device=device, fingerprint=f"bench-{name}", source={"model": f"benchmark:{name}"})
+    return Runtime(
+        model=model.to(device).eval(), device=device, fingerprint=f"bench-{name}", source={"model": f"benchmark:{name}"}
+    )
 
 
 def label_names(count: int) -> list[str]:
@@ -307,7 +311,9 @@ def write_labels(path: Path, count: int) -> Path:
 # -- images -------------------------------------------------------------------------------------------------
 
 
-def make_jpegs(folder: Path, count: int, size: tuple[int, int] = (640, 480), seed: int = 0, quality: int = 90) -> list[Path]:
+def make_jpegs(
+    folder: Path, count: int, size: tuple[int, int] = (640, 480), seed: int = 0, quality: int = 90
+) -> list[Path]:
     """Photo-like JPEGs: smooth gradients, shapes and sensor-like noise (so decoding costs what a photo costs)."""
     import numpy as np
     from PIL import Image, ImageDraw

@@ -142,7 +142,9 @@ def map_peak_hits(runtime, data: LabelledImages, batch_size: int = 64) -> dict:
                 tallies[kind][0] += int(covered[min(int(y), size - 1), min(int(x), size - 1)])
                 tallies[kind][1] += 1
                 tallies[kind][2] += float(covered.mean())
-    return {kind: {"hit_rate": h / max(n, 1), "chance": c / max(n, 1), "trials": n} for kind, (h, n, c) in tallies.items()}
+    return {
+        kind: {"hit_rate": h / max(n, 1), "chance": c / max(n, 1), "trials": n} for kind, (h, n, c) in tallies.items()
+    }
 
 
 def _row(output, index: int):

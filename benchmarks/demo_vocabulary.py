@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from demo_study import distractor_study, map_peak_hits, synthetic_images, zero_shot_report
 from ramtag.engine.runtime import load_runtime
+
+from demo_study import distractor_study, map_peak_hits, synthetic_images, zero_shot_report
 
 
 def main() -> None:
@@ -48,10 +49,16 @@ def main() -> None:
     for arm in ("clip_global", "ram_local", "ram", "chance"):
         print(f"  {arm:12s} " + " / ".join(f"{zs[arm][g]:.3f}" for g in ("all", "unseen", "shapes", "colours")))
     for kind, row in result["map_peaks"].items():
-        print(f"map peaks inside the {kind}'s box: {row['hit_rate']:.2f} (chance {row['chance']:.2f}, {row['trials']} labels)")
+        print(
+            f"map peaks inside the {kind}'s box: {row['hit_rate']:.2f} (chance {row['chance']:.2f}, "
+            f"{row['trials']} labels)"
+        )
     print("distractors  scaled  clip_global  ram_local  ram")
     for row in result["distractors"]:
-        print(f"  {row['distractors']:9d}  {str(row['scaled_local_temperature']):6s}  {row['clip_global']:.3f}        {row['ram_local']:.3f}      {row['ram']:.3f}")
+        print(
+            f"  {row['distractors']:9d}  {str(row['scaled_local_temperature']):6s}  {row['clip_global']:.3f}    "
+            f"    {row['ram_local']:.3f}      {row['ram']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,9 +36,13 @@ TARGET_KCOT_SHARE = 0.05
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: per-core figures; on shared cores 2 OpenMP threads that spin-wait "
-                             "make small kernels erratic, see the README)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: per-core figures; on shared cores 2 OpenMP threads that spin-wait "
+        "make small kernels erratic, see the README)",
+    )
     parser.add_argument("--shapes", default="32x80,128x80,512x80,32x1000,128x1000",
                         help="BATCHxLABELS list (default adds 512x1000 on GPU)")
     parser.add_argument("--iterations", type=int, default=50, help="Sinkhorn iterations every solver runs")
@@ -114,13 +118,19 @@ def solver_arms(source, target, cost, iterations: int, loop_problems: int):
         return ot.batch.solve_batch(cost, REG, source, target, max_iter=iterations, tol=0.0, method="sinkhorn").plan
 
     def pot_bregman():
-        return ot.batch.bregman_projection_batch(torch.exp(-cost / REG), source, target, max_iter=iterations, tol=0.0)["T"]
+        return ot.batch.bregman_projection_batch(torch.exp(-cost / REG), source, target, max_iter=iterations, tol=0.0)[
+            "T"
+        ]
 
     def pot_loop():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "did not converge": intended, the iteration count is fixed
-            return torch.stack([ot.sinkhorn(source[i], target[i], cost[i], REG, numItermax=iterations, stopThr=0.0, warn=False)
-                                for i in range(loop_problems)])
+            return torch.stack(
+                [
+                    ot.sinkhorn(source[i], target[i], cost[i], REG, numItermax=iterations, stopThr=0.0, warn=False)
+                    for i in range(loop_problems)
+                ]
+            )
 
     def vecmat_arm():
         return vecmat_sinkhorn(source, target, cost, REG, iterations)
@@ -208,12 +218,21 @@ def bench_precision(device, batch: int = 32, labels: int = 80, iterations: int =
     source, target, cost, similarity = rounded_inputs
     low = [t.to(torch.bfloat16) for t in (source, target, cost)]
     upcast = sinkhorn(*low, reg=REG, max_iter=iterations, tol=0.0).plan
-    rows.append(compare("(b) bf16 cost+marginals, ramtag (upcasts, solves in fp32)", upcast, similarity, source, rounded))
-    kept = ot.batch.bregman_projection_batch(torch.exp(-low[2] / REG), low[0], low[1], max_iter=iterations, tol=0.0)["T"]
+    rows.append(
+        compare("(b) bf16 cost+marginals, ramtag (upcasts, solves in fp32)", upcast, similarity, source, rounded)
+    )
+    kept = ot.batch.bregman_projection_batch(torch.exp(-low[2] / REG), low[0], low[1], max_iter=iterations, tol=0.0)[
+        "T"
+    ]
     rows.append(compare("(b) bf16 cost+marginals, POT plain solver kept in bf16", kept, similarity, source, rounded))
     small = sinkhorn(*exact_inputs_small_reg(regions, label_features), reg=0.01, max_iter=iterations, tol=0.0)
-    rows.append({"case": "fp32, reg 0.01 (exp(-C/reg) spans e^-100: log domain)", "finite": bool(torch.isfinite(small.plan).all()),
-                 "log_domain": small.log_domain})
+    rows.append(
+        {
+            "case": "fp32, reg 0.01 (exp(-C/reg) spans e^-100: log domain)",
+            "finite": bool(torch.isfinite(small.plan).all()),
+            "log_domain": small.log_domain,
+        }
+    )
     return rows
 
 
@@ -282,8 +301,11 @@ def main() -> None:
     payload = {"benchmark": "kcot_solver", "machine": machine, "threads": threads, "settings": vars(args),
                "solvers": solver_rows, "precision": precision_rows, "share": share_rows}
     path = common.write_results("kcot_solver", payload, device, quick=args.quick)
-    common.print_table(f"Sinkhorn at {args.iterations} iterations each (ms per batch, medians of {args.repeats}; {device}, {threads} threads)",
-                       [{k: v for k, v in r.items() if k != "seconds"} for r in solver_rows])
+    common.print_table(
+        f"Sinkhorn at {args.iterations} iterations each (ms per batch, medians of {args.repeats}; {device}, "
+        f"{threads} threads)",
+        [{k: v for k, v in r.items() if k != "seconds"} for r in solver_rows],
+    )
     common.print_table("bf16 vs fp32 (batch 32, 80 labels, 100 iterations each)", precision_rows)
     if share_rows:
         common.print_table("KCOT share of the RAM forward (ViT-B/16-sized, adapters)", share_rows)

@@ -90,7 +90,9 @@ def _pairs(spec: str, separator: str) -> dict[str, str]:
 # -- 1. processes -----------------------------------------------------------------------------------------
 
 
-def torchrun_tag(procs: int, checkpoint: Path, folder: Path, labels: Path, out: Path, args, device: torch.device, cores: int) -> dict:
+def torchrun_tag(
+    procs: int, checkpoint: Path, folder: Path, labels: Path, out: Path, args, device: torch.device, cores: int
+) -> dict:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     command = launcher + ["--standalone", "--nproc-per-node", str(procs), "-m", "ramtag", "tag", str(folder),
@@ -127,7 +129,9 @@ def bench_processes(args, device: torch.device, work: Path) -> list[dict]:
         for round_index in range(args.rounds):
             shift = round_index % len(procs)
             for p in procs[shift:] + procs[:shift]:
-                samples[p].append(torchrun_tag(p, checkpoint, folder, labels, work / f"out_{p}.parquet", args, device, cores))
+                samples[p].append(
+                    torchrun_tag(p, checkpoint, folder, labels, work / f"out_{p}.parquet", args, device, cores)
+                )
                 log(f"  round {round_index + 1}/{args.rounds} {p} process(es): {samples[p][-1]}")
         base = None
         for p in procs:
@@ -166,7 +170,11 @@ def bench_vocabulary(args, device: torch.device) -> list[dict]:
             record["iterations"].append(timer["iterations"])
         return run
 
-    arms = {f"{variant}:{size}": arm(variant, model, size) for size in sizes for variant, model in (("adapters", adapters), ("training_free", free))}
+    arms = {
+        f"{variant}:{size}": arm(variant, model, size)
+        for size in sizes
+        for variant, model in (("adapters", adapters), ("training_free", free))
+    }
     log(f"[vocabulary] sizes {sizes}, batch {args.vocab_batch}")
     with torch.inference_mode():
         adapters(images[:1], features[sizes[0]])
@@ -185,7 +193,9 @@ def bench_vocabulary(args, device: torch.device) -> list[dict]:
                 row["relative_to_smallest"] = row["ms_per_image"] / first["ms_per_image"]
     # One-off: label encoding with the text tower (what the feature cache saves on every later run).
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=adapters.text.context_length)
-    tokens = tokenizer([f"A photo of a {n}." for n in common.label_names(64 if device.type == "cpu" else 1024)]).to(device)
+    tokens = tokenizer([f"A photo of a {n}." for n in common.label_names(64 if device.type == "cpu" else 1024)]).to(
+        device
+    )
     with torch.inference_mode():
         adapters.encode_labels(tokens[:4])
         common.synchronize(device)
@@ -220,16 +230,30 @@ def bench_images(args, device: torch.device, work: Path) -> list[dict]:
                 target = folder / path.name
                 if not target.exists():
                     target.symlink_to(path)
-            options = TagOptions(inputs=[str(folder)], labels=str(labels), output=str(work / f"count_{name}_{count}.parquet"),
-                                 batch_size=args.batch_size, overwrite=True, quiet=True)
+            options = TagOptions(
+                inputs=[str(folder)],
+                labels=str(labels),
+                output=str(work / f"count_{name}_{count}.parquet"),
+                batch_size=args.batch_size,
+                overwrite=True,
+                quiet=True,
+            )
             arms[count] = (lambda o=options: run_tag(o, runtime))
         log(f"[images] {name}: counts {counts}")
         samples = common.interleave({str(c): f for c, f in arms.items()}, args.rounds, warmup=0, device=device)
         medians = {c: common.summary(samples[str(c)])["median"] for c in counts}
         slope, intercept = _line(list(medians), list(medians.values()))
         for count in counts:
-            rows.append({"model": name, "images": count, "seconds": medians[count], "images_per_second": count / medians[count],
-                         "fit_fixed_seconds": intercept, "fit_ms_per_image": 1000 * slope})
+            rows.append(
+                {
+                    "model": name,
+                    "images": count,
+                    "seconds": medians[count],
+                    "images_per_second": count / medians[count],
+                    "fit_fixed_seconds": intercept,
+                    "fit_ms_per_image": 1000 * slope,
+                }
+            )
     return rows
 
 
@@ -268,7 +292,10 @@ def main() -> None:
     if "processes" in payload:
         common.print_table(f"Processes (torchrun; {device})", payload["processes"])
     if "vocabulary" in payload:
-        common.print_table(f"Vocabulary size (ViT-B/16-sized RAM forward, batch {args.vocab_batch}; {device}, {threads} threads)", payload["vocabulary"])
+        common.print_table(
+            f"Vocabulary size (ViT-B/16-sized RAM forward, batch {args.vocab_batch}; {device}, {threads} threads)",
+            payload["vocabulary"],
+        )
     if "images" in payload:
         common.print_table(f"Image count (run_tag in-process, batch {args.batch_size})", payload["images"])
     print(f"\nwritten: {path}")

@@ -50,7 +50,9 @@ def timed_kcot(device: torch.device) -> Iterator[dict[str, float]]:
             setattr(ram_module, name, function)
 
 
-def model_seconds(runtime, batches: list[torch.Tensor], features: torch.Tensor, precision: str) -> tuple[float, dict[str, float], list[torch.Tensor]]:
+def model_seconds(
+    runtime, batches: list[torch.Tensor], features: torch.Tensor, precision: str
+) -> tuple[float, dict[str, float], list[torch.Tensor]]:
     """(seconds for all batches, KCOT totals, scores per batch)."""
     device = runtime.device
     scores = []

@@ -55,11 +55,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="decoding workers of the tag arm (default: ramtag's)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on CUDA only")
-    parser.add_argument("--fast-decode", action="store_true", help="also time the tag arm with --fast-decode (JPEG draft)")
-    parser.add_argument("--cli", action="store_true", help="also run `python -m ramtag tag --checkpoint` once per model")
+    parser.add_argument(
+        "--fast-decode", action="store_true", help="also time the tag arm with --fast-decode (JPEG draft)"
+    )
+    parser.add_argument(
+        "--cli", action="store_true", help="also run `python -m ramtag tag --checkpoint` once per model"
+    )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the serial per-stage breakdown")
     parser.add_argument("--quick", action="store_true", help="tiny counts, 2 repeats: checks the script runs")
-    parser.add_argument("--label", default=None, help="suffix of the results file (e.g. passive for an OMP_WAIT_POLICY run)")
+    parser.add_argument(
+        "--label", default=None, help="suffix of the results file (e.g. passive for an OMP_WAIT_POLICY run)"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)")
     args = parser.parse_args()
     return args
@@ -94,12 +100,32 @@ def build_family(name: str):
 
 
 def run_cli(checkpoint: Path, folder: Path, labels: Path, out: Path, args, device: torch.device) -> dict:
-    command = [sys.executable, "-m", "ramtag", "tag", str(folder), "--checkpoint", str(checkpoint), "--labels", str(labels),
-               "-o", str(out), "--overwrite", "-b", str(args.batch_size), "--device", str(device), "--precision", args.precision]
+    command = [
+        sys.executable,
+        "-m",
+        "ramtag",
+        "tag",
+        str(folder),
+        "--checkpoint",
+        str(checkpoint),
+        "--labels",
+        str(labels),
+        "-o",
+        str(out),
+        "--overwrite",
+        "-b",
+        str(args.batch_size),
+        "--device",
+        str(device),
+        "--precision",
+        args.precision,
+    ]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=common.REPO, env={**os.environ, "PYTHONPATH": str(common.REPO)})
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=common.REPO, env={**os.environ, "PYTHONPATH": str(common.REPO)}
+    )
     wall = time.perf_counter() - start
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -232,13 +258,36 @@ def main() -> None:
         os.environ["RAMTAG_CACHE_DIR"] = str(work / "cache")  # never touch the user's feature cache
         for family in args.models.split(","):
             rows += bench_family(family.strip(), args, device, work)
-    payload = {"benchmark": "tag_throughput", "machine": machine, "threads": threads, "settings": vars(args) | {"keep": str(args.keep)},
-               "targets": TARGETS, "targets_met": targets_met(rows, device), "results": rows}
-    path = common.write_results("tag_throughput" + (f".{args.label}" if args.label else ""), payload, device, quick=args.quick)
+    payload = {
+        "benchmark": "tag_throughput",
+        "machine": machine,
+        "threads": threads,
+        "settings": vars(args) | {"keep": str(args.keep)},
+        "targets": TARGETS,
+        "targets_met": targets_met(rows, device),
+        "results": rows,
+    }
+    path = common.write_results(
+        "tag_throughput" + (f".{args.label}" if args.label else ""), payload, device, quick=args.quick
+    )
     common.print_table(
         f"Tagging throughput (images/s, medians of {args.repeats} interleaved rounds; {device}, {threads} threads)",
-        [{k: r[k] for k in ("model", "images", "batch_size", "encode_image_images_per_second", "forward_images_per_second",
-                            "tag_images_per_second", "tag_over_forward", "forward_over_encode_image")} for r in rows],
+        [
+            {
+                k: r[k]
+                for k in (
+                    "model",
+                    "images",
+                    "batch_size",
+                    "encode_image_images_per_second",
+                    "forward_images_per_second",
+                    "tag_images_per_second",
+                    "tag_over_forward",
+                    "forward_over_encode_image",
+                )
+            }
+            for r in rows
+        ],
     )
     if not args.no_breakdown:
         common.print_table("Where the time goes (serial, one process; share of the sum of stages)", [

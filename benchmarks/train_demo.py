@@ -31,9 +31,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from demo_study import arm_scores  # noqa: E402
 from ramtag.engine.runtime import load_runtime  # noqa: E402
 from ramtag.metrics import mean_average_precision  # noqa: E402
+
+from demo_study import arm_scores  # noqa: E402
 
 RECIPES = {
     # tests/test_train_demo.py's recipe: the adapters alone, no adapter tokens or deep prompts.
@@ -68,7 +69,10 @@ def branch_maps(runtime, folder: Path) -> dict[str, float]:
     transform = runtime.transform()
     images = torch.stack([transform(Image.open(folder / path).convert("RGB")) for path, _ in data])
     result = {}
-    for name, vocabulary in (("zsl", [l for l in everything if l in unseen]), ("gzsl", [l for l in everything if l])):
+    for name, vocabulary in (
+        ("zsl", [label for label in everything if label in unseen]),
+        ("gzsl", [label for label in everything if label]),
+    ):
         targets = np.array([[label in labels for label in vocabulary] for _, labels in data], dtype=np.float32)
         keep = targets.sum(1) > 0 if name == "zsl" else np.ones(len(targets), dtype=bool)
         scores = arm_scores(runtime, images, vocabulary)
@@ -96,7 +100,9 @@ def run_pair(work: Path, train_seed: int, val_seed: int, args) -> dict:
                    "--workers", 0, "--quiet", "--json", report_path)
             report = json.loads(report_path.read_text())
             row[f"{recipe}_{weights}"] = {arm: protocol_maps(report, arm) for arm in ARMS}
-        row["branches"][recipe] = branch_maps(load_runtime(checkpoint=str(run / "checkpoint.safetensors"), device="cpu"), val)
+        row["branches"][recipe] = branch_maps(
+            load_runtime(checkpoint=str(run / "checkpoint.safetensors"), device="cpu"), val
+        )
     return row
 
 
@@ -161,7 +167,10 @@ def main() -> None:
             parts = [f"trained {figures['trained']:.3f}"]
             for baseline in ("training_free", "clip_global"):
                 gain = figures[f"vs_{baseline}"]
-                parts.append(f"vs {baseline} {gain['mean']:+.3f} [{gain['min']:+.3f}, {gain['max']:+.3f}] ({gain['wins']}/{len(rows)})")
+                parts.append(
+                    f"vs {baseline} {gain['mean']:+.3f} [{gain['min']:+.3f}, {gain['max']:+.3f}] "
+                    f"({gain['wins']}/{len(rows)})"
+                )
             print(f"  {protocol:5s} " + "  ".join(parts))
     print(f"written {out}")
 

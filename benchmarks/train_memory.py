@@ -106,13 +106,26 @@ def build_arm(arm: str, labels: int):
         model = common.ram_model(clip, trained=True)
         if arm == "adapters_no_prompts":
             model.text.prompts = torch.nn.ParameterDict()  # no deep prompts: label features stay fixed
-        token_params = [p for n, p in model.trainable_parameters().items() if n.startswith(("vision.adapter_tokens.", "text.prompts."))]
-        other = [p for n, p in model.trainable_parameters().items() if not n.startswith(("vision.adapter_tokens.", "text.prompts."))]
-        optimisers = [torch.optim.AdamW(other, lr=5e-6, weight_decay=1e-4), torch.optim.SGD(token_params, lr=1e-3, momentum=0.9)]
+        token_params = [
+            p
+            for n, p in model.trainable_parameters().items()
+            if n.startswith(("vision.adapter_tokens.", "text.prompts."))
+        ]
+        other = [
+            p
+            for n, p in model.trainable_parameters().items()
+            if not n.startswith(("vision.adapter_tokens.", "text.prompts."))
+        ]
+        optimisers = [
+            torch.optim.AdamW(other, lr=5e-6, weight_decay=1e-4),
+            torch.optim.SGD(token_params, lr=1e-3, momentum=0.9),
+        ]
         tokens = tokenizer([model.config.template.format(n) for n in names])
         return model, other + token_params, optimisers, tokens
     first = {"last3": 9, "whole": 0}[arm]
-    model = RamModel(clip, RamConfig(backbone=common.VITB, pretrained=None, trained=True, adapter_layers=(), prompt_layers=()))
+    model = RamModel(
+        clip, RamConfig(backbone=common.VITB, pretrained=None, trained=True, adapter_layers=(), prompt_layers=())
+    )
     # The dual-path forward builds its graph from its first adapter layer on; pointing that layer at the first
     # fine-tuned block (with no adapter there) makes the frozen blocks before it run without autograd.
     model.vision.adapter_layers = (first,)
@@ -208,8 +221,11 @@ def main() -> None:
         for arm in arms[shift:] + arms[:shift]:
             result = run_arm(arm, args)
             runs[arm].append(result)
-            log(f"  round {round_index + 1}/{args.rounds} {arm}: peak +{result['peak_bytes_above_baseline'] / 2**20:.0f} MiB, "
-                f"step {common.summary(result['step_seconds'])['median']:.2f} s")
+            log(
+                f"  round {round_index + 1}/{args.rounds} {arm}: peak "
+                f"+{result['peak_bytes_above_baseline'] / 2**20:.0f} MiB, "
+                f"step {common.summary(result['step_seconds'])['median']:.2f} s"
+            )
     rows = []
     for arm, results in runs.items():
         peaks = [r["peak_bytes_above_baseline"] for r in results]
@@ -227,15 +243,24 @@ def main() -> None:
     if "adapters" in by_arm:
         for other in ("whole", "last3"):
             if other in by_arm:
-                ratios[f"adapters_over_{other}_peak"] = by_arm["adapters"]["peak_mib_above_baseline"] / by_arm[other]["peak_mib_above_baseline"]
-                ratios[f"adapters_over_{other}_step_time"] = by_arm["adapters"]["step_seconds"] / by_arm[other]["step_seconds"]
+                ratios[f"adapters_over_{other}_peak"] = (
+                    by_arm["adapters"]["peak_mib_above_baseline"] / by_arm[other]["peak_mib_above_baseline"]
+                )
+                ratios[f"adapters_over_{other}_step_time"] = (
+                    by_arm["adapters"]["step_seconds"] / by_arm[other]["step_seconds"]
+                )
     if "adapters_over_whole_peak" in ratios:
-        ratios[f"target_adapters_over_whole_peak_at_most_{TARGET_ADAPTER_OVER_WHOLE}"] = ratios["adapters_over_whole_peak"] <= TARGET_ADAPTER_OVER_WHOLE
+        ratios[f"target_adapters_over_whole_peak_at_most_{TARGET_ADAPTER_OVER_WHOLE}"] = (
+            ratios["adapters_over_whole_peak"] <= TARGET_ADAPTER_OVER_WHOLE
+        )
     payload = {"benchmark": "train_memory", "machine": machine, "threads": threads, "settings": vars(args),
                "results": rows, "ratios": ratios, "runs": runs}
     path = common.write_results("train_memory", payload, device, quick=args.quick)
-    common.print_table(f"Training step, batch {args.batch_size}, {args.labels} labels ({device}, {threads} threads; medians over "
-                       f"{args.rounds} fresh processes per arm)", rows)
+    common.print_table(
+        f"Training step, batch {args.batch_size}, {args.labels} labels ({device}, {threads} threads; medians over "
+        f"{args.rounds} fresh processes per arm)",
+        rows,
+    )
     print("\n" + "\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in ratios.items()))
     print(f"written: {path}")
 

@@ -5,7 +5,13 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "api", "load"]
 
 
-def load(checkpoint=None, model: str = "ViT-B-16-quickgelu", pretrained: "str | None" = "openai", device: str = "auto", **overrides):
+def load(
+    checkpoint=None,
+    model: str = "ViT-B-16-quickgelu",
+    pretrained: "str | None" = "openai",
+    device: str = "auto",
+    **overrides,
+):
     """Load a ready-to-use tagger; see :func:`ramtag.api.load` (imported on first use: torch is heavy)."""
     from ramtag.api import load as _load
 

@@ -32,8 +32,12 @@ def tiny_clip(seed: int = 0, embed_dim: int = 64, width: int = 64, layers: int =
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(
         embed_dim=embed_dim,
-        vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, width=width, layers=layers, head_width=head_width),
-        text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=VOCAB_SIZE, width=width, heads=width // head_width, layers=layers),
+        vision_cfg=dict(
+            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, width=width, layers=layers, head_width=head_width
+        ),
+        text_cfg=dict(
+            context_length=CONTEXT_LENGTH, vocab_size=VOCAB_SIZE, width=width, heads=width // head_width, layers=layers
+        ),
         quick_gelu=True,
     )
     with torch.no_grad():

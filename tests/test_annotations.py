@@ -46,7 +46,9 @@ def test_reference_split_counts_and_dedupe(path: Path, n_classes: int) -> None:
 
 @needs_reference_files
 def test_reference_paths_mapped_onto_a_local_root() -> None:
-    data = read_annotations(ZSL_FILE, format="reference", root="/data/coco/val2014", prefix_map=[f"{REFERENCE_PREFIX}="])
+    data = read_annotations(
+        ZSL_FILE, format="reference", root="/data/coco/val2014", prefix_map=[f"{REFERENCE_PREFIX}="]
+    )
     raw = _raw(ZSL_FILE)
     assert all(image.path.startswith("/data/coco/val2014/COCO_val2014_") for image in data.images)
     assert [Path(image.path).name for image in data.images] == [Path(p).name for p, _ in raw["images"]]

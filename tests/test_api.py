@@ -35,13 +35,21 @@ def test_overrides_reach_the_model_and_mistakes_are_plain_errors(tiny_checkpoint
 
     assert "checkpoint" in inspect.signature(ramtag.load).parameters  # help() shows the real arguments
     assert ramtag.api.load is not None  # reachable after a bare `import ramtag`
-    tagger = ramtag.load(checkpoint=tiny_checkpoint, device="cpu", ot_reg=0.5, ot_max_iter=7, scale_local_temperature=True)
-    assert (tagger.config.kcot.reg, tagger.config.kcot.max_iter, tagger.config.scale_local_temperature) == (0.5, 7, True)
+    tagger = ramtag.load(
+        checkpoint=tiny_checkpoint, device="cpu", ot_reg=0.5, ot_max_iter=7, scale_local_temperature=True
+    )
+    assert (tagger.config.kcot.reg, tagger.config.kcot.max_iter, tagger.config.scale_local_temperature) == (
+        0.5,
+        7,
+        True,
+    )
     with pytest.raises(ValueError, match="unknown override.*ot_regularisation"):
         ramtag.load(checkpoint=tiny_checkpoint, device="cpu", ot_regularisation=0.5)
     with pytest.raises(ValueError, match="no labels"):
         tagger.encode_labels([])
     size = tagger.config.preprocessing.image_size
     features = tagger.encode_labels(["cat"])
-    with pytest.raises(ValueError, match=rf"images must be \[B, 3, {size}, {size}\].*got \[1, 3, {size + 1}, {size + 1}\]"):
+    with pytest.raises(
+        ValueError, match=rf"images must be \[B, 3, {size}, {size}\].*got \[1, 3, {size + 1}, {size + 1}\]"
+    ):
         tagger.score(torch.zeros(1, 3, size + 1, size + 1), features)

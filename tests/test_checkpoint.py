@@ -250,7 +250,13 @@ def test_reference_import_infers_the_configuration(reference_state, reference_mo
     assert (config.prompt_layers, config.prompt_tokens) == ((11,), 3)
     assert config.template == "A photo of a {}."
     pre = config.preprocessing
-    assert (pre.image_size, pre.resize, pre.interpolation, pre.mean, pre.std) == (32, "squash", "bilinear", (0.5,) * 3, (0.5,) * 3)
+    assert (pre.image_size, pre.resize, pre.interpolation, pre.mean, pre.std) == (
+        32,
+        "squash",
+        "bilinear",
+        (0.5,) * 3,
+        (0.5,) * 3,
+    )
     assert float(reference_model.temperature.detach()) == pytest.approx(0.02)
     assert float(reference_model.temperature_loc.detach()) == pytest.approx(3e-3)
     assert reference_model.logit_scale == pytest.approx(100.0, rel=1e-6)
@@ -262,7 +268,9 @@ def test_reference_import_infers_the_configuration(reference_state, reference_mo
 
 @pytest.mark.parametrize("wrap", ["module", "state_dict"])
 def test_reference_file_loads_with_prefix_or_wrapper(tmp_path, reference_state, reference_expected, wrap):
-    state = {f"module.{k}": v for k, v in reference_state.items()} if wrap == "module" else {"state_dict": reference_state}
+    state = (
+        {f"module.{k}": v for k, v in reference_state.items()} if wrap == "module" else {"state_dict": reference_state}
+    )
     path = tmp_path / "ram_reference.pth"
     torch.save(state, path)
     loaded = load_checkpoint(path)
@@ -271,7 +279,9 @@ def test_reference_file_loads_with_prefix_or_wrapper(tmp_path, reference_state, 
 
 
 def test_reference_import_ignores_the_teacher_copy(reference_state, reference_expected):
-    scrambled = {k: (torch.zeros_like(v) if k.startswith("clip_model_teacher.") else v) for k, v in reference_state.items()}
+    scrambled = {
+        k: (torch.zeros_like(v) if k.startswith("clip_model_teacher.") else v) for k, v in reference_state.items()
+    }
     assert_same_outputs(reference_outputs(model_from_reference_state(scrambled)), reference_expected)
 
 

@@ -58,7 +58,9 @@ def test_equal_phrases_are_one_class_in_the_region_loss(build):
     distinct, phrase_class = torch.unique(tokens, dim=0, return_inverse=True)
     assert distinct.tolist() == [[1, 5, 2], [1, 6, 2]] and phrase_class.tolist() == [0, 1, 0]
     loss = build.region_phrase_loss(regions, owners, features[[0, 1]], phrase_class, torch.tensor(10.0))
-    objects = torch.nn.functional.normalize(torch.stack([regions[0, :2].sum(0), regions[0, 2], regions[1, :2].sum(0)]), dim=-1)
+    objects = torch.nn.functional.normalize(
+        torch.stack([regions[0, :2].sum(0), regions[0, 2], regions[1, :2].sum(0)]), dim=-1
+    )
     logits = 10 * objects @ features[[0, 1]].T  # two distinct phrases, in torch.unique's sorted order
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0]))
     assert torch.allclose(loss, expected, atol=1e-6)

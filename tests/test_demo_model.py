@@ -57,9 +57,27 @@ def test_region_maps_peak_inside_the_objects(demo):
 def test_readme_first_command_names_the_objects_in_the_examples(capsys):
     from ramtag.data.synth import SHAPES
 
-    assert run_cli("tag", ROOT / "examples", "--labels", ROOT / "examples" / "vocab.txt", "--model", "demo", "-o", "-", "-q", "--workers", 0) == 0
+    assert (
+        run_cli(
+            "tag",
+            ROOT / "examples",
+            "--labels",
+            ROOT / "examples" / "vocab.txt",
+            "--model",
+            "demo",
+            "-o",
+            "-",
+            "-q",
+            "--workers",
+            0,
+        )
+        == 0
+    )
     rows = {row["key"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
-    truth = {row["image"]: set(row["labels"]) for row in map(json.loads, (ROOT / "examples" / "labels.jsonl").read_text().splitlines())}
+    truth = {
+        row["image"]: set(row["labels"])
+        for row in map(json.loads, (ROOT / "examples" / "labels.jsonl").read_text().splitlines())
+    }
     assert set(rows) == set(truth) and len(rows) == 12
     top = {key: [tag["label"] for tag in row["tags"]] for key, row in rows.items()}
     # measured: the top tag is true in 10 of 12; a true shape is among the top three in 11 of 12
@@ -77,7 +95,11 @@ def test_readme_tour_runs(tmp_path, monkeypatch):
 
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
-    tour = [c for c in readme_commands() if ramtag_arguments(c) is not None and "torchrun" not in c and "srun" not in c and "weights/" not in c]
+    tour = [
+        c
+        for c in readme_commands()
+        if ramtag_arguments(c) is not None and "torchrun" not in c and "srun" not in c and "weights/" not in c
+    ]
     ran = 0
     for command in tour:
         arguments = ramtag_arguments(command)

@@ -20,9 +20,12 @@ MAN = Path(__file__).resolve().parent.parent / "man"
 def test_man_pages_are_current():
     expected = pages()
     present = {path.name for path in MAN.glob("*.1")}
-    stale = sorted(name for name, text in expected.items() if not (MAN / name).is_file() or (MAN / name).read_text() != text)
+    stale = sorted(
+        name for name, text in expected.items() if not (MAN / name).is_file() or (MAN / name).read_text() != text
+    )
     assert not stale and present == set(expected), (
-        f"man pages are stale or missing: {stale or sorted(present ^ set(expected))}; run `python -m ramtag.cli.manpages man`"
+        f"man pages are stale or missing: {stale or sorted(present ^ set(expected))}; run `python -m "
+        "ramtag.cli.manpages man`"
     )
 
 
@@ -77,8 +80,22 @@ def test_sigterm_while_starting_up_exits_130_like_ctrl_c(tmp_path):
     vocabulary.write_text("cat\n")
     # Paths come from a stdin that stays open, so the run is still planning its inputs when the signal comes.
     process = subprocess.Popen(
-        [sys.executable, "-m", "ramtag", "tag", "-", "-l", str(vocabulary), "--model", "demo", "-o", str(tmp_path / "t.parquet")],
-        stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ramtag",
+            "tag",
+            "-",
+            "-l",
+            str(vocabulary),
+            "--model",
+            "demo",
+            "-o",
+            str(tmp_path / "t.parquet"),
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(3)  # past Python's start-up, which no handler can cover

@@ -22,7 +22,21 @@ def folder(tmp_path):
 
 def test_explain_writes_one_sheet_per_image(folder, tiny_checkpoint, tmp_path):
     out = tmp_path / "maps"
-    assert run_cli("explain", *sorted(folder.glob("p*.png")), "--labels", folder / "vocab.txt", "-c", tiny_checkpoint, "-o", out, "-k", 2) == 0
+    assert (
+        run_cli(
+            "explain",
+            *sorted(folder.glob("p*.png")),
+            "--labels",
+            folder / "vocab.txt",
+            "-c",
+            tiny_checkpoint,
+            "-o",
+            out,
+            "-k",
+            2,
+        )
+        == 0
+    )
     sheets = sorted(out.glob("*.png"))
     assert len(sheets) == 3
     for sheet in sheets:
@@ -34,7 +48,25 @@ def test_explain_writes_one_sheet_per_image(folder, tiny_checkpoint, tmp_path):
 
 def test_tag_can_save_maps(folder, tiny_checkpoint, tmp_path):
     out = tmp_path / "maps"
-    assert run_cli("tag", folder, "--labels", folder / "vocab.txt", "-c", tiny_checkpoint, "-o", tmp_path / "t.jsonl", "--save-maps", out, "-k", 1, "--workers", 0) == 0
+    assert (
+        run_cli(
+            "tag",
+            folder,
+            "--labels",
+            folder / "vocab.txt",
+            "-c",
+            tiny_checkpoint,
+            "-o",
+            tmp_path / "t.jsonl",
+            "--save-maps",
+            out,
+            "-k",
+            1,
+            "--workers",
+            0,
+        )
+        == 0
+    )
     assert len(list(out.glob("*.png"))) == 3
 
 
@@ -42,7 +74,13 @@ def test_region_maps_are_the_plan_columns_normalised():
     plan = torch.rand(2, 16, 5)
     from ramtag.model.ram import RamOutput
 
-    output = RamOutput(*(torch.zeros(2, 5),) * 5, similarity=torch.zeros(2, 16, 5), plan=plan, region_marginal=torch.zeros(2, 16), sinkhorn_iterations=1)
+    output = RamOutput(
+        *(torch.zeros(2, 5),) * 5,
+        similarity=torch.zeros(2, 16, 5),
+        plan=plan,
+        region_marginal=torch.zeros(2, 16),
+        sinkhorn_iterations=1,
+    )
     maps = region_maps(output, torch.tensor([[3, 0], [1, 1]]))
     assert maps.shape == (2, 2, 4, 4)
     torch.testing.assert_close(maps.flatten(2).sum(-1), torch.ones(2, 2))
@@ -62,7 +100,20 @@ def test_tag_refuses_a_maps_folder_it_cannot_write_before_tagging(folder, tiny_c
     blocker = place / "a-file"
     blocker.write_text("not a folder")
     out = place / "t.parquet"
-    code = run_cli("tag", folder, "--labels", folder / "vocab.txt", "-c", tiny_checkpoint, "-o", out, "--save-maps", blocker / "maps", "--workers", 0)
+    code = run_cli(
+        "tag",
+        folder,
+        "--labels",
+        folder / "vocab.txt",
+        "-c",
+        tiny_checkpoint,
+        "-o",
+        out,
+        "--save-maps",
+        blocker / "maps",
+        "--workers",
+        0,
+    )
     assert code == 2
     message = capsys.readouterr().err
     assert "cannot write region maps" in message and "Traceback" not in message

@@ -37,7 +37,11 @@ def test_fetch_verifies_and_records_a_local_file(tiny_architecture, tmp_path, ca
     assert run_cli("model", "fetch", TINY_ARCH, "mirror", "--to", to, "--from", tiny_architecture) == 0
     record = json.loads((to / f"{TINY_ARCH}-mirror.json").read_text())
     copied = to / record["file"]
-    assert record["sha256"] == hashlib.sha256(copied.read_bytes()).hexdigest() == hashlib.sha256(tiny_architecture.read_bytes()).hexdigest()
+    assert (
+        record["sha256"]
+        == hashlib.sha256(copied.read_bytes()).hexdigest()
+        == hashlib.sha256(tiny_architecture.read_bytes()).hexdigest()
+    )
     assert record["sha256"] in capsys.readouterr().out
     # what was fetched is what `--pretrained PATH` loads
     from ramtag.model.weights import load_backbone
@@ -54,7 +58,9 @@ def test_fetch_refuses_weights_of_another_architecture(tiny_architecture, tmp_pa
     error = capsys.readouterr().err
     assert "wrong.pt" in error and len(error.strip().splitlines()) == 1  # no probing warnings before the line
     assert not (tmp_path / "w" / f"{TINY_ARCH}-mirror.json").exists()
-    assert run_cli("model", "fetch", TINY_ARCH, "mirror", "--to", wrong, "--from", tiny_architecture) == 2  # --to a file
+    assert (
+        run_cli("model", "fetch", TINY_ARCH, "mirror", "--to", wrong, "--from", tiny_architecture) == 2
+    )  # --to a file
     assert "cannot create the folder" in capsys.readouterr().err
 
 
@@ -73,7 +79,10 @@ def test_training_free_tagging_from_local_weights(tiny_architecture, tmp_path):
 
 def test_data_synth_command_is_deterministic(tmp_path):
     for name in ("a", "b"):
-        assert run_cli("data", "synth", tmp_path / name, "--n", 6, "--seed", 5, "--format", "images", "--format", "json") == 0
+        assert (
+            run_cli("data", "synth", tmp_path / name, "--n", 6, "--seed", 5, "--format", "images", "--format", "json")
+            == 0
+        )
     first = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert first and first == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for relative in first:
@@ -89,7 +98,10 @@ def test_data_synth_refuses_to_mix_two_datasets_in_one_folder(tmp_path, capsys):
     assert run_cli("data", "synth", out, "--n", 2, "--seed", 6, "--format", "images", "--format", "json") == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert len(list((out / "images").iterdir())) == 6
-    assert run_cli("data", "synth", out, "--n", 2, "--seed", 6, "--format", "images", "--format", "json", "--overwrite") == 0
+    assert (
+        run_cli("data", "synth", out, "--n", 2, "--seed", 6, "--format", "images", "--format", "json", "--overwrite")
+        == 0
+    )
     assert len(list((out / "images").iterdir())) == 2  # the six earlier images are gone, not mixed in
     assert len(json.loads((out / "labels.json").read_text())["images"]) == 2
     assert (out / "NOTES.md").read_text() == "mine"  # files it did not write stay
@@ -107,7 +119,12 @@ def test_no_network_names_the_ways_out(monkeypatch, tmp_path, capsys):
     (tmp_path / "v.txt").write_text("cat\n")
     assert run_cli("tag", tmp_path, "--labels", tmp_path / "v.txt", "-o", tmp_path / "o.jsonl") == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "--pretrained" in error[0] and "--model demo" in error[0] and "ramtag model fetch" in error[0]
+    assert (
+        len(error) == 1
+        and "--pretrained" in error[0]
+        and "--model demo" in error[0]
+        and "ramtag model fetch" in error[0]
+    )
 
 
 def test_download_retries_are_not_logged_when_the_download_fails_but_are_when_it_works():

@@ -24,7 +24,9 @@ LOGIT_SCALE = 100.0
 def kcot_problem(batch: int, regions: int, labels: int, seed: int, dtype=torch.float32):
     """A KCOT-shaped problem: cost and region marginal from random unit-vector similarities."""
     gen = torch.Generator().manual_seed(seed)
-    regions_f = torch.nn.functional.normalize(torch.randn(batch, regions, 32, generator=gen, dtype=torch.float64), dim=-1)
+    regions_f = torch.nn.functional.normalize(
+        torch.randn(batch, regions, 32, generator=gen, dtype=torch.float64), dim=-1
+    )
     labels_f = torch.nn.functional.normalize(torch.randn(labels, 32, generator=gen, dtype=torch.float64), dim=-1)
     similarity = (regions_f @ labels_f.t()).to(dtype)
     source = region_marginal(similarity)
@@ -70,7 +72,9 @@ def test_marginal_rule_matches_pot(reg, log_domain):
     assert result.log_domain is log_domain
     assert result.plan.dtype == torch.float64
     for i in range(cost.shape[0]):
-        expected = ot.sinkhorn(source[i].numpy(), target[i].numpy(), cost[i].numpy(), reg, numItermax=100_000, stopThr=1e-14)
+        expected = ot.sinkhorn(
+            source[i].numpy(), target[i].numpy(), cost[i].numpy(), reg, numItermax=100_000, stopThr=1e-14
+        )
         np.testing.assert_allclose(result.plan[i].numpy(), expected, rtol=0, atol=1e-9)
     np.testing.assert_allclose(result.plan.sum(dim=2).numpy(), source.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(result.plan.sum(dim=1).numpy(), target.numpy(), rtol=0, atol=1e-6)
@@ -293,7 +297,13 @@ def test_kcot_config_rejects_bad_values(bad):
 
 def test_kcot_config_defaults_are_the_reference_settings():
     config = KcotConfig()
-    assert (config.reg, config.teacher_weight, config.max_iter, config.tol, config.stop) == (0.1, 0.05, 100, 1e-3, "reference")
+    assert (config.reg, config.teacher_weight, config.max_iter, config.tol, config.stop) == (
+        0.1,
+        0.05,
+        100,
+        1e-3,
+        "reference",
+    )
 
 
 def test_ram_config_round_trips_and_validates():

@@ -167,7 +167,10 @@ def test_webdataset_shards_with_json_txt_and_cls_labels(tmp_path: Path):
     assert found[K("s0", "a")][1] == [1.0, 0.0, 1.0, 0.0]
     assert found[K("s0", "b")][1] == [0.0, 1.0, 0.0, 0.0]
     assert found[K("s1", "d")][1] == [1.0, 0.0, 0.0, 1.0]
-    assert dict(tally.failed) == {K("s0", "c"): "no label member (.json, .txt or .cls) in sample", K("s1", "e"): "not an image"}
+    assert dict(tally.failed) == {
+        K("s0", "c"): "no label member (.json, .txt or .cls) in sample",
+        K("s1", "e"): "not an image",
+    }
     assert dict(tally.dropped) == {"zebra": 1}
 
 

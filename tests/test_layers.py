@@ -8,8 +8,20 @@ import sys
 
 import pytest
 
-MODEL_MODULES = ["ramtag.model.ram", "ramtag.model.checkpoint", "ramtag.model.kcot", "ramtag.model.backbone", "ramtag.metrics"]
-DATA_MODULES = ["ramtag.data.sources", "ramtag.data.writers", "ramtag.data.vocab", "ramtag.data.annotations", "ramtag.data.synth"]
+MODEL_MODULES = [
+    "ramtag.model.ram",
+    "ramtag.model.checkpoint",
+    "ramtag.model.kcot",
+    "ramtag.model.backbone",
+    "ramtag.metrics",
+]
+DATA_MODULES = [
+    "ramtag.data.sources",
+    "ramtag.data.writers",
+    "ramtag.data.vocab",
+    "ramtag.data.annotations",
+    "ramtag.data.synth",
+]
 
 
 def _loaded_after_import(module: str) -> set[str]:
@@ -22,7 +34,9 @@ def _loaded_after_import(module: str) -> set[str]:
 def test_model_layer_knows_nothing_of_io_engine_or_cli(module):
     loaded = _loaded_after_import(module)
     forbidden = {"ramtag.data", "ramtag.engine", "ramtag.cli", "PIL", "pyarrow", "webdataset", "typer"}
-    assert not {name for name in loaded if name.split(".")[0] in forbidden or ".".join(name.split(".")[:2]) in forbidden}
+    assert not {
+        name for name in loaded if name.split(".")[0] in forbidden or ".".join(name.split(".")[:2]) in forbidden
+    }
 
 
 @pytest.mark.parametrize("module", DATA_MODULES)

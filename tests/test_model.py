@@ -163,7 +163,9 @@ def value_value_regions(clip, x: torch.Tensor) -> torch.Tensor:
     """
     visual = clip.visual
     inputs = []
-    handles = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in visual.transformer.resblocks]
+    handles = [
+        b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in visual.transformer.resblocks
+    ]
     stem = []
     handles.append(visual.ln_pre.register_forward_hook(lambda m, i, o: stem.append(o)))
     try:
@@ -229,7 +231,9 @@ def test_logits_follow_the_method(trained):
     labels = F.normalize(features, dim=-1)
     similarity = F.normalize(regions, dim=-1) @ labels.t()
     torch.testing.assert_close(output.similarity, similarity)
-    torch.testing.assert_close(output.global_logits, F.normalize(global_feature, dim=-1) @ labels.t() / trained.temperature)
+    torch.testing.assert_close(
+        output.global_logits, F.normalize(global_feature, dim=-1) @ labels.t() / trained.temperature
+    )
     expected_plan = sinkhorn(region_marginal(similarity), torch.full((2, len(LABELS)), 1 / len(LABELS)),
                              kcot_cost(similarity, LOGIT_SCALE), reg=0.1).plan
     torch.testing.assert_close(output.plan, expected_plan)
@@ -268,7 +272,9 @@ def test_batch_minimum_hook_supplies_the_teacher_minimum(trained):
         features = trained.encode_labels(tokens())
         teacher_features = trained.encode_labels(tokens(), use_prompts=False)
         local = trained(x, features, targets=targets, teacher_label_features=teacher_features)
-        hooked = trained(x, features, targets=targets, teacher_label_features=teacher_features, batch_minimum=global_minimum)
+        hooked = trained(
+            x, features, targets=targets, teacher_label_features=teacher_features, batch_minimum=global_minimum
+        )
         knowledge = trained.teacher_distribution(x, teacher_features, trained.config.kcot)
     assert received == [pytest.approx(float(knowledge.amin()))]
     assert not torch.allclose(local.plan, hooked.plan)
@@ -404,7 +410,8 @@ def test_unsupported_towers_and_layers_are_refused(clip):
 
 def test_text_features_do_not_depend_on_the_padding_run():
     """Only positions up to the last end-of-text token (plus prompt room) are run: same features as full context."""
-    from tests.model_fixtures import tiny_ram, tokens as _tokens
+    from tests.model_fixtures import tiny_ram
+    from tests.model_fixtures import tokens as _tokens
 
     model = tiny_ram(seed=3).eval()
     short = _tokens(["cat"])
@@ -415,4 +422,6 @@ def test_text_features_do_not_depend_on_the_padding_run():
             alone = model.text(short, use_prompts=use_prompts)
             together = model.text(both, use_prompts=use_prompts)
             torch.testing.assert_close(alone[0], together[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(model.text(both, use_prompts=False), model.clip.encode_text(both), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            model.text(both, use_prompts=False), model.clip.encode_text(both), rtol=1e-5, atol=1e-6
+        )

@@ -39,7 +39,9 @@ def case(request):
     model = model_from_reference_state(make_reference_state_dict(spec, meta["weights_seed"]))
     images = make_reference_images(spec, meta["batch_size"], meta["input_seed"])
     seen, unseen = meta["labels_seen"], meta["labels_unseen"]
-    tokens = open_clip.tokenize([meta["template"].format(label) for label in seen + unseen], context_length=spec.context_length)
+    tokens = open_clip.tokenize(
+        [meta["template"].format(label) for label in seen + unseen], context_length=spec.context_length
+    )
     return meta, expected, model, images, tokens, len(seen)
 
 

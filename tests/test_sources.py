@@ -221,7 +221,9 @@ def test_carried_columns_are_null_for_other_inputs(photos):
 @pytest.fixture
 def shards(tmp_path):
     folder = tmp_path / "shards"
-    return [image_shard(folder / f"{index:06d}.tar", [f"s{index}-{k}" for k in range(3)], index * 10) for index in range(4)]
+    return [
+        image_shard(folder / f"{index:06d}.tar", [f"s{index}-{k}" for k in range(3)], index * 10) for index in range(4)
+    ]
 
 
 def test_brace_pattern_expands_to_shards(shards):
@@ -269,7 +271,9 @@ def read_all(dataset, **loader_kwargs):
 
 def test_shard_samples_are_decoded_with_shard_keys(shards):
     rows = read_all(ShardDataset([f"pipe:cat {shards[0]}", str(shards[1])], as_tensor))
-    assert [row[0] for row in rows] == [f"000000.tar/s0-{k}" for k in range(3)] + [f"000001.tar/s1-{k}" for k in range(3)]
+    assert [row[0] for row in rows] == [f"000000.tar/s0-{k}" for k in range(3)] + [
+        f"000001.tar/s1-{k}" for k in range(3)
+    ]
     assert rows[0][1] == f"pipe:cat {shards[0]}"
     assert all(row[3] is None for row in rows)
     assert rows[0][2].shape == (3, 16, 16)
@@ -279,7 +283,12 @@ def test_bad_samples_and_broken_shards_become_error_rows(tmp_path):
     good = image_bytes(1, "JPEG")
     shard = write_shard(
         tmp_path / "mixed.tar",
-        [("ok", {"jpg": good}), ("bad", {"jpg": b"garbage"}), ("noimg", {"txt": b"caption"}), ("png", {"PNG": image_bytes(2)})],
+        [
+            ("ok", {"jpg": good}),
+            ("bad", {"jpg": b"garbage"}),
+            ("noimg", {"txt": b"caption"}),
+            ("png", {"PNG": image_bytes(2)}),
+        ],
     )
     truncated = tmp_path / "truncated.tar"
     with tarfile.open(shard) as archive:
@@ -376,10 +385,18 @@ def test_shards_that_share_a_file_name_are_refused(tmp_path):
 def test_a_key_that_comes_back_later_in_a_shard_is_its_own_error_row(tmp_path):
     shard = write_shard(
         tmp_path / "odd.tar",
-        [("a", {"jpg": image_bytes(1, "JPEG")}), ("b", {"jpg": image_bytes(2, "JPEG")}), ("a", {"png": image_bytes(3)})],
+        [
+            ("a", {"jpg": image_bytes(1, "JPEG")}),
+            ("b", {"jpg": image_bytes(2, "JPEG")}),
+            ("a", {"png": image_bytes(3)}),
+        ],
     )
     rows = read_all(ShardDataset([str(shard)], as_tensor))
-    assert [(row[0], row[3] is None) for row in rows] == [("odd.tar/a", True), ("odd.tar/b", True), ("odd.tar/a (repeat 2)", False)]
+    assert [(row[0], row[3] is None) for row in rows] == [
+        ("odd.tar/a", True),
+        ("odd.tar/b", True),
+        ("odd.tar/a (repeat 2)", False),
+    ]
     assert "must be consecutive" in rows[2][3]
 
 
@@ -410,7 +427,10 @@ def test_a_shard_cut_at_a_member_boundary_is_reported(tmp_path):
     assert [key for key in rows if key.startswith("whole.tar")] == ["whole.tar/a", "whole.tar/b", "whole.tar/c"]
     assert not any(key == "whole.tar/" for key in rows)
     assert rows["cut.tar/a"] is None
-    assert rows["cut.tar/"] == "cannot read shard after 2 sample(s): the archive ends without its end-of-archive blocks (cut off?)"
+    assert (
+        rows["cut.tar/"]
+        == "cannot read shard after 2 sample(s): the archive ends without its end-of-archive blocks (cut off?)"
+    )
 
 
 def test_a_folder_without_images_is_a_warning(tmp_path):

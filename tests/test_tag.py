@@ -11,7 +11,6 @@ import sys
 import tarfile
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -55,11 +54,20 @@ def _rows(path) -> list[dict]:
 def test_folder_to_parquet_with_an_error_row(photos, tiny_checkpoint, tmp_path, capsys):
     root, vocab = photos
     out = tmp_path / "tags.parquet"
-    code = run_cli("tag", root, "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0, "-k", 3, "--all-scores")
+    code = run_cli(
+        "tag", root, "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0, "-k", 3, "--all-scores"
+    )
     assert code == 3  # some inputs failed, the rest is written
     assert "broken.jpg" in capsys.readouterr().err
     rows = _rows(out)
-    assert [r["key"] for r in rows] == ["broken.jpg", "img0.PNG", "img2.PNG", "img4.PNG", "sub/img1.PNG", "sub/img3.PNG"]
+    assert [r["key"] for r in rows] == [
+        "broken.jpg",
+        "img0.PNG",
+        "img2.PNG",
+        "img4.PNG",
+        "sub/img1.PNG",
+        "sub/img3.PNG",
+    ]
     broken = rows[0]
     assert broken["error"] and broken["tags"] == []
     for row in rows[1:]:
@@ -106,7 +114,12 @@ def test_mixed_inputs_keys_and_carried_columns(photos, tiny_checkpoint, tmp_path
                    "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0)
     assert code == 3  # the manifest names a missing file
     rows = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {str(root / "img0.PNG"), str(root / "sub" / "img1.PNG"), str(root / "img2.PNG"), str(root / "missing.png")}
+    assert set(rows) == {
+        str(root / "img0.PNG"),
+        str(root / "sub" / "img1.PNG"),
+        str(root / "img2.PNG"),
+        str(root / "missing.png"),
+    }
     assert rows[str(root / "img2.PNG")]["id"] == 7 and rows[str(root / "img2.PNG")]["url"] == "http://x/2"
     assert rows[str(root / "missing.png")]["error"]
     sidecar = json.loads((tmp_path / "mixed.jsonl.meta.json").read_text())
@@ -130,10 +143,24 @@ def test_webdataset_shards_by_brace_pattern(photos, tiny_checkpoint, tmp_path, c
     shards.mkdir()
     _write_shard(shards / "000000.tar", 0, 3)
     _write_shard(shards / "000001.tar", 3, 2)
-    code = run_cli("tag", f"{shards}/{{000000..000001}}.tar", "--labels", vocab, "-c", tiny_checkpoint, "-o", "-", "--workers", 0, "-q")
+    code = run_cli(
+        "tag",
+        f"{shards}/{{000000..000001}}.tar",
+        "--labels",
+        vocab,
+        "-c",
+        tiny_checkpoint,
+        "-o",
+        "-",
+        "--workers",
+        0,
+        "-q",
+    )
     assert code == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert sorted(r["key"] for r in rows) == [f"000000.tar/sample{i:03d}" for i in range(3)] + [f"000001.tar/sample{i:03d}" for i in range(3, 5)]
+    assert sorted(r["key"] for r in rows) == [f"000000.tar/sample{i:03d}" for i in range(3)] + [
+        f"000001.tar/sample{i:03d}" for i in range(3, 5)
+    ]
     assert all(r["error"] is None and len(r["tags"]) == 4 for r in rows)
     assert run_cli("tag", f"{shards}/{{000005..000006}}.tar", "--labels", vocab, "-c", tiny_checkpoint, "-o", "-") == 2
 
@@ -165,7 +192,22 @@ def test_interrupted_run_resumes_without_duplicates(photos, tiny_checkpoint, tmp
         return real_score(self, images, features, autocast_dtype)
 
     monkeypatch.setattr(Runtime, "score", score_then_interrupt)
-    args = ["tag", root, "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0, "--batch-size", 1, "--part-rows", 1]
+    args = [
+        "tag",
+        root,
+        "--labels",
+        vocab,
+        "-c",
+        tiny_checkpoint,
+        "-o",
+        out,
+        "--workers",
+        0,
+        "--batch-size",
+        1,
+        "--part-rows",
+        1,
+    ]
     assert run_cli(*args) == 130
     assert not out.exists()  # nothing half-written appears under the output's name
     monkeypatch.setattr(Runtime, "score", real_score)
@@ -195,7 +237,11 @@ def test_vocabulary_file_round_trip_and_refusal(photos, tiny_checkpoint, tmp_pat
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("cat\ndog\ncat\n", "line"), ("# nothing\n\n", "empty"), ("cat\n" + "very " * 20 + "long label\n", "bad.txt:2: label")],
+    [
+        ("cat\ndog\ncat\n", "line"),
+        ("# nothing\n\n", "empty"),
+        ("cat\n" + "very " * 20 + "long label\n", "bad.txt:2: label"),
+    ],
 )
 def test_bad_vocabularies_name_the_line(photos, tiny_checkpoint, tmp_path, capsys, content, message):
     root, _ = photos
@@ -226,14 +272,52 @@ def test_thresholds_select_and_foreign_files_are_refused(photos, tiny_checkpoint
     runtime = load_runtime(tiny_checkpoint, device="cpu")
     vocabulary = encode_vocabulary(runtime, LABELS)
     good = tmp_path / "t.tsv"
-    write_thresholds(good, LABELS, [0.0, float("inf"), 0.0, float("inf")], vocabulary_fingerprint=vocabulary.fingerprint, model_fingerprint=runtime.fingerprint)
+    write_thresholds(
+        good,
+        LABELS,
+        [0.0, float("inf"), 0.0, float("inf")],
+        vocabulary_fingerprint=vocabulary.fingerprint,
+        model_fingerprint=runtime.fingerprint,
+    )
     out = tmp_path / "t.jsonl"
-    assert run_cli("tag", root / "sub", "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--thresholds", good, "--workers", 0, "-k", 0) == 0
+    assert (
+        run_cli(
+            "tag",
+            root / "sub",
+            "--labels",
+            vocab,
+            "-c",
+            tiny_checkpoint,
+            "-o",
+            out,
+            "--thresholds",
+            good,
+            "--workers",
+            0,
+            "-k",
+            0,
+        )
+        == 0
+    )
     for row in map(json.loads, out.read_text().splitlines()):
         assert {t["label"] for t in row["tags"]} == {"cat", "red car"}
     foreign = tmp_path / "f.tsv"
     write_thresholds(foreign, LABELS, [0.1] * 4, vocabulary_fingerprint="0" * 16, model_fingerprint=runtime.fingerprint)
-    assert run_cli("tag", root / "sub", "--labels", vocab, "-c", tiny_checkpoint, "-o", tmp_path / "u.jsonl", "--thresholds", foreign) == 2
+    assert (
+        run_cli(
+            "tag",
+            root / "sub",
+            "--labels",
+            vocab,
+            "-c",
+            tiny_checkpoint,
+            "-o",
+            tmp_path / "u.jsonl",
+            "--thresholds",
+            foreign,
+        )
+        == 2
+    )
 
 
 @pytest.mark.slow
@@ -241,11 +325,35 @@ def test_two_processes_equal_one(photos, tiny_checkpoint, tmp_path):
     root, vocab = photos
     (root / "c_broken.jpg").write_bytes(b"not a picture")  # second in key order: rank 1 of 2 reads it
     single, double = tmp_path / "one.parquet", tmp_path / "two.parquet"
-    common = ["tag", str(root), "--labels", str(vocab), "-c", str(tiny_checkpoint), "--workers", "0", "--device", "cpu", "--all-scores"]
+    common = [
+        "tag",
+        str(root),
+        "--labels",
+        str(vocab),
+        "-c",
+        str(tiny_checkpoint),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--all-scores",
+    ]
     assert run_cli(*common, "-q", "-o", single) == 3
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "ramtag"]
-    result = subprocess.run(torchrun + common + ["-o", str(double)], capture_output=True, text=True, env=env, timeout=240)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "ramtag",
+    ]
+    result = subprocess.run(
+        torchrun + common + ["-o", str(double)], capture_output=True, text=True, env=env, timeout=240
+    )
     assert result.returncode != 0 and "rank" in result.stderr  # exit status 3 from rank 0: two images are broken
     for key in ("broken.jpg", "c_broken.jpg"):  # every rank reports the inputs it could not read
         assert f"ramtag: {key}: " in result.stderr, result.stderr[-3000:]
@@ -262,6 +370,9 @@ def test_an_error_line_stays_one_line_when_the_key_holds_a_newline(photos, tiny_
     _, vocab = photos
     manifest = tmp_path / "images.jsonl"
     manifest.write_text(json.dumps({"path": "new\nline.png"}) + "\n")
-    assert run_cli("tag", manifest, "--labels", vocab, "-c", tiny_checkpoint, "-o", tmp_path / "t.jsonl", "--workers", 0) == 3
+    assert (
+        run_cli("tag", manifest, "--labels", vocab, "-c", tiny_checkpoint, "-o", tmp_path / "t.jsonl", "--workers", 0)
+        == 3
+    )
     lines = [line for line in capsys.readouterr().err.splitlines() if "line.png" in line]
     assert lines == [lines[0]] and "new\\nline.png" in lines[0]

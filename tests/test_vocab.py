@@ -77,7 +77,9 @@ def test_label_length_hook_names_the_line(tmp_path):
         return len(label.split()) + 4
 
     check_label_lengths(parsed.labels, parsed.line_numbers, count, max_tokens=9)
-    with pytest.raises(VocabularyError, match=r"vocab.txt:3: label 'a very long label indeed' is too long .*9 tokens, at most 8"):
+    with pytest.raises(
+        VocabularyError, match=r"vocab.txt:3: label 'a very long label indeed' is too long .*9 tokens, at most 8"
+    ):
         check_label_lengths(parsed.labels, parsed.line_numbers, count, max_tokens=8, source="vocab.txt")
 
 
@@ -173,7 +175,9 @@ def test_fingerprint_is_stable_and_unambiguous():
 def test_label_files_that_are_not_label_files_say_what_they_are(tmp_path):
     from ramtag.data.vocab import read_labels, save_vocab_features
 
-    encoded = save_vocab_features(tmp_path / "v.rtv", torch.randn(2, 4), ["a", "b"], {"templates": ["{}"], "fingerprint": {}})
+    encoded = save_vocab_features(
+        tmp_path / "v.rtv", torch.randn(2, 4), ["a", "b"], {"templates": ["{}"], "fingerprint": {}}
+    )
     with pytest.raises(VocabularyError, match="an encoded vocabulary"):
         read_labels(encoded)
     with pytest.raises(VocabularyError, match="a folder"):

@@ -42,7 +42,9 @@ def scores_for(keys: list[str], seed: int = 0) -> np.ndarray:
 
 def good_batch(keys: list[str], top_k: int = 3, extra=None, seed: int = 0) -> TagBatch:
     scores = scores_for(keys, seed)
-    return TagBatch.from_selection(keys, [f"/src/{key}" for key in keys], select_tags(scores, top_k=top_k), scores, extra)
+    return TagBatch.from_selection(
+        keys, [f"/src/{key}" for key in keys], select_tags(scores, top_k=top_k), scores, extra
+    )
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -347,7 +349,9 @@ def test_a_failing_writer_thread_is_reported(tmp_path):
 def test_thresholds_file_round_trip(tmp_path):
     path = tmp_path / "thresholds.tsv"
     values = np.array([0.05, 0.125, np.inf, 1e-4, 0.3], dtype=np.float32)
-    write_thresholds(path, LABELS, values, vocabulary_fingerprint="v" * 16, model_fingerprint="m" * 16, info={"objective": "f1"})
+    write_thresholds(
+        path, LABELS, values, vocabulary_fingerprint="v" * 16, model_fingerprint="m" * 16, info={"objective": "f1"}
+    )
     parsed = read_thresholds(path)
     assert parsed.info == {"objective": "f1"}
     np.testing.assert_array_equal(parsed.for_vocabulary(LABELS, "v" * 16, "m" * 16), values)
@@ -405,8 +409,12 @@ def test_loader_batches_flow_into_the_table_with_every_input_once(tmp_path):
     for batch in DataLoader(FileDataset(plan.files, features), batch_size=4, collate_fn=collate_records, num_workers=2):
         if batch.images is not None:
             scores = batch.images.softmax(dim=1)
-            writer.write(TagBatch.from_selection(batch.keys, batch.sources, select_tags(scores, top_k=2), extra=batch.extra))
-        writer.write(TagBatch.from_failures(batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra))
+            writer.write(
+                TagBatch.from_selection(batch.keys, batch.sources, select_tags(scores, top_k=2), extra=batch.extra)
+            )
+        writer.write(
+            TagBatch.from_failures(batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra)
+        )
     writer.finalize()
     rows = {row["key"]: row for row in read_rows(tmp_path / "tags.parquet")}
     assert sorted(rows) == sorted(plan.files["key"].to_pylist())

@@ -24,7 +24,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Tag images with any vocabulary: [bold]ramtag tag ./photos --labels vocab.txt -o tags.parquet[/bold]"""
 

@@ -9,7 +9,9 @@ import typer
 
 from ramtag.cli.app import app
 
-data_app = typer.Typer(help="Datasets: generate the synthetic benchmark (smoke tests, demos, cluster checks).", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: generate the synthetic benchmark (smoke tests, demos, cluster checks).", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 
@@ -26,9 +28,13 @@ def synth(
     n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed writes the same bytes.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", min=16, max=2048, help="Image side in pixels.")] = 64,
-    format: Annotated[Optional[List[str]], typer.Option("--format", help="images, json, jsonl, webdataset (repeatable; default all).")] = None,
+    format: Annotated[
+        Optional[List[str]], typer.Option("--format", help="images, json, jsonl, webdataset (repeatable; default all).")
+    ] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per WebDataset shard.")] = 1000,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier synthetic dataset in OUT.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier synthetic dataset in OUT.")
+    ] = False,
 ) -> None:
     """Write N synthetic scenes (1-4 coloured shapes each) with labels, boxes, captions and a seen/unseen split."""
     from ramtag.data.synth import FORMATS, clear_dataset, write_dataset
@@ -41,7 +47,9 @@ def synth(
             raise OutputError(f"{out} is not empty; pass --overwrite to replace an earlier synthetic dataset there")
         clear_dataset(out)
     try:
-        summary = write_dataset(out, n, seed, image_size=image_size, formats=set(format) if format else FORMATS, shard_size=shard_size)
+        summary = write_dataset(
+            out, n, seed, image_size=image_size, formats=set(format) if format else FORMATS, shard_size=shard_size
+        )
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
     typer.echo(f"{summary.n} scenes (seed {summary.seed}, {summary.image_size}px) -> {summary.out}", err=True)

@@ -58,7 +58,9 @@ def explain(
 
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
-    runtime = ModelChoice(checkpoint, model, pretrained, device, scale_local_temperature, ot_reg, ot_max_iter, ot_tol, ot_stop).load()
+    runtime = ModelChoice(
+        checkpoint, model, pretrained, device, scale_local_temperature, ot_reg, ot_max_iter, ot_tol, ot_stop
+    ).load()
     vocabulary = load_vocabulary(runtime, labels)
     written, failures = run_explain(runtime, vocabulary, images, output, top_k=top_k, batch_size=batch_size)
     for key, reason in failures:

@@ -23,7 +23,11 @@ def _options(command) -> list[str]:
     lines = []
     for param in command.params:
         if param.param_type_name == "argument":
-            lines += [".TP", f"\\fB{_roff((param.name or '').upper())}\\fR", _roff(_plain(getattr(param, "help", "")) or "")]
+            lines += [
+                ".TP",
+                f"\\fB{_roff((param.name or '').upper())}\\fR",
+                _roff(_plain(getattr(param, "help", "")) or ""),
+            ]
             continue
         if param.param_type_name != "option" or getattr(param, "hidden", False):
             continue
@@ -53,7 +57,11 @@ def render_page(name: str, command, version: str, parent: str | None = None) -> 
         lines += [".SH COMMANDS"]
         for sub_name, sub in sorted(command.commands.items()):
             lines += [".TP", f"\\fB{_roff(sub_name)}\\fR", _roff(_plain(sub.get_short_help_str(200)))]
-            lines += [f"See \\fB{_roff(full.replace(' ', '-'))}-{_roff(sub_name)}\\fR(1)." if hasattr(sub, "commands") or parent is None else ""]
+            lines += [
+                f"See \\fB{_roff(full.replace(' ', '-'))}-{_roff(sub_name)}\\fR(1)."
+                if hasattr(sub, "commands") or parent is None
+                else ""
+            ]
     options = _options(command)
     if options:
         lines += [".SH OPTIONS", *options]

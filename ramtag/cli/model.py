@@ -16,7 +16,8 @@ app.add_typer(model_app, name="model")
     epilog=(
         "Examples (on a machine with network, then copy DIR across):\n\n"
         "  ramtag model fetch ViT-B-16-quickgelu openai --to weights/\n\n"
-        "  ramtag tag photos/ --labels vocab.txt --model ViT-B-16-quickgelu --pretrained weights/ViT-B-16-quickgelu-openai.safetensors\n\n"
+        "  ramtag tag photos/ --labels vocab.txt --model ViT-B-16-quickgelu --pretrained "
+        "weights/ViT-B-16-quickgelu-openai.safetensors\n\n"
         "The file name ends as the download did (.safetensors, or .bin for older uploads); fetch prints it."
     )
 )
@@ -24,7 +25,10 @@ def fetch(
     name: Annotated[str, typer.Argument(help="open_clip architecture, e.g. ViT-B-16-quickgelu.")],
     tag: Annotated[str, typer.Argument(help="open_clip pretrained tag, e.g. openai.")],
     to: Annotated[str, typer.Option("--to", help="Folder to put the weights and their sha256 record in.")],
-    source: Annotated[Optional[str], typer.Option("--from", help="Verify and copy a local file (e.g. from a mirror) instead of downloading.")] = None,
+    source: Annotated[
+        Optional[str],
+        typer.Option("--from", help="Verify and copy a local file (e.g. from a mirror) instead of downloading."),
+    ] = None,
 ) -> None:
     """Download NAME/TAG weights, check they load, and write them with a sha256 record into --to."""
     from ramtag.engine.fetch import fetch_weights

@@ -20,35 +20,81 @@ DEFAULT_DEVICE = "auto"
 
 Checkpoint = Annotated[
     Optional[str],
-    typer.Option("--checkpoint", "-c", help="A ramtag checkpoint (.safetensors) or a reference RAM .pth file.", rich_help_panel=MODEL_PANEL),
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        help="A ramtag checkpoint (.safetensors) or a reference RAM .pth file.",
+        rich_help_panel=MODEL_PANEL,
+    ),
 ]
 ModelName = Annotated[
     str,
-    typer.Option("--model", "-m", help="open_clip architecture for training-free RAM (e.g. ViT-B-16-quickgelu), or 'demo' for the bundled demo model.", rich_help_panel=MODEL_PANEL),
+    typer.Option(
+        "--model",
+        "-m",
+        help=(
+            "open_clip architecture for training-free RAM (e.g. ViT-B-16-quickgelu), or 'demo' for the bundled "
+            "demo model."
+        ),
+        rich_help_panel=MODEL_PANEL,
+    ),
 ]
 Pretrained = Annotated[
     Optional[str],
-    typer.Option("--pretrained", help="open_clip pretrained tag (openai, …) or a local weights file.", rich_help_panel=MODEL_PANEL),
+    typer.Option(
+        "--pretrained",
+        help="open_clip pretrained tag (openai, …) or a local weights file.",
+        rich_help_panel=MODEL_PANEL,
+    ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)]
 ScaleLocalTemperature = Annotated[
     Optional[bool],
-    typer.Option("--scale-local-temperature/--no-scale-local-temperature", help="Scale the local temperature by training/current vocabulary size (default: the checkpoint's setting).", rich_help_panel=MODEL_PANEL),
+    typer.Option(
+        "--scale-local-temperature/--no-scale-local-temperature",
+        help="Scale the local temperature by training/current vocabulary size (default: the checkpoint's setting).",
+        rich_help_panel=MODEL_PANEL,
+    ),
 ]
-OtReg = Annotated[Optional[float], typer.Option("--ot-reg", help="Sinkhorn entropic regularisation (default 0.1).", rich_help_panel=KCOT_PANEL)]
-OtMaxIter = Annotated[Optional[int], typer.Option("--ot-max-iter", help="Sinkhorn iteration limit (default 100).", rich_help_panel=KCOT_PANEL)]
-OtTol = Annotated[Optional[float], typer.Option("--ot-tol", help="Sinkhorn tolerance (default 1e-3).", rich_help_panel=KCOT_PANEL)]
-OtStop = Annotated[Optional[str], typer.Option("--ot-stop", help="Stopping rule: reference (parity) or marginal.", rich_help_panel=KCOT_PANEL)]
+OtReg = Annotated[
+    Optional[float],
+    typer.Option("--ot-reg", help="Sinkhorn entropic regularisation (default 0.1).", rich_help_panel=KCOT_PANEL),
+]
+OtMaxIter = Annotated[
+    Optional[int],
+    typer.Option("--ot-max-iter", help="Sinkhorn iteration limit (default 100).", rich_help_panel=KCOT_PANEL),
+]
+OtTol = Annotated[
+    Optional[float], typer.Option("--ot-tol", help="Sinkhorn tolerance (default 1e-3).", rich_help_panel=KCOT_PANEL)
+]
+OtStop = Annotated[
+    Optional[str],
+    typer.Option("--ot-stop", help="Stopping rule: reference (parity) or marginal.", rich_help_panel=KCOT_PANEL),
+]
 
 Labels = Annotated[
     str,
-    typer.Option("--labels", "-l", help="Label file (one per line, # comments) or a .rtv file from `ramtag vocab encode`; '-' reads labels from stdin.", rich_help_panel=INPUT_PANEL),
+    typer.Option(
+        "--labels",
+        "-l",
+        help=(
+            "Label file (one per line, # comments) or a .rtv file from `ramtag vocab encode`; '-' reads labels "
+            "from stdin."
+        ),
+        rich_help_panel=INPUT_PANEL,
+    ),
 ]
 Template = Annotated[
     Optional[List[str]],
-    typer.Option("--template", help="Prompt template with {} (repeatable: an ensemble, training-free models only).", rich_help_panel=INPUT_PANEL),
+    typer.Option(
+        "--template",
+        help="Prompt template with {} (repeatable: an ensemble, training-free models only).",
+        rich_help_panel=INPUT_PANEL,
+    ),
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.", rich_help_panel=SPEED_PANEL)]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.", rich_help_panel=SPEED_PANEL)
+]
 
 
 @dataclass

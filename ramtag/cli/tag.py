@@ -45,27 +45,134 @@ OUTPUT_PANEL = "Output"
     )
 )
 def tag(
-    inputs: Annotated[List[str], typer.Argument(help="Folders, image files, @list.txt, '-' (paths on stdin), manifests (.parquet/.csv/.jsonl) or WebDataset shards (.tar, brace patterns, pipe:).", show_default=False)],
+    inputs: Annotated[
+        List[str],
+        typer.Argument(
+            help=(
+                "Folders, image files, @list.txt, '-' (paths on stdin), manifests (.parquet/.csv/.jsonl) or "
+                "WebDataset shards (.tar, brace patterns, pipe:)."
+            ),
+            show_default=False,
+        ),
+    ],
     labels: Labels,
-    output: Annotated[str, typer.Option("--output", "-o", help="OUT.parquet, OUT.jsonl, '-' (JSONL on stdout) or DIR/ (partitioned Parquet).", rich_help_panel=OUTPUT_PANEL)] = "tags.parquet",
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=0, help="At most K tags per image (0: no limit).", rich_help_panel=OUTPUT_PANEL)] = 5,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Minimum score of a tag.", rich_help_panel=OUTPUT_PANEL)] = None,
-    thresholds: Annotated[Optional[str], typer.Option("--thresholds", help="Per-label thresholds TSV from `ramtag eval --calibrate`.", rich_help_panel=OUTPUT_PANEL)] = None,
-    all_scores: Annotated[bool, typer.Option("--all-scores", help="Also write every label's score (vocabulary order).", rich_help_panel=OUTPUT_PANEL)] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Tag only inputs missing from an existing or interrupted output.", rich_help_panel=OUTPUT_PANEL)] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.", rich_help_panel=OUTPUT_PANEL)] = False,
-    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="With --resume, also retry inputs that failed before.", rich_help_panel=OUTPUT_PANEL)] = False,
-    save_maps: Annotated[Optional[str], typer.Option("--save-maps", help="Also write region-map PNGs (see `ramtag explain`) into DIR.", rich_help_panel=OUTPUT_PANEL)] = None,
-    path_column: Annotated[str, typer.Option("--path-column", help="Manifest column holding image paths.", rich_help_panel=INPUT_PANEL)] = "path",
-    keep_columns: Annotated[Optional[str], typer.Option("--keep-columns", help="Comma-separated manifest columns to carry into the output.", rich_help_panel=INPUT_PANEL)] = None,
-    root: Annotated[Optional[str], typer.Option("--root", help="Resolve relative paths of lists, stdin and manifests against DIR.", rich_help_panel=INPUT_PANEL)] = None,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels (decompression-bomb guard; 0 = no cap).", rich_help_panel=INPUT_PANEL)] = 89_478_485,
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            help="OUT.parquet, OUT.jsonl, '-' (JSONL on stdout) or DIR/ (partitioned Parquet).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = "tags.parquet",
+    top_k: Annotated[
+        int,
+        typer.Option(
+            "--top-k", "-k", min=0, help="At most K tags per image (0: no limit).", rich_help_panel=OUTPUT_PANEL
+        ),
+    ] = 5,
+    threshold: Annotated[
+        Optional[float], typer.Option("--threshold", help="Minimum score of a tag.", rich_help_panel=OUTPUT_PANEL)
+    ] = None,
+    thresholds: Annotated[
+        Optional[str],
+        typer.Option(
+            "--thresholds",
+            help="Per-label thresholds TSV from `ramtag eval --calibrate`.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
+    all_scores: Annotated[
+        bool,
+        typer.Option(
+            "--all-scores", help="Also write every label's score (vocabulary order).", rich_help_panel=OUTPUT_PANEL
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Tag only inputs missing from an existing or interrupted output.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output.", rich_help_panel=OUTPUT_PANEL)
+    ] = False,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            "--retry-errors", help="With --resume, also retry inputs that failed before.", rich_help_panel=OUTPUT_PANEL
+        ),
+    ] = False,
+    save_maps: Annotated[
+        Optional[str],
+        typer.Option(
+            "--save-maps",
+            help="Also write region-map PNGs (see `ramtag explain`) into DIR.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
+    path_column: Annotated[
+        str, typer.Option("--path-column", help="Manifest column holding image paths.", rich_help_panel=INPUT_PANEL)
+    ] = "path",
+    keep_columns: Annotated[
+        Optional[str],
+        typer.Option(
+            "--keep-columns",
+            help="Comma-separated manifest columns to carry into the output.",
+            rich_help_panel=INPUT_PANEL,
+        ),
+    ] = None,
+    root: Annotated[
+        Optional[str],
+        typer.Option(
+            "--root",
+            help="Resolve relative paths of lists, stdin and manifests against DIR.",
+            rich_help_panel=INPUT_PANEL,
+        ),
+    ] = None,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            "--max-pixels",
+            min=0,
+            help="Refuse images with more pixels (decompression-bomb guard; 0 = no cap).",
+            rich_help_panel=INPUT_PANEL,
+        ),
+    ] = 89_478_485,
     template: Template = None,
     batch_size: BatchSize = 32,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes (default: cores - 1, at most 8).", rich_help_panel=SPEED_PANEL)] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast on CUDA).", rich_help_panel=SPEED_PANEL)] = "fp32",
-    fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode JPEGs at reduced scale (faster; pixels differ slightly).", rich_help_panel=SPEED_PANEL)] = False,
-    part_rows: Annotated[int, typer.Option("--part-rows", min=1, help="Rows per part file (what an interrupted run can lose at most, besides a minute of work).", rich_help_panel=OUTPUT_PANEL)] = 262_144,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            "-j",
+            min=0,
+            help="Decoding processes (default: cores - 1, at most 8).",
+            rich_help_panel=SPEED_PANEL,
+        ),
+    ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast on CUDA).", rich_help_panel=SPEED_PANEL)
+    ] = "fp32",
+    fast_decode: Annotated[
+        bool,
+        typer.Option(
+            "--fast-decode",
+            help="Decode JPEGs at reduced scale (faster; pixels differ slightly).",
+            rich_help_panel=SPEED_PANEL,
+        ),
+    ] = False,
+    part_rows: Annotated[
+        int,
+        typer.Option(
+            "--part-rows",
+            min=1,
+            help="Rows per part file (what an interrupted run can lose at most, besides a minute of work).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = 262_144,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")] = False,
     checkpoint: Checkpoint = None,
     model: ModelName = DEFAULT_MODEL,
@@ -91,7 +198,17 @@ def tag(
     )
     info = dist.setup(device)
     try:
-        choice = ModelChoice(checkpoint, model, pretrained, dist.device_for(info, device), scale_local_temperature, ot_reg, ot_max_iter, ot_tol, ot_stop)
+        choice = ModelChoice(
+            checkpoint,
+            model,
+            pretrained,
+            dist.device_for(info, device),
+            scale_local_temperature,
+            ot_reg,
+            ot_max_iter,
+            ot_tol,
+            ot_stop,
+        )
         run_tag(options, choice.load())
     finally:
         dist.teardown()

@@ -19,12 +19,18 @@ from ramtag.cli.options import (
     Template,
 )
 
-vocab_app = typer.Typer(help="Encode a label vocabulary into text features (.rtv) and inspect such files.", no_args_is_help=True)
+vocab_app = typer.Typer(
+    help="Encode a label vocabulary into text features (.rtv) and inspect such files.", no_args_is_help=True
+)
 app.add_typer(vocab_app, name="vocab")
 
 
 @vocab_app.command(
-    epilog="Examples:\n\n  ramtag vocab encode vocab.txt -o vocab.rtv --checkpoint ram.safetensors\n\n  ramtag vocab encode examples/vocab.txt -o demo.rtv --model demo"
+    epilog=(
+        "Examples:\n\n"
+        "  ramtag vocab encode vocab.txt -o vocab.rtv --checkpoint ram.safetensors\n\n"
+        "  ramtag vocab encode examples/vocab.txt -o demo.rtv --model demo"
+    )
 )
 def encode(
     labels: Annotated[str, typer.Argument(help="Label file: UTF-8, one label per line, # comments.")],

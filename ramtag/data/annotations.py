@@ -248,7 +248,9 @@ def _detect(document: Any, source: str) -> AnnotationFormat:
             return "coco"
         if "annotations" in document:  # COCO-like, but a part is missing: say which, not a reference-format error
             missing = [key for key in ("images", "categories") if key not in document]
-            raise DataError(f"{source}: looks like COCO instances but has no {' or '.join(repr(k) for k in missing)} list")
+            raise DataError(
+                f"{source}: looks like COCO instances but has no {' or '.join(repr(k) for k in missing)} list"
+            )
         if isinstance(document.get("images"), list):
             return "reference"
     raise DataError(

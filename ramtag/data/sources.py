@@ -331,7 +331,9 @@ def _add_directory(collector: _Collector, top: str, warn: Warn) -> None:
     found: list[tuple[str, str]] = []
     top_stat = os.stat(top)
     # Each stack entry: directory path, its key prefix, and the (dev, inode)s of it and its ancestors.
-    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(top, "", frozenset({(top_stat.st_dev, top_stat.st_ino)}))]
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
+        (top, "", frozenset({(top_stat.st_dev, top_stat.st_ino)}))
+    ]
     while stack:
         directory, prefix, ancestors = stack.pop()
         try:
@@ -437,7 +439,9 @@ def _add_manifest(
         try:
             extra = extra.cast(extra_schema)
         except Exception as exc:
-            raise DataError(f"{manifest}: --keep-columns types differ from an earlier manifest ({_first_line(exc)})") from exc
+            raise DataError(
+                f"{manifest}: --keep-columns types differ from an earlier manifest ({_first_line(exc)})"
+            ) from exc
     paths = table[path_column].cast(pa.string()).to_pylist()
     start = len(collector.keys)
     for row, path in enumerate(paths, start=1):
@@ -690,7 +694,12 @@ class ShardDataset(IterableDataset):
                 if repeats > 1:  # members of a sample must be consecutive; a later group is recorded, not merged
                     key = f"{key} (repeat {repeats})"
                     if key not in self.skip_keys:
-                        yield Record(key, source, None, "key repeats an earlier sample of the shard (members of a sample must be consecutive)")
+                        yield Record(
+                            key,
+                            source,
+                            None,
+                            "key repeats an earlier sample of the shard (members of a sample must be consecutive)",
+                        )
                     continue
                 if key in self.skip_keys:
                     continue

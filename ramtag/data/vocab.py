@@ -62,7 +62,9 @@ def read_labels(source: str | os.PathLike | TextIO) -> LabelFile:
         except OSError as exc:
             raise VocabularyError(f"{name}: cannot read ({exc.strerror or exc})") from exc
         if _looks_like_safetensors(raw):
-            raise VocabularyError(f"{name}: an encoded vocabulary (.rtv); this option needs the text label file it was encoded from")
+            raise VocabularyError(
+                f"{name}: an encoded vocabulary (.rtv); this option needs the text label file it was encoded from"
+            )
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -116,7 +118,8 @@ def check_label_lengths(
             else:
                 where = f"{source}: " if source else ""
             raise VocabularyError(
-                f"{where}label {label!r} is too long for the text encoder ({count} tokens{counted}, at most {max_tokens} fit)"
+                f"{where}label {label!r} is too long for the text encoder ({count} tokens{counted}, at most "
+                f"{max_tokens} fit)"
             )
 
 

@@ -205,7 +205,11 @@ def _list_json(array: pa.ListArray, element: Any) -> list[str]:
 def rows_to_jsonl(table: pa.Table | pa.RecordBatch) -> str:
     """JSON lines for a tag table, columns in table order; float32 scores in short exact form."""
     if isinstance(table, pa.Table):
-        table = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
+        table = (
+            table.combine_chunks().to_batches()[0]
+            if table.num_rows
+            else pa.RecordBatch.from_pylist([], schema=table.schema)
+        )
     rendered: dict[str, list[str]] = {}
     for name in table.schema.names:
         column = table.column(name)
@@ -754,7 +758,11 @@ def _winner_masks(sources: Sequence[Path]) -> list[np.ndarray | None]:
     sizes = [table.num_rows for table in tables]
     if not tables:
         return []
-    keys = pa.concat_arrays([table["key"].combine_chunks() for table in tables]) if sum(sizes) else pa.array([], pa.string())
+    keys = (
+        pa.concat_arrays([table["key"].combine_chunks() for table in tables])
+        if sum(sizes)
+        else pa.array([], pa.string())
+    )
     if pc.count_distinct(keys).as_py() == len(keys):
         return [None] * len(tables)
     ok = pa.concat_arrays([pc.is_null(table["error"]).combine_chunks() for table in tables])
@@ -852,7 +860,9 @@ def _selected(path: Path, mask: np.ndarray | None, schema: pa.Schema) -> pa.Tabl
     return table if mask is None else table.filter(pa.array(mask))
 
 
-def _write_parquet(target: Path, sources: Sequence[Path], masks: Sequence[np.ndarray | None], schema: pa.Schema, row_group_rows: int) -> None:
+def _write_parquet(
+    target: Path, sources: Sequence[Path], masks: Sequence[np.ndarray | None], schema: pa.Schema, row_group_rows: int
+) -> None:
     with pq.ParquetWriter(target, schema) as writer:
         for source, mask in zip(sources, masks):
             writer.write_table(_selected(source, mask, schema), row_group_size=row_group_rows)
@@ -866,7 +876,9 @@ def _write_jsonl(target: Path, sources: Sequence[Path], masks: Sequence[np.ndarr
                 handle.write(rows_to_jsonl(batch))
 
 
-def _finalize_dataset(layout: OutputLayout, sources: Sequence[Path], masks: Sequence[np.ndarray | None], schema: pa.Schema) -> None:
+def _finalize_dataset(
+    layout: OutputLayout, sources: Sequence[Path], masks: Sequence[np.ndarray | None], schema: pa.Schema
+) -> None:
     staging = layout.output.with_name(f".tmp-{layout.output.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -52,13 +52,22 @@ def safe_file_name(key: str, suffix: str = ".png") -> str:
 
 def _heat_colours(values: np.ndarray) -> np.ndarray:
     """A blue-to-red ramp for values in [0, 1] -> uint8 RGB."""
-    ramp = np.stack([np.clip(1.5 - np.abs(4 * values - 3), 0, 1), np.clip(1.5 - np.abs(4 * values - 2), 0, 1), np.clip(1.5 - np.abs(4 * values - 1), 0, 1)], -1)
+    ramp = np.stack(
+        [
+            np.clip(1.5 - np.abs(4 * values - 3), 0, 1),
+            np.clip(1.5 - np.abs(4 * values - 2), 0, 1),
+            np.clip(1.5 - np.abs(4 * values - 1), 0, 1),
+        ],
+        -1,
+    )
     return (ramp * 255).astype(np.uint8)
 
 
 def overlay(image: Image.Image, region_map: torch.Tensor, alpha: float = 0.5) -> Image.Image:
     width, height = image.size
-    upsampled = F.interpolate(region_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    upsampled = F.interpolate(
+        region_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
+    )[0, 0]
     values = upsampled.numpy()
     values = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
     heat = Image.fromarray(_heat_colours(values))
@@ -68,7 +77,9 @@ def overlay(image: Image.Image, region_map: torch.Tensor, alpha: float = 0.5) ->
 def render(image: Image.Image, maps: torch.Tensor, captions: Sequence[str], panel: int = PANEL) -> Image.Image:
     """The image, then one overlay per tag, side by side, each captioned."""
     scale = panel / max(image.size)
-    shown = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    shown = image.convert("RGB").resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR
+    )
     panels = [(shown, "image")] + [(overlay(shown, m), c) for m, c in zip(maps, captions)]
     sheet = Image.new("RGB", (panel * len(panels), panel + CAPTION), "white")
     draw = ImageDraw.Draw(sheet)
@@ -99,7 +110,14 @@ class MapWriter:
         self.mean, self.std = tuple(mean), tuple(std)
         self.written: list[Path] = []
 
-    def write(self, keys: Sequence[str], images: torch.Tensor, output: RamOutput, selection: Selection, originals: Sequence[Image.Image] | None = None) -> list[Path]:
+    def write(
+        self,
+        keys: Sequence[str],
+        images: torch.Tensor,
+        output: RamOutput,
+        selection: Selection,
+        originals: Sequence[Image.Image] | None = None,
+    ) -> list[Path]:
         paths = []
         offset = 0
         for index, key in enumerate(keys):
@@ -125,14 +143,27 @@ class MapWriter:
 
 def _one(output: RamOutput, index: int) -> RamOutput:
     return RamOutput(
-        scores=output.scores[index:index + 1], global_scores=output.global_scores[index:index + 1], local_scores=output.local_scores[index:index + 1],
-        global_logits=output.global_logits[index:index + 1], local_logits=output.local_logits[index:index + 1],
-        similarity=output.similarity[index:index + 1], plan=output.plan[index:index + 1],
-        region_marginal=output.region_marginal[index:index + 1], sinkhorn_iterations=output.sinkhorn_iterations,
+        scores=output.scores[index : index + 1],
+        global_scores=output.global_scores[index : index + 1],
+        local_scores=output.local_scores[index : index + 1],
+        global_logits=output.global_logits[index : index + 1],
+        local_logits=output.local_logits[index : index + 1],
+        similarity=output.similarity[index : index + 1],
+        plan=output.plan[index : index + 1],
+        region_marginal=output.region_marginal[index : index + 1],
+        sinkhorn_iterations=output.sinkhorn_iterations,
     )
 
 
-def run_explain(runtime, vocabulary, inputs: Sequence[str], out_dir: str | Path, top_k: int = 3, batch_size: int = 16, max_pixels: int | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
+def run_explain(
+    runtime,
+    vocabulary,
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    top_k: int = 3,
+    batch_size: int = 16,
+    max_pixels: int | None = None,
+) -> tuple[list[Path], list[tuple[str, str]]]:
     """Explanation PNGs for image files and folders; returns (written files, [(key, error)] of failures)."""
     from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
     from ramtag.data.sources import filesystem_path, plan_inputs
@@ -155,7 +186,9 @@ def run_explain(runtime, vocabulary, inputs: Sequence[str], out_dir: str | Path,
             try:
                 if row["error"]:
                     raise ImageDecodeError(row["error"])
-                picture = decode_image(filesystem_path(row["path"]), max_pixels=max_pixels if max_pixels is not None else PIL_LIMIT)
+                picture = decode_image(
+                    filesystem_path(row["path"]), max_pixels=max_pixels if max_pixels is not None else PIL_LIMIT
+                )
             except ImageDecodeError as error:
                 failures.append((row["key"], error.reason))
                 continue

@@ -337,7 +337,9 @@ class LabelTally:
                 f"{len(self.dropped)} distinct: {_counted(self.dropped, 5)}"
             )
         if self.images_without_labels:
-            out.append(f"{self.images_without_labels} image(s) have no label in the label space: negatives for every label")
+            out.append(
+                f"{self.images_without_labels} image(s) have no label in the label space: negatives for every label"
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -507,7 +509,14 @@ class LabelledShards(IterableDataset):
             except (DataError, UsageError):
                 raise
             except Exception as exc:  # a broken shard is one failure, not the end of the run
-                yield LabelledSample(None, torch.zeros(width), sample_key(url, ""), _shard_error(exc, count), (), (shard_index, count + 1))
+                yield LabelledSample(
+                    None,
+                    torch.zeros(width),
+                    sample_key(url, ""),
+                    _shard_error(exc, count),
+                    (),
+                    (shard_index, count + 1),
+                )
 
 
 _IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "image")

@@ -23,7 +23,15 @@ def _center_crop(img: Image.Image, size: int, mean, std, interpolation: str) -> 
 def make_transform(pre: Preprocessing):
     """PIL RGB image -> normalised tensor [3, size, size]."""
     if pre.resize == "squash":
-        return partial(squash_resize_normalize, size=pre.image_size, mean=tuple(pre.mean), std=tuple(pre.std), interpolation=pre.interpolation)
+        return partial(
+            squash_resize_normalize,
+            size=pre.image_size,
+            mean=tuple(pre.mean),
+            std=tuple(pre.std),
+            interpolation=pre.interpolation,
+        )
     if pre.resize == "center-crop":
-        return partial(_center_crop, size=pre.image_size, mean=tuple(pre.mean), std=tuple(pre.std), interpolation=pre.interpolation)
+        return partial(
+            _center_crop, size=pre.image_size, mean=tuple(pre.mean), std=tuple(pre.std), interpolation=pre.interpolation
+        )
     raise ValueError(f"unknown resize mode {pre.resize!r} (squash or center-crop)")

@@ -17,7 +17,8 @@ class Progress:
         self._last_log = self.started
         self._bar = None
         if not quiet and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 TextColumn("{task.description}"),
@@ -47,7 +48,11 @@ class Progress:
         if not self.quiet and now - self._last_log >= self.interval:
             self._last_log = now
             total = f"/{self.total}" if self.total else ""
-            print(f"ramtag: {self.done}{total} images, {self.rate:.1f} img/s, {self.errors} errors", file=sys.stderr, flush=True)
+            print(
+                f"ramtag: {self.done}{total} images, {self.rate:.1f} img/s, {self.errors} errors",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:

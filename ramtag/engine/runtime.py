@@ -60,15 +60,22 @@ class Runtime:
     def templates(self, override: Sequence[str] | None = None) -> list[str]:
         if override:
             if self.config.trained and len(override) > 1:
-                raise UsageError("template ensembles are for training-free models; a trained checkpoint uses its own template")
+                raise UsageError(
+                    "template ensembles are for training-free models; a trained checkpoint uses its own template"
+                )
             for template in override:
                 if "{}" not in template:
                     raise UsageError(f"--template {template!r} has no {{}} where the label goes")
             return list(override)
         return [self.config.template]
 
-    def check_label_lengths(self, labels: Sequence[str], templates: Sequence[str], line_numbers: Sequence[int] | None = None,
-                            source: str | None = None) -> None:
+    def check_label_lengths(
+        self,
+        labels: Sequence[str],
+        templates: Sequence[str],
+        line_numbers: Sequence[int] | None = None,
+        source: str | None = None,
+    ) -> None:
         """Refuse labels whose end-of-text token would fall past the prompted layers' context."""
         tokenizer = self.tokenizer()
         prompt_tokens = self.model.text.prompt_tokens if self.config.trained and self.model.text.prompts else 0
@@ -78,10 +85,14 @@ class Runtime:
 
         counted = f" with the template, start/end and {prompt_tokens} deep prompt tokens" if prompt_tokens else (
             " with the template and start/end tokens")
-        check_label_lengths(labels, line_numbers, tokens, self.model.text.context_length, source=source, counted=counted)
+        check_label_lengths(
+            labels, line_numbers, tokens, self.model.text.context_length, source=source, counted=counted
+        )
 
     @torch.inference_mode()
-    def encode_labels(self, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 256) -> torch.Tensor:
+    def encode_labels(
+        self, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 256
+    ) -> torch.Tensor:
         """Unnormalised label features [C, D] on the CPU, averaged over templates (normalised first) if several."""
         if not labels:
             raise ValueError("no labels to encode")
@@ -103,10 +114,14 @@ class Runtime:
     def vocabulary_fingerprint(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> str:
         return fingerprint({"model": self.fingerprint, "labels": list(labels), "templates": self.templates(templates)})
 
-    def score(self, images: torch.Tensor, label_features: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> RamOutput:
+    def score(
+        self, images: torch.Tensor, label_features: torch.Tensor, autocast_dtype: torch.dtype | None = None
+    ) -> RamOutput:
         size = self.config.preprocessing.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(f"images must be [B, 3, {size}, {size}], as transform() makes them; got {list(images.shape)}")
+            raise ValueError(
+                f"images must be [B, 3, {size}, {size}], as transform() makes them; got {list(images.shape)}"
+            )
         if label_features.ndim != 2 or label_features.shape[0] == 0:
             raise ValueError(f"label features must be [C, D] with at least one label; got {list(label_features.shape)}")
         images = images.to(self.device, non_blocking=True)
@@ -148,7 +163,9 @@ def model_overrides(**options) -> dict:
     keeps the model's own setting."""
     unknown = sorted(set(options) - set(KCOT_OPTIONS) - set(MODEL_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown override(s) {', '.join(unknown)}; known: {', '.join([*KCOT_OPTIONS, *MODEL_OPTIONS])}")
+        raise ValueError(
+            f"unknown override(s) {', '.join(unknown)}; known: {', '.join([*KCOT_OPTIONS, *MODEL_OPTIONS])}"
+        )
     overrides = {name: value for name, value in options.items() if name in MODEL_OPTIONS}
     overrides["kcot"] = {KCOT_OPTIONS[name]: value for name, value in options.items() if name in KCOT_OPTIONS}
     return overrides
@@ -189,15 +206,24 @@ def load_runtime(
         ram = build_model(config, clip)
         source = {"model": DEMO_NAME}
         # The weights' own hash: a rebuilt demo must never reuse label features cached for the old one.
-        backbone_id = {"backbone": DEMO_NAME, "weights_sha256_16": file_fingerprint(demo_asset_dir() / "demo-clip.safetensors")}
+        backbone_id = {
+            "backbone": DEMO_NAME,
+            "weights_sha256_16": file_fingerprint(demo_asset_dir() / "demo-clip.safetensors"),
+        }
     else:
         import open_clip
 
-        config = RamConfig(backbone=model, pretrained=pretrained, trained=False, adapter_layers=(), prompt_layers=(), **overrides)
+        config = RamConfig(
+            backbone=model, pretrained=pretrained, trained=False, adapter_layers=(), prompt_layers=(), **overrides
+        )
         ram = build_model(config)
         pre = open_clip.get_model_preprocess_cfg(ram.clip) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
         if pre:
-            config.preprocessing.image_size = int(pre.get("size", config.preprocessing.image_size) if not isinstance(pre.get("size"), (tuple, list)) else pre["size"][0])
+            config.preprocessing.image_size = int(
+                pre.get("size", config.preprocessing.image_size)
+                if not isinstance(pre.get("size"), (tuple, list))
+                else pre["size"][0]
+            )
             config.preprocessing.mean = tuple(pre.get("mean", config.preprocessing.mean))
             config.preprocessing.std = tuple(pre.get("std", config.preprocessing.std))
         source = {"model": model, "pretrained": pretrained}

@@ -18,12 +18,19 @@ def run_selfcheck(seed: int = 0) -> list[str]:
         text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
         quick_gelu=True,
     )
-    model = RamModel(clip, RamConfig(backbone="selfcheck", pretrained=None, adapter_layers=(2, 3), prompt_layers=(1,), trained=True))
+    model = RamModel(
+        clip, RamConfig(backbone="selfcheck", pretrained=None, adapter_layers=(2, 3), prompt_layers=(1,), trained=True)
+    )
     tokens = open_clip.tokenize(["a photo of a cat.", "a photo of a dog.", "a photo of a car."], context_length=16)
     images = torch.randn(2, 3, 32, 32)
     targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     model.train()
-    output = model(images, model.encode_labels(tokens), targets=targets, teacher_label_features=model.encode_labels(tokens, use_prompts=False).detach())
+    output = model(
+        images,
+        model.encode_labels(tokens),
+        targets=targets,
+        teacher_label_features=model.encode_labels(tokens, use_prompts=False).detach(),
+    )
     loss = ram_loss(output, targets)
     loss.backward()
     sums = output.scores.sum(dim=-1)

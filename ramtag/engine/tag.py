@@ -6,8 +6,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TextIO
 
 import torch
 from torch.utils.data import DataLoader
@@ -104,7 +103,14 @@ def _plan(options: TagOptions, info: dist.DistInfo, stdin: TextIO | None, log) -
     problem = None
     if info.is_main:
         try:
-            plan = plan_inputs(options.inputs, path_column=options.path_column, keep_columns=options.keep_columns, stdin=stdin, root=options.root, on_warning=lambda m: log(f"ramtag: warning: {m}"))
+            plan = plan_inputs(
+                options.inputs,
+                path_column=options.path_column,
+                keep_columns=options.keep_columns,
+                stdin=stdin,
+                root=options.root,
+                on_warning=lambda m: log(f"ramtag: warning: {m}"),
+            )
         except Exception as error:  # shared so every rank stops with the same message
             problem = error
     plan, problem = dist.broadcast_object((plan, problem))
@@ -151,7 +157,9 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     vocabulary = load_vocabulary(runtime, options.labels, options.templates or None, stdin=stdin)
     thresholds = None
     if options.thresholds_file:
-        thresholds = read_thresholds(options.thresholds_file).for_vocabulary(vocabulary.labels, vocabulary.fingerprint, runtime.fingerprint)
+        thresholds = read_thresholds(options.thresholds_file).for_vocabulary(
+            vocabulary.labels, vocabulary.fingerprint, runtime.fingerprint
+        )
     plan = _plan(options, info, stdin, log)
     workers = default_workers() if options.workers is None else options.workers
     _share_cores_with_workers(runtime, workers)
@@ -168,7 +176,12 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
 
     layout = None
     if info.is_main:
-        layout = prepare_output(options.output, resume=options.resume, overwrite=options.overwrite, identity=_identity(vocabulary, runtime, options, thresholds))
+        layout = prepare_output(
+            options.output,
+            resume=options.resume,
+            overwrite=options.overwrite,
+            identity=_identity(vocabulary, runtime, options, thresholds),
+        )
     dist.barrier()
     if not info.is_main:
         layout = attach_output(options.output)
@@ -177,17 +190,55 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         plan = plan.without_keys(done)
     transform = runtime.transform()
     draft = runtime.config.preprocessing.image_size if options.fast_decode else None
-    files = FileDataset(plan.files_for_rank(info.rank, info.world_size), transform, max_pixels=options.max_pixels, draft_size=draft)
-    shards = ShardDataset(plan.shards, transform, rank=info.rank, world_size=info.world_size, skip_keys=done, max_pixels=options.max_pixels, draft_size=draft)
+    files = FileDataset(
+        plan.files_for_rank(info.rank, info.world_size), transform, max_pixels=options.max_pixels, draft_size=draft
+    )
+    shards = ShardDataset(
+        plan.shards,
+        transform,
+        rank=info.rank,
+        world_size=info.world_size,
+        skip_keys=done,
+        max_pixels=options.max_pixels,
+        draft_size=draft,
+    )
     pin = runtime.device.type == "cuda"
     loaders = []
     if len(files):
-        loaders.append(DataLoader(files, batch_size=options.batch_size, num_workers=workers, collate_fn=collate_records, pin_memory=pin, worker_init_fn=worker_ignores_sigterm))
+        loaders.append(
+            DataLoader(
+                files,
+                batch_size=options.batch_size,
+                num_workers=workers,
+                collate_fn=collate_records,
+                pin_memory=pin,
+                worker_init_fn=worker_ignores_sigterm,
+            )
+        )
     if plan.shards:
-        loaders.append(DataLoader(shards, batch_size=options.batch_size, num_workers=min(workers, max(1, len(shards.shards[info.rank::info.world_size]))) if workers else 0, collate_fn=collate_records, pin_memory=pin, worker_init_fn=worker_ignores_sigterm))
+        loaders.append(
+            DataLoader(
+                shards,
+                batch_size=options.batch_size,
+                num_workers=min(workers, max(1, len(shards.shards[info.rank :: info.world_size]))) if workers else 0,
+                collate_fn=collate_records,
+                pin_memory=pin,
+                worker_init_fn=worker_ignores_sigterm,
+            )
+        )
 
     metadata = _metadata(runtime, vocabulary, options, thresholds)
-    writer = TagTableWriter(layout, vocabulary.labels, metadata=metadata, all_scores=options.all_scores, extra_schema=plan.extra_schema, rank=info.rank, stdout=sys.stdout if layout is None else None, row_group_rows=min(16_384, options.part_rows), rows_per_part=options.part_rows)
+    writer = TagTableWriter(
+        layout,
+        vocabulary.labels,
+        metadata=metadata,
+        all_scores=options.all_scores,
+        extra_schema=plan.extra_schema,
+        rank=info.rank,
+        stdout=sys.stdout if layout is None else None,
+        row_group_rows=min(16_384, options.part_rows),
+        rows_per_part=options.part_rows,
+    )
     total = plan.files.num_rows if not plan.shards else None
     progress = Progress(total if info.world_size == 1 else None, "tagging", quiet=options.quiet or not info.is_main)
     autocast = PRECISIONS[options.precision]
@@ -205,13 +256,27 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
                             progress.log(line)
                         elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
                             print(line, file=sys.stderr, flush=True)
-                    writer.write(TagBatch.from_failures(batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra))
+                    writer.write(
+                        TagBatch.from_failures(
+                            batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra
+                        )
+                    )
                     failed += len(batch.failed_keys)
                 if batch.images is not None:
                     output = runtime.score(batch.images, label_features, autocast)
                     scores = output.scores.float()
-                    selection = select_tags(scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds)
-                    writer.write(TagBatch.from_selection(batch.keys, batch.sources, selection, scores.cpu().numpy() if options.all_scores else None, batch.extra))
+                    selection = select_tags(
+                        scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds
+                    )
+                    writer.write(
+                        TagBatch.from_selection(
+                            batch.keys,
+                            batch.sources,
+                            selection,
+                            scores.cpu().numpy() if options.all_scores else None,
+                            batch.extra,
+                        )
+                    )
                     if map_writer is not None:
                         map_writer.write(batch.keys, batch.images, output, selection)
                     tagged += len(batch.keys)
@@ -230,16 +295,23 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     if info.is_main:
         final = writer.finalize(info.world_size)
     dist.barrier()
-    summary = TagSummary(tagged, failed, time.perf_counter() - started, str(final) if final else None, skipped_done=len(done))
+    summary = TagSummary(
+        tagged, failed, time.perf_counter() - started, str(final) if final else None, skipped_done=len(done)
+    )
     if info.is_main and not options.quiet:
         where = f" -> {summary.output}" if summary.output else ""
         resumed = f", {summary.skipped_done} already done" if summary.skipped_done else ""
-        log(f"ramtag: tagged {summary.tagged} images, {summary.failed} failed{resumed}, {summary.images_per_second:.1f} img/s{where}")
+        log(
+            f"ramtag: tagged {summary.tagged} images, {summary.failed} failed{resumed}, "
+            f"{summary.images_per_second:.1f} img/s{where}"
+        )
     if failed:
         raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output")
     earlier = _error_rows(summary.output) if (done and info.is_main and summary.output) else 0
     if earlier:
-        raise PartialFailure(f"{earlier} input(s) in {summary.output} failed in an earlier run; --resume --retry-errors tries them again")
+        raise PartialFailure(
+            f"{earlier} input(s) in {summary.output} failed in an earlier run; --resume --retry-errors tries them again"
+        )
     return summary
 
 

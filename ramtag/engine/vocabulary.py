@@ -59,7 +59,12 @@ def encode_vocabulary(runtime: Runtime, labels: Sequence[str], templates: Sequen
             return Vocabulary(labels, cached.features, chosen, fingerprint, from_cache=True)
     features = runtime.encode_labels(labels, chosen)
     if use_cache:
-        store_cached_features(fingerprint, features, labels, {"templates": chosen, "fingerprint": _feature_fingerprint_record(runtime, chosen, fingerprint)})
+        store_cached_features(
+            fingerprint,
+            features,
+            labels,
+            {"templates": chosen, "fingerprint": _feature_fingerprint_record(runtime, chosen, fingerprint)},
+        )
     return Vocabulary(labels, features, chosen, fingerprint)
 
 
@@ -72,7 +77,8 @@ def load_vocabulary(runtime: Runtime, source: str, templates: Sequence[str] | No
         if stored.fingerprint.get("model") != expected_model:
             raise VocabularyError(
                 f"{source} was encoded for another model or checkpoint (fingerprint {stored.fingerprint.get('model')}, "
-                f"loaded model {expected_model}); re-encode it with `ramtag vocab encode LABELS -o {Path(source).name}` "
+                f"loaded model {expected_model}); re-encode it with `ramtag vocab encode LABELS -o "
+                f"{Path(source).name}` "
                 "using the same --checkpoint/--model options"
             )
         if templates and list(templates) != stored.templates:

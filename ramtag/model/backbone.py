@@ -142,7 +142,9 @@ class PromptedText(nn.Module):
         tower = getattr(clip_model, "text", clip_model)
         for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
             if not hasattr(tower, name):
-                raise UnsupportedBackbone(f"text tower lacks {name}: only open_clip transformer text towers are supported")
+                raise UnsupportedBackbone(
+                    f"text tower lacks {name}: only open_clip transformer text towers are supported"
+                )
         if getattr(tower, "cls_emb", None) is not None or getattr(tower, "text_pool_type", "argmax") != "argmax":
             raise UnsupportedBackbone("RAM needs a text tower pooled at the end-of-text token (argmax pooling)")
         # Kept as a plain attribute: the modules belong to the CLIP model, which the RAM model registers.

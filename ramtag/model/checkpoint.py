@@ -35,7 +35,9 @@ def build_model(config: RamConfig, clip_model: nn.Module | None = None) -> RamMo
         raise CheckpointError(str(error)) from None
 
 
-def save_checkpoint(path: str | Path, model: RamModel, include_backbone: bool = False, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path, model: RamModel, include_backbone: bool = False, extra: dict | None = None
+) -> Path:
     """Write `model` atomically; include the backbone when it cannot be rebuilt from its name and tag."""
     from safetensors.torch import save_file
 
@@ -71,7 +73,9 @@ def backbone_shape(clip_model: nn.Module) -> dict:
     }
 
 
-def load_checkpoint(path: str | Path, config_overrides: dict | None = None, clip_model: nn.Module | None = None) -> RamModel:
+def load_checkpoint(
+    path: str | Path, config_overrides: dict | None = None, clip_model: nn.Module | None = None
+) -> RamModel:
     """Load a ramtag checkpoint or a reference-implementation `.pth` onto the CPU."""
     path = Path(path)
     if not path.is_file():
@@ -109,7 +113,8 @@ def _load_ramtag_file(path: Path, overrides: dict | None, clip_model: nn.Module 
         if recorded is not None and recorded != backbone_shape(clip_model):
             raise CheckpointError(
                 f"{path}: its backbone ({recorded}) cannot be rebuilt from tensor shapes alone "
-                f"(a rebuild gives {backbone_shape(clip_model)}); save it without the backbone and load by architecture name"
+                f"(a rebuild gives {backbone_shape(clip_model)}); save it without the backbone and load by "
+                "architecture name"
             )
         # open_clip's OpenAI builder rounds to float16 on the way: restore the saved values exactly.
         clip_model.load_state_dict(backbone_state)
@@ -132,7 +137,9 @@ def _load_strict(model: RamModel, tensors: dict[str, torch.Tensor], path: Path) 
         raise CheckpointError(f"{path}: does not match the model ({'; '.join(detail)})")
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, model expects {tuple(expected[key].shape)}")
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(value.shape)}, model expects {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
 
 
@@ -143,7 +150,9 @@ def _load_reference_file(path: Path, overrides: dict | None) -> RamModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - corrupt or pickled objects: both are refused the same way
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch file ({error.__class__.__name__})") from None
+        raise CheckpointError(
+            f"{path}: cannot read as a weights-only torch file ({error.__class__.__name__})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -195,7 +204,10 @@ def model_from_reference_state(state: dict[str, torch.Tensor], overrides: dict |
     adapter_layers = _layers_with(state, vision_prefix, ".conv_adapter.")
     for layer in adapter_layers:
         adapters.update(
-            {f"vision.adapters.{layer}.{k}": v for k, v in adapter_state_from_reference(f"{vision_prefix}{layer}.conv_adapter.", state).items()}
+            {
+                f"vision.adapters.{layer}.{k}": v
+                for k, v in adapter_state_from_reference(f"{vision_prefix}{layer}.conv_adapter.", state).items()
+            }
         )
     token_counts = {t.shape[0] for t in tokens.values()} or {0}
     prompt_counts = {p.shape[0] for p in prompts.values()} or {0}
@@ -213,7 +225,9 @@ def model_from_reference_state(state: dict[str, torch.Tensor], overrides: dict |
         temperature_loc=float(state.get("temperature_loc", torch.tensor(2e-3))),
         template=REFERENCE_TEMPLATE,
         trained=True,
-        preprocessing=Preprocessing(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="squash", interpolation="bilinear"),
+        preprocessing=Preprocessing(
+            image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="squash", interpolation="bilinear"
+        ),
     )
     if overrides:
         config = RamConfig.from_dict({**config.to_dict(), **overrides})

@@ -46,7 +46,9 @@ def teacher_distribution(teacher_similarity: torch.Tensor, logit_scale: float, s
     return torch.softmax(per_region * sharpness, dim=1)
 
 
-def mask_teacher_distribution(distribution: torch.Tensor, targets: torch.Tensor, batch_minimum: torch.Tensor | None = None) -> torch.Tensor:
+def mask_teacher_distribution(
+    distribution: torch.Tensor, targets: torch.Tensor, batch_minimum: torch.Tensor | None = None
+) -> torch.Tensor:
     """Set the entries of labels an image does not have to the distribution's minimum.
 
     The reference takes the minimum over the whole (per-rank) batch; pass `batch_minimum` to use a minimum

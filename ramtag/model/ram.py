@@ -151,7 +151,9 @@ class RamModel(nn.Module):
         )
 
     @torch.no_grad()
-    def teacher_distribution(self, images: torch.Tensor, teacher_label_features: torch.Tensor, kcot: KcotConfig) -> torch.Tensor:
+    def teacher_distribution(
+        self, images: torch.Tensor, teacher_label_features: torch.Tensor, kcot: KcotConfig
+    ) -> torch.Tensor:
         """The frozen teacher (CLIP with the value-value path, no adapter) P[b, region, label]."""
         _, regions = self.vision(images, use_adapters=False)
         labels = F.normalize(teacher_label_features.float(), dim=-1)

@@ -65,7 +65,10 @@ def load_backbone(name: str, pretrained: str | None) -> nn.Module:
     if name == DEMO_NAME:
         return load_demo_clip()[0]
     if name not in open_clip.list_models():
-        raise CheckpointError(f"unknown open_clip architecture {name!r}; see `python -c 'import open_clip; print(open_clip.list_models())'`")
+        raise CheckpointError(
+            f"unknown open_clip architecture {name!r}; see `python -c 'import open_clip; "
+            "print(open_clip.list_models())'`"
+        )
     if pretrained and os.path.sep in pretrained or (pretrained and Path(pretrained).is_file()):
         return _load_local_weights(name, Path(pretrained))
     try:
