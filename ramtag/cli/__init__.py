@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ramtag.cli import commands  # noqa: F401  (each command module registers itself on the app)
 from ramtag.cli.app import app
 from ramtag.errors import EXIT_INTERRUPTED, EXIT_OK, RamtagError
 

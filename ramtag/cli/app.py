@@ -29,6 +29,3 @@ def root(
     ),
 ) -> None:
     """Tag images with any vocabulary: [bold]ramtag tag ./photos --labels vocab.txt -o tags.parquet[/bold]"""
-
-
-from ramtag.cli import commands  # noqa: E402,F401  (registers the sub-commands)
