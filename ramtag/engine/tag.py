@@ -17,7 +17,7 @@ from ramtag.data.sources import FileDataset, InputPlan, ShardDataset, collate_re
 from ramtag.data.thresholds import read_thresholds
 from ramtag.data.writers import TagBatch, TagTableWriter, attach_output, output_kind, prepare_output
 from ramtag.engine import dist
-from ramtag.engine.progress import Progress
+from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import Runtime
 from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
