@@ -1,5 +1,5 @@
-"""KCOT: the batched Sinkhorn solver against POT and against the reference rule's definition; cost,
-marginals and the teacher term against their formulas."""
+"""KCOT: the batched Sinkhorn solver against POT and against the reference rule's definition; each image's
+plan independent of its batch mates; cost, marginals and the teacher term against their formulas."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 
 from ramtag.model.config import KcotConfig, RamConfig
 from ramtag.model.kcot import (
+    STOP_RULES,
+    STOP_SCOPES,
     kcot_cost,
     mask_teacher_distribution,
     region_marginal,
@@ -62,6 +64,32 @@ def reference_rule_loop(source, target, cost, reg, max_iter, tol):
     return row[:, :, None] * kernel * col[:, None, :], iterations
 
 
+def reference_rule_alone(source, target, cost, reg, max_iter, tol):
+    """The reference rule applied to each image alone (a batch of one): (plans stacked, iterations per image)."""
+    solved = [
+        reference_rule_loop(source[i : i + 1], target[i : i + 1], cost[i : i + 1], reg, max_iter, tol)
+        for i in range(cost.shape[0])
+    ]
+    return torch.cat([plan for plan, _ in solved]), [iterations for _, iterations in solved]
+
+
+def reference_rule_expected(source, target, cost, reg, max_iter, tol, stop_scope):
+    """What each stopping scope must reproduce: the rule over the whole batch, or over each image alone."""
+    if stop_scope == "batch":
+        plan, iterations = reference_rule_loop(source, target, cost, reg, max_iter, tol)
+        return plan, [iterations] * cost.shape[0]
+    return reference_rule_alone(source, target, cost, reg, max_iter, tol)
+
+
+def mixed_domain_problem(batch: int, seed: int, dtype=torch.float64):
+    """KCOT problems whose cost contrasts differ per image: at reg 0.1 the scaled costs span from about 3 to
+    about 45, so some images need the log domain (span over 30) and the others do not."""
+    source, target, cost, _ = kcot_problem(batch=batch, regions=49, labels=10, seed=seed, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    contrast = 0.3 + 4.2 * torch.rand(batch, generator=gen, dtype=dtype)
+    return source, target, cost * contrast[:, None, None]
+
+
 # -- Sinkhorn, `marginal` rule, against POT --------------------------------------------------------------
 
 
@@ -95,17 +123,21 @@ def test_marginal_rule_stops_when_row_sums_hold():
 # -- Sinkhorn, `reference` rule, against its definition ----------------------------------------------------
 
 
+@pytest.mark.parametrize("stop_scope", STOP_SCOPES)
 @pytest.mark.parametrize("reg, offset", [(0.1, 0.0), (0.15, 0.0), (0.15, 0.5)])
-def test_reference_rule_matches_plain_loop_float32(reg, offset):
+def test_reference_rule_matches_plain_loop_float32(reg, offset, stop_scope):
     # A positive offset (as the teacher's -log P term adds) scales r by exp(offset/reg): the rule measures
     # r itself, so the solver may not rescale it away when it tests convergence.
     source, target, cost, _ = kcot_problem(batch=4, regions=49, labels=10, seed=3)
     cost = cost + offset
-    expected, expected_iterations = reference_rule_loop(source, target, cost, reg, max_iter=100, tol=1e-3)
-    result = sinkhorn(source, target, cost, reg, max_iter=100, tol=1e-3, stop="reference")
+    expected, expected_iterations = reference_rule_expected(
+        source, target, cost, reg, max_iter=100, tol=1e-3, stop_scope=stop_scope
+    )
+    result = sinkhorn(source, target, cost, reg, max_iter=100, tol=1e-3, stop="reference", stop_scope=stop_scope)
     assert not result.log_domain
-    assert 1 < expected_iterations < 100  # the rule, not the limit, stopped both
-    assert result.iterations == expected_iterations
+    assert 1 < min(expected_iterations) and max(expected_iterations) < 100  # the rule, not the limit, stopped
+    assert result.image_iterations.tolist() == expected_iterations
+    assert result.iterations == max(expected_iterations)
     torch.testing.assert_close(result.plan, expected, rtol=1e-5, atol=1e-12)
 
 
@@ -128,11 +160,14 @@ def test_plan_ignores_a_constant_cost_offset(reg):
     torch.testing.assert_close(shifted.plan, base.plan, rtol=1e-9, atol=1e-300)
 
 
-def test_reference_rule_float64_is_exact():
+@pytest.mark.parametrize("stop_scope", STOP_SCOPES)
+def test_reference_rule_float64_is_exact(stop_scope):
     source, target, cost, _ = kcot_problem(batch=3, regions=16, labels=6, seed=5, dtype=torch.float64)
-    expected, iterations = reference_rule_loop(source, target, cost, 0.1, max_iter=100, tol=1e-3)
-    result = sinkhorn(source, target, cost, 0.1, stop="reference")
-    assert result.iterations == iterations
+    expected, iterations = reference_rule_expected(
+        source, target, cost, 0.1, max_iter=100, tol=1e-3, stop_scope=stop_scope
+    )
+    result = sinkhorn(source, target, cost, 0.1, stop="reference", stop_scope=stop_scope)
+    assert result.image_iterations.tolist() == iterations
     torch.testing.assert_close(result.plan, expected, rtol=1e-10, atol=0)
 
 
@@ -202,17 +237,59 @@ def test_batched_equals_per_image_at_fixed_iterations(reg):
         torch.testing.assert_close(batched.plan[i : i + 1], single.plan, rtol=1e-9, atol=1e-300)
 
 
-def test_batched_reference_rule_waits_for_every_image():
+def test_batch_scope_waits_for_every_image():
     # Different cost contrasts per image make them converge at different iterations.
     source, target, cost, _ = kcot_problem(batch=4, regions=16, labels=6, seed=11, dtype=torch.float64)
     cost = cost * torch.tensor([0.2, 0.5, 1.0, 2.0], dtype=torch.float64)[:, None, None]
     singles = [sinkhorn(source[i : i + 1], target[i : i + 1], cost[i : i + 1], 0.1) for i in range(4)]
     counts = [s.iterations for s in singles]
     assert len(set(counts)) > 1
-    batched = sinkhorn(source, target, cost, 0.1)
+    batched = sinkhorn(source, target, cost, 0.1, stop_scope="batch")
     assert batched.iterations == max(counts)
+    assert batched.image_iterations.tolist() == [max(counts)] * 4
     slowest = counts.index(max(counts))
     torch.testing.assert_close(batched.plan[slowest], singles[slowest].plan[0], rtol=1e-9, atol=1e-300)
+    # The images that converged earlier kept iterating, so their plans moved on from their own stop.
+    fastest = counts.index(min(counts))
+    assert not torch.allclose(batched.plan[fastest], singles[fastest].plan[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("stop", STOP_RULES)
+def test_per_image_scope_is_the_batch_rule_applied_to_each_image_alone(stop):
+    # The reference's own (batch-wide) rule on a batch of one is what each image of a per-image batch gets:
+    # the same iteration count, the same solver, the same plan. (Float64: CPU BLAS rounds a product by an ulp
+    # differently with the operand's alignment in memory, so plans agree to rounding, not bit for bit.)
+    source, target, cost = mixed_domain_problem(batch=12, seed=21)
+    batched = sinkhorn(source, target, cost, 0.1, stop=stop)
+    assert len(set(batched.image_iterations.tolist())) > 1
+    assert batched.image_log_domain.any() and not batched.image_log_domain.all()
+    for i in range(12):
+        alone = sinkhorn(source[i : i + 1], target[i : i + 1], cost[i : i + 1], 0.1, stop=stop, stop_scope="batch")
+        torch.testing.assert_close(batched.plan[i], alone.plan[0], rtol=1e-12, atol=1e-300)
+        assert int(batched.image_iterations[i]) == alone.iterations
+        assert bool(batched.image_log_domain[i]) == alone.log_domain
+
+
+@pytest.mark.parametrize("stop", STOP_RULES)
+def test_plans_do_not_depend_on_batch_mates(stop):
+    # Issue 14: the same image got a different plan at batch 1 and 32 (the batch stopped together and chose
+    # one solver for all). 32 images, some solved in the log domain and some not, stopping at many different
+    # iterations: batches of 1, 7 (the last one short) and 32, and the batch reversed, give the same iteration
+    # counts and the same plans (to float64 rounding; see above).
+    source, target, cost = mixed_domain_problem(batch=32, seed=22)
+    whole = sinkhorn(source, target, cost, 0.1, stop=stop)
+    assert len(set(whole.image_iterations.tolist())) > 5
+    assert 0 < int(whole.image_log_domain.sum()) < 32
+    for size in (1, 7):
+        parts = [
+            sinkhorn(source[i : i + size], target[i : i + size], cost[i : i + size], 0.1, stop=stop)
+            for i in range(0, 32, size)
+        ]
+        assert torch.equal(torch.cat([part.image_iterations for part in parts]), whole.image_iterations), size
+        torch.testing.assert_close(torch.cat([part.plan for part in parts]), whole.plan, rtol=1e-12, atol=1e-300)
+    reverse = torch.arange(31, -1, -1)
+    flipped = sinkhorn(source[reverse], target[reverse], cost[reverse], 0.1, stop=stop)
+    torch.testing.assert_close(flipped.plan, whole.plan[reverse], rtol=1e-12, atol=1e-300)
 
 
 def test_sinkhorn_rejects_bad_arguments():
@@ -221,6 +298,10 @@ def test_sinkhorn_rejects_bad_arguments():
         sinkhorn(source, target, cost, 0.1, stop="sometimes")
     with pytest.raises(ValueError, match="positive"):
         sinkhorn(source, target, cost, 0.0)
+    with pytest.raises(ValueError, match="scope"):
+        sinkhorn(source, target, cost, 0.1, stop_scope="sometimes")
+    with pytest.raises(ValueError, match="iteration"):
+        sinkhorn(source, target, cost, 0.1, max_iter=0)
 
 
 # -- cost, marginals and the teacher term ---------------------------------------------------------------------
@@ -288,7 +369,15 @@ def test_mask_teacher_distribution_uses_an_injected_minimum():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(reg=0.0), dict(reg=-0.1), dict(max_iter=0), dict(tol=0.0), dict(tol=-1e-3), dict(stop="converged")],
+    [
+        dict(reg=0.0),
+        dict(reg=-0.1),
+        dict(max_iter=0),
+        dict(tol=0.0),
+        dict(tol=-1e-3),
+        dict(stop="converged"),
+        dict(stop_scope="never"),
+    ],
 )
 def test_kcot_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
@@ -304,6 +393,8 @@ def test_kcot_config_defaults_are_the_reference_settings():
         1e-3,
         "reference",
     )
+    # The reference's rule, tested on each image alone: scores that do not depend on the batch.
+    assert config.stop_scope == "per_image"
 
 
 def test_ram_config_round_trips_and_validates():

@@ -7,6 +7,8 @@ goes through ramtag's reference-checkpoint importer, so the importer's key mappi
 
 from __future__ import annotations
 
+import dataclasses
+
 import open_clip
 import pytest
 import torch
@@ -37,6 +39,9 @@ def case(request):
     spec = spec_from_dict(meta["spec"])
     torch.manual_seed(0)
     model = model_from_reference_state(make_reference_state_dict(spec, meta["weights_seed"]))
+    # The fixtures were made on a batch of 3 with the reference's batch-wide stop; ramtag's default stops each
+    # image on its own, which moves the plans of the images that converge first.
+    model.config.kcot = dataclasses.replace(model.config.kcot, stop_scope="batch")
     images = make_reference_images(spec, meta["batch_size"], meta["input_seed"])
     seen, unseen = meta["labels_seen"], meta["labels_unseen"]
     tokens = open_clip.tokenize(

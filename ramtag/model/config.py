@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ramtag.model.kcot import STOP_RULES
+from ramtag.model.kcot import STOP_RULES, STOP_SCOPES
 
 
 @dataclass
@@ -18,6 +18,10 @@ class KcotConfig:
     tol: float = 1e-3
     stop: str = "reference"
     """`reference` (parity) or `marginal`; see ramtag.model.kcot.sinkhorn."""
+    stop_scope: str = "per_image"
+    """`per_image`: each image stops when its own rule holds, so its scores do not depend on its batch mates;
+    `batch`: every image iterates until the rule holds for the whole batch (the reference's stop, for parity
+    with outputs it produced on a batch)."""
     presence_temperature: float = 0.1
     """Temperature of the region marginal (label presence detection)."""
     teacher_sharpness: float = 20.0
@@ -31,6 +35,8 @@ class KcotConfig:
             raise ValueError("KCOT tol must be positive")
         if self.stop not in STOP_RULES:
             raise ValueError(f"KCOT stop must be one of {', '.join(STOP_RULES)}, not {self.stop!r}")
+        if self.stop_scope not in STOP_SCOPES:
+            raise ValueError(f"KCOT stop_scope must be one of {', '.join(STOP_SCOPES)}, not {self.stop_scope!r}")
 
 
 @dataclass

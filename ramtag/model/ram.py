@@ -36,6 +36,9 @@ class RamOutput:
     """KCOT transport plan [B, N, C] (no gradient)."""
     region_marginal: torch.Tensor
     sinkhorn_iterations: int
+    """The most Sinkhorn iterations any image of the batch ran."""
+    sinkhorn_image_iterations: torch.Tensor | None = None
+    """[B] Sinkhorn iterations of each image."""
 
 
 BatchMinimum = Callable[[torch.Tensor], torch.Tensor]
@@ -133,6 +136,7 @@ class RamModel(nn.Module):
                 max_iter=kcot.max_iter,
                 tol=kcot.tol,
                 stop=kcot.stop,
+                stop_scope=kcot.stop_scope,
             )
         plan = solved.plan.to(similarity.dtype)
         local_logits = (plan * similarity).sum(dim=1) / self.local_temperature(similarity.shape[-1])
@@ -148,6 +152,7 @@ class RamModel(nn.Module):
             plan=plan,
             region_marginal=marginal,
             sinkhorn_iterations=solved.iterations,
+            sinkhorn_image_iterations=solved.image_iterations,
         )
 
     @torch.no_grad()
