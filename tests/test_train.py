@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ramtag.engine.augment import TrainAugment
-from ramtag.engine.batchnorm_sync import GlobalBatchNorm2d, synchronise_batchnorms
-from ramtag.engine.ema import TrainableEma
-from ramtag.engine.schedule import FLOOR, WARMUP_START, Schedule
-from ramtag.engine.train import TrainRecipe, train
-from ramtag.engine.train_config import TrainConfig, read_config_file, resolve_config
-from ramtag.engine.train_data import GlobalBatchSampler
+from ramtag.data.augment import TrainAugment
+from ramtag.engine.train.batchnorm import GlobalBatchNorm2d, synchronise_batchnorms
+from ramtag.engine.train.config import TrainConfig, read_config_file, resolve_config
+from ramtag.engine.train.data import GlobalBatchSampler
+from ramtag.engine.train.ema import TrainableEma
+from ramtag.engine.train.recipe import TrainRecipe, train
+from ramtag.engine.train.schedule import FLOOR, WARMUP_START, Schedule
 from ramtag.errors import CheckpointError, DataError, UsageError
 from ramtag.model.checkpoint import load_checkpoint
 from tests.train_fixtures import LABELS, write_init_checkpoint, write_reference_json, write_shard
@@ -308,7 +308,9 @@ def test_validation_reports_zsl_and_gzsl_and_keeps_the_best(data, tmp_path):
     unseen = tmp_path / "unseen.txt"
     unseen.write_text("square\n")
     output = tmp_path / "run"
-    result = train(settings(data, output, val=str(data.val), unseen=str(unseen), max_steps=2, val_every=1, progress=True))
+    result = train(
+        settings(data, output, val=str(data.val), unseen=str(unseen), max_steps=2, val_every=1, progress=True)
+    )
     lines = _metric_lines(output, "val")
     assert [line["step"] for line in lines] == [1, 2]
     assert {"zsl/mAP", "gzsl/mAP", "gzsl/F1@3", "live/zsl/mAP"} <= set(lines[0])
@@ -377,7 +379,9 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
     from ramtag.cli import main
 
     config = tmp_path / "run.toml"
-    config.write_text(f'train = ["{data.train}"]\nroot = "{data.root}"\ninit = "{data.init}"\nbatch_size = 2\nnum_workers = 0\n')
+    config.write_text(
+        f'train = ["{data.train}"]\nroot = "{data.root}"\ninit = "{data.init}"\nbatch_size = 2\nnum_workers = 0\n'
+    )
     output = tmp_path / "out"
 
     def main_with_skipped_images(argv: list[str]) -> None:
@@ -386,18 +390,23 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 3
 
-    main_with_skipped_images(["train", "--config", str(config), "-o", str(output), "--max-steps", "1", "--grad-accum", "2", "--no-progress", "--ema-decay", "0"])
+    main_with_skipped_images(
+        ["train", "--config", str(config), "-o", str(output), "--max-steps", "1", "--grad-accum", "2", "--no-progress"]
+        + ["--ema-decay", "0"]
+    )
     captured = capsys.readouterr()
     assert captured.out.strip() == str(output / "checkpoint.safetensors")
     assert "training image(s) were missing or unreadable and skipped" in captured.err
     saved = json.loads((output / "train-config.json").read_text())
     assert (saved["batch_size"], saved["grad_accum"], saved["max_steps"], saved["ema_decay"]) == (2, 2, 1, 0.0)
     assert not (output / "checkpoint-live.safetensors").exists()
-    main_with_skipped_images(["train", "--resume", "-o", str(output), "--max-steps", "2", "--no-progress"])  # settings from the run
+    # settings from the run
+    main_with_skipped_images(["train", "--resume", "-o", str(output), "--max-steps", "2", "--no-progress"])
     assert json.loads((output / "train-summary.json").read_text())["steps"] == 2
     # The saved settings of a resumed run start a new run when reused, as its refusal message advises.
     assert json.loads((output / "train-config.json").read_text())["resume"] is False
-    main_with_skipped_images(["train", "--config", str(output / "train-config.json"), "-o", str(tmp_path / "again"), "--no-progress"])
+    saved_config = str(output / "train-config.json")
+    main_with_skipped_images(["train", "--config", saved_config, "-o", str(tmp_path / "again"), "--no-progress"])
     assert json.loads((tmp_path / "again" / "train-summary.json").read_text())["steps"] == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "-o", str(tmp_path / "none")])
@@ -406,7 +415,7 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
 
 
 def test_kcot_options_reach_the_trained_model():
-    from ramtag.engine.train_model import _kcot
+    from ramtag.engine.train.model import _kcot
     from ramtag.errors import UsageError as _UsageError
 
     kcot = _kcot(TrainConfig(ot_reg=0.2, ot_max_iter=50, ot_tol=1e-4, ot_stop="marginal", teacher_weight=0.1))
@@ -421,7 +430,8 @@ def _record_step_gradients(monkeypatch) -> list[list[torch.Tensor]]:
     original = TrainRecipe._optimizer_step
 
     def recording(self):
-        recorded.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.parameters])
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        recorded.append(grads)
         return original(self)
 
     monkeypatch.setattr(TrainRecipe, "_optimizer_step", recording)
@@ -450,7 +460,8 @@ def test_gradient_clipping_bounds_the_applied_update(data, tmp_path, monkeypatch
 
             def spy(*args, _step=step, _optimizer=optimizer, **kwargs):
                 grads = [p.grad for group in _optimizer.param_groups for p in group["params"] if p.grad is not None]
-                applied.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+                norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                applied.append(float(torch.linalg.vector_norm(norms)))
                 return _step(*args, **kwargs)
 
             optimizer.step = spy

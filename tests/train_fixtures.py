@@ -20,7 +20,8 @@ LABELS = ("red", "green", "blue", "round", "square")
 
 
 def write_init_checkpoint(path: Path, seed: int = 0, trained: bool = True) -> Path:
-    """An untrained RAM checkpoint (trained=True config, or a training-free one) carrying its tiny backbone, so --init rebuilds it by itself.
+    """An untrained RAM checkpoint (trained=True config, or a training-free one) carrying its tiny backbone, so
+    --init rebuilds it by itself.
 
     Three layers of width 64 with one head (what an OpenAI-format state dict implies), adapters and prompts at
     layers 1 and 2; weights rounded to float16, as rebuilding from such a state dict does.
@@ -32,7 +33,8 @@ def write_init_checkpoint(path: Path, seed: int = 0, trained: bool = True) -> Pa
                 tensor.copy_(tensor.half().float())
     torch.manual_seed(seed + 1)
     layers = (1, 2) if trained else ()
-    config = tiny_config(adapter_layers=layers, prompt_layers=layers, trained=trained, preprocessing=Preprocessing(image_size=IMAGE_SIZE))
+    preprocessing = Preprocessing(image_size=IMAGE_SIZE)
+    config = tiny_config(adapter_layers=layers, prompt_layers=layers, trained=trained, preprocessing=preprocessing)
     return save_checkpoint(path, RamModel(clip, config), include_backbone=True)
 
 

@@ -15,8 +15,24 @@ import torch
 
 from ramtag.atomic import atomic_path
 from ramtag.errors import CheckpointError
+from ramtag.fingerprint import fingerprint
 
 STATE_VERSION = 1
+
+# The files of a run folder (besides train.log and metrics.jsonl, see ramtag.engine.train.log).
+CHECKPOINT = "checkpoint.safetensors"
+LIVE_CHECKPOINT = "checkpoint-live.safetensors"
+BEST_CHECKPOINT = "best.safetensors"
+STATE_FILE = "training-state.pt"
+CONFIG_FILE = "train-config.json"
+SUMMARY_FILE = "train-summary.json"
+BAD_IMAGES_FILE = "bad-images.txt"
+DROPPED_LABELS_FILE = "dropped-labels.txt"
+
+
+def annotations_fingerprint(items) -> str:  # noqa: ANN001 - LabelledItems
+    """What the training images and their labels are, in order: a resumed run's data position indexes them."""
+    return fingerprint([[item.key, list(item.labels)] for item in items])
 
 
 def rng_state() -> dict[str, Any]:
