@@ -14,6 +14,7 @@ import json
 import torch
 from torch import nn
 
+from ramtag.engine.runtime import Runtime
 from ramtag.engine.train.config import TrainConfig
 from ramtag.errors import UsageError
 from ramtag.model.checkpoint import load_checkpoint
@@ -155,6 +156,25 @@ def build_training_model(config: TrainConfig) -> tuple[RamModel, bool]:
         ram_config = _fresh_config(config, clip, config.model, config.pretrained, config.template or DEFAULT_TEMPLATE)
     torch.manual_seed(config.seed)
     return RamModel(clip, ram_config), False
+
+
+def label_tokens(
+    model: RamModel, device: torch.device, seen: tuple[str, ...], unseen: tuple[str, ...], teacher: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The seen labels' prompt tokens and, with the teacher on, the frozen teacher's features of them (labels too
+    long for the text encoder's context are refused, unseen ones too)."""
+    import open_clip
+
+    runtime = Runtime(model=model, device=device, fingerprint="training")
+    runtime.check_label_lengths(seen, [model.config.template])
+    if unseen:
+        runtime.check_label_lengths(unseen, [model.config.template])
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.text.context_length)
+    tokens = tokenizer([model.config.template.format(label) for label in seen]).to(device)
+    if not teacher:
+        return tokens, None
+    with torch.no_grad():
+        return tokens, model.encode_labels(tokens, use_prompts=False).float()
 
 
 def parameter_groups(model: RamModel, config: TrainConfig) -> tuple[list[dict], list[dict]]:

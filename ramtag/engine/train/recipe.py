@@ -7,33 +7,37 @@ micro-batch, then `_optimizer_step`: gradients summed over ranks, clipped, appli
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ramtag.atomic import write_json, write_text
 from ramtag.data.augment import TrainAugment
 from ramtag.engine import dist
 from ramtag.engine.labelled import LabelledBatch, open_labelled_source
-from ramtag.engine.runtime import Runtime, resolve_device
+from ramtag.engine.runtime import resolve_device
 from ramtag.engine.train import state as files
 from ramtag.engine.train.batchnorm import synchronise_batchnorms
 from ramtag.engine.train.config import TrainConfig, resolve_config
 from ramtag.engine.train.data import StreamPosition, TrainBatches, training_items, training_labels
 from ramtag.engine.train.ema import TrainableEma
 from ramtag.engine.train.log import METRICS_FILE, StepLog, TrainReporter, dropped_summary, step_record, truncate_metrics
-from ramtag.engine.train.model import build_training_model, parameter_groups, resolve_precision
+from ramtag.engine.train.model import build_training_model, label_tokens, parameter_groups, resolve_precision
 from ramtag.engine.train.schedule import LearningRates, Schedule, default_warmup_epochs
-from ramtag.engine.train.state import load_training_state, restore_rng_state, rng_state, save_training_state
+from ramtag.engine.train.state import (
+    previous_state,
+    restore_rng_state,
+    rng_state,
+    save_model,
+    save_training_state,
+    seed_everything,
+)
 from ramtag.engine.train.validation import Validation
 from ramtag.errors import DataError, UsageError
-from ramtag.model.checkpoint import save_checkpoint
 from ramtag.model.loss import mmc_loss
 
 
@@ -74,13 +78,13 @@ class TrainRecipe:
         self.info = dist.setup(cfg.device)
         self.device = resolve_device(dist.device_for(self.info, cfg.device))
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
-        state = self._check_output()
+        state = previous_state(cfg, self.output)
         if state is not None and self.info.is_main:
             truncate_metrics(self.output / METRICS_FILE, int(state["step"]))
         resume = state is not None
         self.reporter = TrainReporter(self.output, self.info.is_main, cfg.progress, cfg.tensorboard, resume=resume)
         self.log = self.reporter.info
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
 
         self._setup_labels()
         self.model, self.include_backbone = build_training_model(cfg)
@@ -93,7 +97,9 @@ class TrainRecipe:
                 f"distributed: {self.info.world_size} processes; {replaced} adapter batch norm(s) synchronised "
                 "across them"
             )
-        self._setup_text()
+        teacher = cfg.teacher_weight > 0
+        self.tokens, self.teacher_features = label_tokens(self.model, self.device, self.seen, self.unseen, teacher)
+        self.use_teacher = self.teacher_features is not None
         self._setup_data()
         self._setup_optimisation()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -102,24 +108,6 @@ class TrainRecipe:
             self._restore(state)
         self._save_config()
         self._log_setup()
-
-    def _check_output(self) -> dict | None:
-        cfg = self.config
-        state_path = self.output / files.STATE_FILE
-        if cfg.resume:
-            state = load_training_state(state_path)
-            changed = cfg.changed_from(TrainConfig.from_dict(state["config"]))
-            if changed:
-                raise UsageError(
-                    f"--resume: these settings differ from the run in {self.output}: {', '.join(changed)} "
-                    f"(resume with the original settings, e.g. --config {self.output / files.CONFIG_FILE})"
-                )
-            return state
-        if state_path.exists():
-            raise UsageError(
-                f"{self.output} already holds a training run: pass --resume to continue it, or choose another --output"
-            )
-        return None
 
     def _setup_labels(self) -> None:
         from ramtag.data.vocab import read_labels
@@ -130,22 +118,6 @@ class TrainRecipe:
         unseen = tuple(read_labels(cfg.unseen).labels) if cfg.unseen else ()
         self.labels = training_labels(self.source, listed, unseen, cfg.samples_per_epoch is None, self.log)
         self.seen, self.unseen = self.labels.seen, self.labels.unseen
-
-    def _setup_text(self) -> None:
-        import open_clip
-
-        model = self.model
-        runtime = Runtime(model=model, device=self.device, fingerprint="training")
-        runtime.check_label_lengths(self.seen, [model.config.template])
-        if self.unseen:
-            runtime.check_label_lengths(self.unseen, [model.config.template])
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.text.context_length)
-        self.tokens = tokenizer([model.config.template.format(label) for label in self.seen]).to(self.device)
-        self.use_teacher = self.config.teacher_weight > 0
-        self.teacher_features = None
-        if self.use_teacher:
-            with torch.no_grad():
-                self.teacher_features = model.encode_labels(self.tokens, use_prompts=False).float()
 
     def _setup_data(self) -> None:
         cfg = self.config
@@ -379,14 +351,13 @@ class TrainRecipe:
             return
         # Ranks stop at different points, some inside a collective: a save now could hang or mix steps.
         saved = self.output / files.STATE_FILE
+        if saved.exists():
+            then = f"--resume continues from {saved}"
+        else:
+            then = "none was saved yet, so --resume cannot continue this run"
         self.log(
-            f"interrupted at step {self.step}; under torchrun the state is saved only every "
-            f"--checkpoint-every {self.config.checkpoint_every} steps: "
-            + (
-                f"--resume continues from {saved}"
-                if saved.exists()
-                else "none was saved yet, so --resume cannot continue this run"
-            )
+            f"interrupted at step {self.step}; under torchrun the state is saved only every --checkpoint-every "
+            f"{self.config.checkpoint_every} steps: {then}"
         )
 
     def _validate(self) -> None:
@@ -407,16 +378,9 @@ class TrainRecipe:
 
     # -- save ---------------------------------------------------------------------------------------------
     def _save_model(self, path: Path, use_ema: bool) -> None:
-        weights = "ema" if use_ema and self.ema is not None else "live"
-        extra = {
-            "weights": weights,
-            "step": self.step,
-            "seen_labels": list(self.seen),
-            "unseen_labels": list(self.unseen),
-            "train_config": self.config.to_dict(),
-        }
-        with self.ema.applied_to(self.model) if weights == "ema" else nullcontext():
-            save_checkpoint(path, self.model, include_backbone=self.include_backbone, extra=extra)
+        ema = self.ema if use_ema else None
+        extra = {"step": self.step, "seen_labels": list(self.seen), "unseen_labels": list(self.unseen)}
+        save_model(path, self.model, ema, self.include_backbone, {**extra, "train_config": self.config.to_dict()})
 
     def _training_state(self) -> dict[str, Any]:
         streams = None
@@ -441,7 +405,7 @@ class TrainRecipe:
         }
 
     def _save_all(self, final: bool) -> None:
-        for share in dist.all_gather_objects(self.bad_images)[1:] if self.info.distributed else ():
+        for share in dist.all_gather_objects(self.bad_images):  # every rank's skipped images, for the listing
             for key, error in share.items():
                 self.bad_images.setdefault(key, error)
         state = self._training_state()
@@ -481,12 +445,6 @@ class TrainRecipe:
             output=self.output, steps=self.step, checkpoint=self.output / files.CHECKPOINT, losses=list(self.losses),
             best=summary["best"], validation=self.validation.last, bad_images=len(self.bad_images),
         )  # fmt: skip
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train(config: TrainConfig) -> TrainResult:
