@@ -7,6 +7,7 @@ description once; this module adds only how they are spelt on a command line (sh
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from dataclasses import MISSING, Field, fields
 from typing import Annotated, Any, Optional
@@ -54,13 +55,14 @@ Examples:
 """
 
 
-def _layers(text: Optional[str]) -> Optional[list[int]]:
+def _layers(param: typer.CallbackParam, text: Optional[str]) -> Optional[list[int]]:
     if text is None:
         return None
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise typer.BadParameter("takes 0-based layer numbers separated by commas, e.g. 9,10,11") from None
+        message = f"{param.opts[0]} takes 0-based layer numbers separated by commas, e.g. 9,10,11"
+        raise typer.BadParameter(message) from None
 
 
 def _shown(value: Any) -> str:
@@ -88,8 +90,9 @@ def _help(setting: Field) -> str:
 
 def _option(setting: Field) -> inspect.Parameter:
     """The option of one setting: its name, help and panel from the field, its type from the field's."""
-    hint = typing.get_type_hints(TrainConfig)[setting.name]
-    kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_args(hint) else hint
+    kind = typing.get_type_hints(TrainConfig)[setting.name]
+    if isinstance(kind, types.UnionType):  # `int | None`: options are all optional, None when not given
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
     name = f"--{option_name(setting)}"
     extra: dict[str, Any] = {}
     if kind is bool:
@@ -98,8 +101,6 @@ def _option(setting: Field) -> inspect.Parameter:
         names = [name, *([SHORT_NAMES[setting.name]] if setting.name in SHORT_NAMES else [])]
         if setting.name in ("adapter_layers", "prompt_layers"):
             kind, extra["callback"] = str, _layers
-        elif typing.get_origin(kind) is list:
-            kind = list[typing.get_args(kind)[0]]
     if setting.name == "num_workers":
         extra["min"] = 0
     option = typer.Option(

@@ -70,13 +70,13 @@ class TrainConfig:
         None,
         "Label space file, one label a line (default: the file's class list, else the labels in the data).",
     )
+    unseen: str | None = _data(
+        None, "Held-out labels, one a line: never trained on; validation reports ZSL (unseen only) and GZSL."
+    )
     val: str | None = _data(
         None,
         "Validation annotation file or shards (same formats as the training data); validated every --val-every "
         "steps or --val-every-epochs epochs.",
-    )
-    unseen: str | None = _data(
-        None, "Held-out labels, one a line: never trained on; validation reports ZSL (unseen only) and GZSL."
     )
     strict_labels: bool = _data(False, "Fail on training labels outside the label space instead of dropping them.")
     samples_per_epoch: int | None = _data(
