@@ -480,3 +480,51 @@ def test_gradient_clipping_bounds_the_applied_update(data, tmp_path, monkeypatch
     assert math.sqrt(sum(n * n for n in applied)) == pytest.approx(unclipped / 10, rel=1e-4)
     line = _metric_lines(tmp_path / "clipped", "train")[0]
     assert line["grad_norm"] == pytest.approx(unclipped, rel=1e-4)  # the log reports the norm before clipping
+
+
+# -- data that cannot train the label space ---------------------------------------------------------------
+
+
+def _train_cli(argv: list[str]) -> int:
+    from ramtag.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
+def test_training_on_img2dataset_captions_is_refused_and_says_what_it_met(data, tmp_path, capsys):
+    from tests.train_fixtures import write_img2dataset_shard
+
+    captions = ["a red ball on a wooden table"] * 3 + [f"photo {i} of a blue square in the snow" for i in range(9)]
+    shard = write_img2dataset_shard(tmp_path / "00000.tar", captions, seed=0)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    output = tmp_path / "run"
+    common = ["--init", str(data.init), "-o", str(output), "--batch-size", "4", "--workers", "0", "--no-progress"]
+    assert _train_cli(["train", str(shard), "--labels", str(labels), *common]) == 2
+    error = capsys.readouterr().err
+    assert f"0 of {len(captions)} training image(s) have a label of the label space" in error
+    most_often = "most often 'a red ball on a wooden table' (3)"
+    assert f"{len(captions)} label occurrence(s) fall outside it, {most_often}" in error
+    assert "read like captions" in error and "Traceback" not in error
+    assert "nothing to learn" in (output / "train.log").read_text()  # the log says why the run stopped
+    assert (output / "dropped-labels.txt").read_text().splitlines()[0] == "a red ball on a wooden table\t3"
+    assert len((output / "dropped-labels.txt").read_text().splitlines()) == 10
+    assert not (output / "checkpoint.safetensors").exists() and not (output / "training-state.pt").exists()
+
+
+def test_tags_outside_the_label_space_in_shards_are_logged_as_for_annotation_files(data, tmp_path):
+    from tests.train_fixtures import write_img2dataset_shard
+
+    tags = ["red, round, blurry", "green, square", "blue, round, blurry, out of focus", "red, square"] * 2
+    shard = write_img2dataset_shard(tmp_path / "00000.tar", tags, seed=1)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    output = tmp_path / "run"
+    result = train(settings(data, output, train=[str(shard)], labels=str(labels), max_steps=1, batch_size=4))
+    assert result.steps == 1
+    log = (output / "train.log").read_text()
+    dropped = "6 label occurrence(s) outside the seen label space dropped; 2 distinct: 'blurry' (4), 'out of focus' (2)"
+    assert dropped in log
+    assert json.loads((output / "train-summary.json").read_text())["dropped_label_occurrences"] == 6

@@ -86,3 +86,25 @@ def write_shard(path: Path, n: int, seed: int) -> Path:
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
     return path
+
+
+def write_img2dataset_shard(path: Path, texts: list[str], seed: int) -> Path:
+    """A shard as img2dataset writes one: NNNNNNNNN.jpg, NNNNNNNNN.txt (the caption) and NNNNNNNNN.json (url, key,
+    caption, status, sizes), with the shard's NNNNN.parquet and NNNNN_stats.json beside it left out."""
+    rng = np.random.default_rng(seed + 3000)
+    with tarfile.open(path, "w") as archive:
+        for index, text in enumerate(texts):
+            key = f"{seed:05d}{index:04d}"
+            buffer = io.BytesIO()
+            _image(rng, tuple(LABELS[: 1 + index % 3])).save(buffer, format="JPEG")
+            record = {
+                "url": f"https://example.com/images/{key}.jpg", "key": key, "caption": text, "status": "success",
+                "error_message": None, "width": 40, "height": 40, "original_width": 640, "original_height": 480,
+                "exif": "{}", "sha256": f"{index:064x}",
+            }  # fmt: skip
+            members = (("jpg", buffer.getvalue()), ("txt", text.encode()), ("json", json.dumps(record).encode()))
+            for suffix, data in members:
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return path

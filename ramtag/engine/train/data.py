@@ -40,6 +40,7 @@ from ramtag.engine.labelled import (
 )
 from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.errors import DataError
+from ramtag.messages import listed
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,14 @@ def training_items(
     source: LabelledSource, labels: TrainingLabels, strict: bool
 ) -> tuple[list[LabelledItem], dict[str, str], Counter[str]]:
     """The items to train on with their labels cut to the seen space, the missing image files (key: reason),
-    and the label occurrences dropped. Shards: their up-front items as they are (their drops are counted as
-    the stream reads them)."""
+    and the label occurrences dropped. Shards: the items read up front, labels as they are (the stream cuts
+    them), their drops counted here; streamed shards count their drops as they are read."""
+    seen = set(labels.seen)
     dropped: Counter[str] = Counter()
     if source.is_shards:
+        dropped.update(label for item in labels.shard_items for label in item.labels if label not in seen)
         return labels.shard_items, {}, dropped
     items, missing = find_missing_files(source.items)
-    seen = set(labels.seen)
     for item in source.items:
         dropped.update(label for label in item.labels if label not in seen)
     if dropped and strict:
@@ -117,6 +119,36 @@ def training_items(
     if not items:
         raise DataError(f"{source.description}: none of the {len(source.items)} image files exist")
     return items, dict(missing), dropped
+
+
+MIN_LABELLED_FRACTION = 0.01
+"""Training refuses data where fewer images than this carry a seen label: there is (almost) nothing to learn."""
+
+
+def nothing_to_learn(
+    source: LabelledSource, items: Sequence[LabelledItem], labels: TrainingLabels, dropped: Counter[str]
+) -> str | None:
+    """Why `items` cannot train the seen labels (fewer than MIN_LABELLED_FRACTION of the images carry one),
+    or None when they can. Says how many label occurrences fall outside the label space and which most often."""
+    seen = set(labels.seen)
+    labelled = sum(1 for item in items if any(label in seen for label in item.labels))
+    if labelled > 0 and labelled >= MIN_LABELLED_FRACTION * len(items):
+        return None
+    held_out = set(labels.unseen)
+    outside = Counter({label: count for label, count in dropped.items() if label not in held_out})
+    common = listed([f"{label!r} ({count})" for label, count in outside.most_common()], quote=False)
+    problem = (
+        f"{source.description}: {labelled} of {len(items)} training image(s) have a label of the label space "
+        f"({labels.origin}, {len(labels.seen)} seen label(s)), so there is nothing to learn; "
+        f"{sum(outside.values())} label occurrence(s) fall outside it" + (f", most often {common}" if outside else "")
+    )
+    words = [len(label.split()) for label, _ in outside.most_common(20)]
+    if words and sorted(words)[len(words) // 2] >= 4:
+        problem += (
+            ". They read like captions: training needs label names (a .txt member with one label a line or "
+            'comma-separated, or a .json member {"labels": [...]}) that --labels lists'
+        )
+    return problem
 
 
 class _SeededAugment:

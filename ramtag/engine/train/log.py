@@ -83,13 +83,15 @@ class TrainReporter:
             self._progress.start()
             self._task = self._progress.add_task("train", total=total_steps, completed=done, status="")
 
-    def info(self, message: str) -> None:
+    def info(self, message: str, echo: bool = True) -> None:
+        """A line in train.log, and on stderr unless `echo` is false."""
         if not self.enabled:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(f"{stamp} {message}\n")
         self._log.flush()
-        self._console.print(message, markup=False)
+        if echo:
+            self._console.print(message, markup=False)
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.enabled:

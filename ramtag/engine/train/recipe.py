@@ -23,7 +23,7 @@ from ramtag.engine.runtime import resolve_device
 from ramtag.engine.train import state as files
 from ramtag.engine.train.batchnorm import synchronise_batchnorms
 from ramtag.engine.train.config import TrainConfig, resolve_config
-from ramtag.engine.train.data import StreamPosition, TrainBatches, training_items, training_labels
+from ramtag.engine.train.data import StreamPosition, TrainBatches, nothing_to_learn, training_items, training_labels
 from ramtag.engine.train.ema import TrainableEma
 from ramtag.engine.train.log import METRICS_FILE, StepLog, TrainReporter, dropped_summary, step_record, truncate_metrics
 from ramtag.engine.train.model import build_training_model, label_tokens, parameter_groups, resolve_precision
@@ -122,6 +122,11 @@ class TrainRecipe:
     def _setup_data(self) -> None:
         cfg = self.config
         items, self.bad_images, self.dropped = training_items(self.source, self.labels, cfg.strict_labels)
+        problem = nothing_to_learn(self.source, items, self.labels, self.dropped) if items else None
+        if problem is not None:  # the whole list of drops goes beside train.log; the error line says the rest
+            self.reporter.info(f"error: {problem}", echo=False)
+            self._write_dropped()
+            raise DataError(problem)
         self.data_fingerprint = None if self.source.is_shards else files.annotations_fingerprint(self.source.items)
         pre = self.model.config.preprocessing
         augment = TrainAugment(
@@ -323,8 +328,8 @@ class TrainRecipe:
     def _note_batch(self, batch: LabelledBatch) -> None:
         for key, error in batch.failed:
             self.bad_images.setdefault(key, error)
-        if self.source.is_shards and self.batches.stream.pass_index == 0:
-            self.dropped.update(batch.dropped)
+        if self.source.is_shards and not self.labels.shard_items and self.batches.stream.pass_index == 0:
+            self.dropped.update(batch.dropped)  # streamed shards: counted over the first pass
 
     def _epochs_done(self) -> float:
         return round(self.step / self.steps_per_epoch, 4)
