@@ -23,6 +23,7 @@ DATA_MODULES = [
     "ramtag.data.vocab",
     "ramtag.data.annotations",
     "ramtag.data.synth",
+    "ramtag.data.augment",
 ]
 
 

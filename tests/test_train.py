@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ramtag.engine.augment import TrainAugment
-from ramtag.engine.batchnorm_sync import GlobalBatchNorm2d, synchronise_batchnorms
-from ramtag.engine.ema import TrainableEma
-from ramtag.engine.schedule import FLOOR, WARMUP_START, Schedule
-from ramtag.engine.train import TrainRecipe, train
-from ramtag.engine.train_config import TrainConfig, read_config_file, resolve_config
-from ramtag.engine.train_data import GlobalBatchSampler
+from ramtag.data.augment import TrainAugment
+from ramtag.engine.train.batchnorm import GlobalBatchNorm2d, synchronise_batchnorms
+from ramtag.engine.train.config import TrainConfig, read_config_file, resolve_config
+from ramtag.engine.train.data import GlobalBatchSampler
+from ramtag.engine.train.ema import TrainableEma
+from ramtag.engine.train.recipe import TrainRecipe, train
+from ramtag.engine.train.schedule import FLOOR, WARMUP_START, Schedule
 from ramtag.errors import CheckpointError, DataError, UsageError
 from ramtag.model.checkpoint import load_checkpoint
 from tests.train_fixtures import LABELS, write_init_checkpoint, write_reference_json, write_shard
@@ -308,7 +308,9 @@ def test_validation_reports_zsl_and_gzsl_and_keeps_the_best(data, tmp_path):
     unseen = tmp_path / "unseen.txt"
     unseen.write_text("square\n")
     output = tmp_path / "run"
-    result = train(settings(data, output, val=str(data.val), unseen=str(unseen), max_steps=2, val_every=1, progress=True))
+    result = train(
+        settings(data, output, val=str(data.val), unseen=str(unseen), max_steps=2, val_every=1, progress=True)
+    )
     lines = _metric_lines(output, "val")
     assert [line["step"] for line in lines] == [1, 2]
     assert {"zsl/mAP", "gzsl/mAP", "gzsl/F1@3", "live/zsl/mAP"} <= set(lines[0])
@@ -377,7 +379,9 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
     from ramtag.cli import main
 
     config = tmp_path / "run.toml"
-    config.write_text(f'train = ["{data.train}"]\nroot = "{data.root}"\ninit = "{data.init}"\nbatch_size = 2\nnum_workers = 0\n')
+    config.write_text(
+        f'train = ["{data.train}"]\nroot = "{data.root}"\ninit = "{data.init}"\nbatch_size = 2\nnum_workers = 0\n'
+    )
     output = tmp_path / "out"
 
     def main_with_skipped_images(argv: list[str]) -> None:
@@ -386,18 +390,23 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 3
 
-    main_with_skipped_images(["train", "--config", str(config), "-o", str(output), "--max-steps", "1", "--grad-accum", "2", "--no-progress", "--ema-decay", "0"])
+    main_with_skipped_images(
+        ["train", "--config", str(config), "-o", str(output), "--max-steps", "1", "--grad-accum", "2", "--no-progress"]
+        + ["--ema-decay", "0"]
+    )
     captured = capsys.readouterr()
     assert captured.out.strip() == str(output / "checkpoint.safetensors")
     assert "training image(s) were missing or unreadable and skipped" in captured.err
     saved = json.loads((output / "train-config.json").read_text())
     assert (saved["batch_size"], saved["grad_accum"], saved["max_steps"], saved["ema_decay"]) == (2, 2, 1, 0.0)
     assert not (output / "checkpoint-live.safetensors").exists()
-    main_with_skipped_images(["train", "--resume", "-o", str(output), "--max-steps", "2", "--no-progress"])  # settings from the run
+    # settings from the run
+    main_with_skipped_images(["train", "--resume", "-o", str(output), "--max-steps", "2", "--no-progress"])
     assert json.loads((output / "train-summary.json").read_text())["steps"] == 2
     # The saved settings of a resumed run start a new run when reused, as its refusal message advises.
     assert json.loads((output / "train-config.json").read_text())["resume"] is False
-    main_with_skipped_images(["train", "--config", str(output / "train-config.json"), "-o", str(tmp_path / "again"), "--no-progress"])
+    saved_config = str(output / "train-config.json")
+    main_with_skipped_images(["train", "--config", saved_config, "-o", str(tmp_path / "again"), "--no-progress"])
     assert json.loads((tmp_path / "again" / "train-summary.json").read_text())["steps"] == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "-o", str(tmp_path / "none")])
@@ -406,7 +415,7 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
 
 
 def test_kcot_options_reach_the_trained_model():
-    from ramtag.engine.train_model import _kcot
+    from ramtag.engine.train.model import _kcot
     from ramtag.errors import UsageError as _UsageError
 
     kcot = _kcot(TrainConfig(ot_reg=0.2, ot_max_iter=50, ot_tol=1e-4, ot_stop="marginal", teacher_weight=0.1))
@@ -421,7 +430,8 @@ def _record_step_gradients(monkeypatch) -> list[list[torch.Tensor]]:
     original = TrainRecipe._optimizer_step
 
     def recording(self):
-        recorded.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.parameters])
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        recorded.append(grads)
         return original(self)
 
     monkeypatch.setattr(TrainRecipe, "_optimizer_step", recording)
@@ -450,7 +460,8 @@ def test_gradient_clipping_bounds_the_applied_update(data, tmp_path, monkeypatch
 
             def spy(*args, _step=step, _optimizer=optimizer, **kwargs):
                 grads = [p.grad for group in _optimizer.param_groups for p in group["params"] if p.grad is not None]
-                applied.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+                norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                applied.append(float(torch.linalg.vector_norm(norms)))
                 return _step(*args, **kwargs)
 
             optimizer.step = spy
@@ -469,3 +480,51 @@ def test_gradient_clipping_bounds_the_applied_update(data, tmp_path, monkeypatch
     assert math.sqrt(sum(n * n for n in applied)) == pytest.approx(unclipped / 10, rel=1e-4)
     line = _metric_lines(tmp_path / "clipped", "train")[0]
     assert line["grad_norm"] == pytest.approx(unclipped, rel=1e-4)  # the log reports the norm before clipping
+
+
+# -- data that cannot train the label space ---------------------------------------------------------------
+
+
+def _train_cli(argv: list[str]) -> int:
+    from ramtag.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
+def test_training_on_img2dataset_captions_is_refused_and_says_what_it_met(data, tmp_path, capsys):
+    from tests.train_fixtures import write_img2dataset_shard
+
+    captions = ["a red ball on a wooden table"] * 3 + [f"photo {i} of a blue square in the snow" for i in range(9)]
+    shard = write_img2dataset_shard(tmp_path / "00000.tar", captions, seed=0)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    output = tmp_path / "run"
+    common = ["--init", str(data.init), "-o", str(output), "--batch-size", "4", "--workers", "0", "--no-progress"]
+    assert _train_cli(["train", str(shard), "--labels", str(labels), *common]) == 2
+    error = capsys.readouterr().err
+    assert f"0 of {len(captions)} training image(s) have a label of the label space" in error
+    most_often = "most often 'a red ball on a wooden table' (3)"
+    assert f"{len(captions)} label occurrence(s) fall outside it, {most_often}" in error
+    assert "read like captions" in error and "Traceback" not in error
+    assert "nothing to learn" in (output / "train.log").read_text()  # the log says why the run stopped
+    assert (output / "dropped-labels.txt").read_text().splitlines()[0] == "a red ball on a wooden table\t3"
+    assert len((output / "dropped-labels.txt").read_text().splitlines()) == 10
+    assert not (output / "checkpoint.safetensors").exists() and not (output / "training-state.pt").exists()
+
+
+def test_tags_outside_the_label_space_in_shards_are_logged_as_for_annotation_files(data, tmp_path):
+    from tests.train_fixtures import write_img2dataset_shard
+
+    tags = ["red, round, blurry", "green, square", "blue, round, blurry, out of focus", "red, square"] * 2
+    shard = write_img2dataset_shard(tmp_path / "00000.tar", tags, seed=1)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    output = tmp_path / "run"
+    result = train(settings(data, output, train=[str(shard)], labels=str(labels), max_steps=1, batch_size=4))
+    assert result.steps == 1
+    log = (output / "train.log").read_text()
+    dropped = "6 label occurrence(s) outside the seen label space dropped; 2 distinct: 'blurry' (4), 'out of focus' (2)"
+    assert dropped in log
+    assert json.loads((output / "train-summary.json").read_text())["dropped_label_occurrences"] == 6

@@ -34,8 +34,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-demo")
-    assert run_cli("data", "synth", root / "train", "--n", 512, "--seed", 21, "--format", "images", "--format", "json") == 0
-    assert run_cli("data", "synth", root / "val", "--n", 200, "--seed", 12, "--format", "images", "--format", "json") == 0
+    formats = ("--format", "images", "--format", "json")
+    assert run_cli("data", "synth", root / "train", "--n", 512, "--seed", 21, *formats) == 0
+    assert run_cli("data", "synth", root / "val", "--n", 200, "--seed", 12, *formats) == 0
     run = root / "run"
     assert run_cli(
         "train", root / "train" / "seen.json", "--root", root / "train", "--model", "demo", "-o", run,
@@ -52,9 +53,9 @@ def trained(tmp_path_factory):
             "--workers", 0, "--json", report,
         ) == 0
         results[name] = json.loads(report.read_text())["protocols"]
+    sources = (("training_free", {"model": "demo"}), ("trained", {"checkpoint": run / "checkpoint.safetensors"}))
     results["local_gzsl"] = {
-        name: _local_branch_map(load_runtime(device="cpu", **source), root / "val")
-        for name, source in (("training_free", {"model": "demo"}), ("trained", {"checkpoint": run / "checkpoint.safetensors"}))
+        name: _local_branch_map(load_runtime(device="cpu", **source), root / "val") for name, source in sources
     }
     return results
 

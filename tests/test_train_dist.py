@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ramtag.engine.schedule import Schedule
-from ramtag.engine.train import train
-from ramtag.engine.train_config import TrainConfig
+from ramtag.engine.train.config import TrainConfig
+from ramtag.engine.train.recipe import train
+from ramtag.engine.train.schedule import Schedule
 from tests.train_fixtures import write_init_checkpoint, write_reference_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +40,11 @@ def test_one_step_on_two_processes_equals_one_step_on_one(tmp_path):
     train(TrainConfig(output=str(single), **options))
 
     double = tmp_path / "double"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ramtag", "train",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    argv = [*torchrun, "-m", "ramtag", "train",
             str(data), "--root", str(tmp_path), "--init", str(init), "--batch-size", "2", "--max-steps", "1",
-            "--ema-decay", "0", "--workers", "0", "--log-every", "1", "--device", "cpu", "--no-progress", "-o", str(double)]
+            "--ema-decay", "0", "--workers", "0", "--log-every", "1", "--device", "cpu", "--no-progress",
+            "-o", str(double)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

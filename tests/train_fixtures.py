@@ -20,7 +20,8 @@ LABELS = ("red", "green", "blue", "round", "square")
 
 
 def write_init_checkpoint(path: Path, seed: int = 0, trained: bool = True) -> Path:
-    """An untrained RAM checkpoint (trained=True config, or a training-free one) carrying its tiny backbone, so --init rebuilds it by itself.
+    """An untrained RAM checkpoint (trained=True config, or a training-free one) carrying its tiny backbone, so
+    --init rebuilds it by itself.
 
     Three layers of width 64 with one head (what an OpenAI-format state dict implies), adapters and prompts at
     layers 1 and 2; weights rounded to float16, as rebuilding from such a state dict does.
@@ -32,7 +33,8 @@ def write_init_checkpoint(path: Path, seed: int = 0, trained: bool = True) -> Pa
                 tensor.copy_(tensor.half().float())
     torch.manual_seed(seed + 1)
     layers = (1, 2) if trained else ()
-    config = tiny_config(adapter_layers=layers, prompt_layers=layers, trained=trained, preprocessing=Preprocessing(image_size=IMAGE_SIZE))
+    preprocessing = Preprocessing(image_size=IMAGE_SIZE)
+    config = tiny_config(adapter_layers=layers, prompt_layers=layers, trained=trained, preprocessing=preprocessing)
     return save_checkpoint(path, RamModel(clip, config), include_backbone=True)
 
 
@@ -81,6 +83,28 @@ def write_shard(path: Path, n: int, seed: int) -> Path:
             _image(rng, labels).save(buffer, format="PNG")
             for suffix, data in (("png", buffer.getvalue()), ("json", json.dumps({"labels": list(labels)}).encode())):
                 info = tarfile.TarInfo(f"{seed}-{index:04d}.{suffix}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_img2dataset_shard(path: Path, texts: list[str], seed: int) -> Path:
+    """A shard as img2dataset writes one: NNNNNNNNN.jpg, NNNNNNNNN.txt (the caption) and NNNNNNNNN.json (url, key,
+    caption, status, sizes), with the shard's NNNNN.parquet and NNNNN_stats.json beside it left out."""
+    rng = np.random.default_rng(seed + 3000)
+    with tarfile.open(path, "w") as archive:
+        for index, text in enumerate(texts):
+            key = f"{seed:05d}{index:04d}"
+            buffer = io.BytesIO()
+            _image(rng, tuple(LABELS[: 1 + index % 3])).save(buffer, format="JPEG")
+            record = {
+                "url": f"https://example.com/images/{key}.jpg", "key": key, "caption": text, "status": "success",
+                "error_message": None, "width": 40, "height": 40, "original_width": 640, "original_height": 480,
+                "exif": "{}", "sha256": f"{index:064x}",
+            }  # fmt: skip
+            members = (("jpg", buffer.getvalue()), ("txt", text.encode()), ("json", json.dumps(record).encode()))
+            for suffix, data in members:
+                info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
     return path

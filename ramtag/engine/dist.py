@@ -1,6 +1,7 @@
 """torch.distributed as torchrun sets it up: one process per GPU (or CPU process on gloo), any node count.
 
-Outside torchrun every helper behaves as a world of one (rank 0), so no caller special-cases it.
+Every collective ramtag uses lives here. Outside torchrun each helper behaves as a world of one (rank 0, world
+size 1), so no caller special-cases it.
 """
 
 from __future__ import annotations
@@ -95,6 +96,29 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return _all_reduce(value, "SUM")
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks; the gradient of each rank's input is the sum of every rank's output gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd signature
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
+def all_reduce_sum_with_grad(value: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, differentiable: every rank's output depends on every rank's input."""
+    if not info().distributed:
+        return value
+    return _AllReduceSumWithGrad.apply(value)
+
+
 def _all_reduce(value: torch.Tensor, op: str) -> torch.Tensor:
     # ``op`` names a ReduceOp member, so a single-process run never touches torch.distributed
     if not info().distributed:
@@ -116,3 +140,47 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(gathered, tensor.detach().contiguous())
     gathered[dist.get_rank()] = tensor
     return torch.cat(gathered, dim=0)
+
+
+def gather_counts(count: int, device: torch.device) -> list[int]:
+    """Every rank's `count`, in rank order."""
+    if not info().distributed:
+        return [count]
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(c) for c in every]
+
+
+def gather_rows(tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate every rank's rows (`counts`, which may differ), keeping the gradient of this rank's rows."""
+    if len(counts) == 1:
+        return tensor
+    longest = max(counts)
+    if tensor.shape[0] < longest:
+        tensor = torch.cat([tensor, tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))])
+    gathered = gather_with_grad(tensor)
+    return torch.cat([gathered[r * longest : r * longest + n] for r, n in enumerate(counts)])
+
+
+def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients over ranks (not DDP's average): each rank's backward covered its own slice of one
+    global loss, so the sum is that loss's gradient. A missing gradient counts as zeros."""
+    if not info().distributed:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for parameter, grad in zip(parameters, grads):
+        size = grad.numel()
+        parameter.grad = flat[offset : offset + size].view_as(grad).clone()
+        offset += size
+
+
+def broadcast_tensors(tensors, src: int = 0) -> None:  # noqa: ANN001 - an iterable of tensors
+    """Overwrite every rank's `tensors` in place with rank `src`'s."""
+    if not info().distributed:
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor, src=src)

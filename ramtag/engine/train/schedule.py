@@ -7,12 +7,20 @@ counted from 1), with linear warm-up from 1% of the base rate over 3 epochs and 
 `cosine`: a plain per-step cosine over the actual run (linear warm-up, then down to the same floor).
 
 `constant`: the base rate throughout (warm-up still applies when asked for).
+
+`LearningRates` applies a schedule with torch's own LambdaLR, one per optimizer.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported when rates are applied: the CLI reads SCHEDULES without it
+    import torch
 
 SCHEDULES = ("reference", "cosine", "constant")
 
@@ -69,3 +77,33 @@ def default_warmup_epochs(kind: str, epochs: float) -> float:
     if kind == "cosine":
         return 0.05 * epochs
     return 0.0
+
+
+class LearningRates:
+    """torch's LambdaLR on each optimizer with `Schedule.factor` as the multiplier of every group's base rate
+    (its `lr` when the optimizer was built): scheduler step k is optimizer step k."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], schedule: Schedule):
+        from torch.optim.lr_scheduler import LambdaLR
+
+        self.schedulers = [LambdaLR(optimizer, schedule.factor) for optimizer in optimizers]
+
+    def advance(self) -> None:
+        """The rates of the next optimizer step."""
+        for scheduler in self.schedulers:
+            _step_quietly(scheduler)
+
+    def go_to(self, step: int) -> None:
+        """The rates of optimizer step `step` (a resumed run: the schedule is a function of the step alone)."""
+        for scheduler in self.schedulers:
+            scheduler.last_epoch = step - 1
+            _step_quietly(scheduler)
+
+
+def _step_quietly(scheduler) -> None:  # noqa: ANN001 - a torch LRScheduler
+    # torch warns when a scheduler steps before its optimizer has: here steps count the optimizer steps a run
+    # attempts, also those the fp16 GradScaler skips or that had no usable image, so the warning does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Seems like `optimizer\.step\(\)` has been overridden")
+        scheduler.step()

@@ -7,53 +7,34 @@ deviations from the global mean, are all-reduced in the forward; their gradients
 backward (every rank's slice of the loss depends on every rank's inputs through the shared statistics).
 Running statistics are updated with the global mean and the unbiased global variance, as SyncBatchNorm does.
 
-Kept out of ramtag.model: the model code never touches torch.distributed.
+Kept out of ramtag.model: the model code never touches torch.distributed. The reductions themselves are
+ramtag.engine.dist's.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of each rank's input is the sum of every rank's output gradient."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd signature
-        total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from ramtag.engine import dist
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics span all ranks (same parameters, buffers and state-dict keys)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Module signature
-        if not (self.training and _distributed()):
+        if not (self.training and dist.info().distributed):
             return super().forward(input)
         self._check_input_dim(input)
         channels = input.shape[1]
         x = input.float()
         local_count = torch.tensor([x.numel() // channels], dtype=torch.float64, device=x.device)
-        dist.all_reduce(local_count, op=dist.ReduceOp.SUM)
-        count = float(local_count.item())
+        count = float(dist.all_reduce_sum(local_count).item())
         if count < 2:
             raise ValueError("batch norm needs more than one value per channel over all ranks")
-        mean = _AllReduceSum.apply(x.sum(dim=(0, 2, 3))) / count
+        mean = dist.all_reduce_sum_with_grad(x.sum(dim=(0, 2, 3))) / count
         centred = x - mean.view(1, -1, 1, 1)
-        variance = _AllReduceSum.apply(centred.square().sum(dim=(0, 2, 3))) / count
+        variance = dist.all_reduce_sum_with_grad(centred.square().sum(dim=(0, 2, 3))) / count
         out = centred * torch.rsqrt(variance + self.eps).view(1, -1, 1, 1)
         if self.affine:
             out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)

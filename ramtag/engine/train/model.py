@@ -14,7 +14,8 @@ import json
 import torch
 from torch import nn
 
-from ramtag.engine.train_config import TrainConfig
+from ramtag.engine.runtime import Runtime
+from ramtag.engine.train.config import TrainConfig
 from ramtag.errors import UsageError
 from ramtag.model.checkpoint import load_checkpoint
 from ramtag.model.config import KcotConfig, Preprocessing, RamConfig
@@ -55,8 +56,15 @@ def _checkpoint_has_backbone(path: str) -> bool:
         return True
 
 
-def _fresh_config(config: TrainConfig, clip: nn.Module, backbone: str, pretrained: str | None, template: str,
-                  mean=REFERENCE_MEAN_STD, std=REFERENCE_MEAN_STD) -> RamConfig:  # noqa: ANN001
+def _fresh_config(
+    config: TrainConfig,
+    clip: nn.Module,
+    backbone: str,
+    pretrained: str | None,
+    template: str,
+    mean=REFERENCE_MEAN_STD,
+    std=REFERENCE_MEAN_STD,
+) -> RamConfig:  # noqa: ANN001
     vision_depth, text_depth = len(clip.visual.transformer.resblocks), _text_depth(clip)
     adapter_layers = tuple(config.adapter_layers) if config.adapter_layers is not None else _last_layers(vision_depth)
     prompt_layers = tuple(config.prompt_layers) if config.prompt_layers is not None else _last_layers(text_depth)
@@ -76,13 +84,21 @@ def _fresh_config(config: TrainConfig, clip: nn.Module, backbone: str, pretraine
         template=template,
         trained=True,
         kcot=_kcot(config),
-        preprocessing=Preprocessing(image_size=size, mean=tuple(mean), std=tuple(std), resize="squash", interpolation="bilinear"),
+        preprocessing=Preprocessing(
+            image_size=size, mean=tuple(mean), std=tuple(std), resize="squash", interpolation="bilinear"
+        ),
     )
 
 
 def _kcot(config: TrainConfig) -> KcotConfig:
     try:
-        return KcotConfig(reg=config.ot_reg, teacher_weight=config.teacher_weight, max_iter=config.ot_max_iter, tol=config.ot_tol, stop=config.ot_stop)
+        return KcotConfig(
+            reg=config.ot_reg,
+            teacher_weight=config.teacher_weight,
+            max_iter=config.ot_max_iter,
+            tol=config.ot_tol,
+            stop=config.ot_stop,
+        )
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -91,19 +107,30 @@ def build_training_model(config: TrainConfig) -> tuple[RamModel, bool]:
     """The model to train and whether its checkpoints must carry the backbone (it cannot be found by name)."""
     if config.init is not None:
         if config.temperature_loc is not None:
-            raise UsageError("--temperature-loc sets a fresh model's initial value; --init continues from the checkpoint's")
+            raise UsageError(
+                "--temperature-loc sets a fresh model's initial value; --init continues from the checkpoint's"
+            )
         loaded = load_checkpoint(config.init)
         include_backbone = _checkpoint_has_backbone(config.init)
         if not loaded.config.trained:
             old = loaded.config
             template = config.template or old.template
-            fresh = _fresh_config(config, loaded.clip, old.backbone, old.pretrained, template, old.preprocessing.mean, old.preprocessing.std)
+            fresh = _fresh_config(
+                config,
+                loaded.clip,
+                old.backbone,
+                old.pretrained,
+                template,
+                old.preprocessing.mean,
+                old.preprocessing.std,
+            )
             torch.manual_seed(config.seed)
             return RamModel(loaded.clip, fresh), include_backbone
         for name in ("adapter_layers", "prompt_layers"):
             wanted = getattr(config, name)
-            if wanted is not None and tuple(wanted) != tuple(getattr(loaded.config, name)):
-                raise UsageError(f"--{name.replace('_', '-')} {wanted} differs from the --init checkpoint's {list(getattr(loaded.config, name))}")
+            saved = list(getattr(loaded.config, name))
+            if wanted is not None and list(wanted) != saved:
+                raise UsageError(f"--{name.replace('_', '-')} {wanted} differs from the --init checkpoint's {saved}")
         size = _image_size(loaded.clip)
         if config.image_size is not None and config.image_size != size:
             raise UsageError(f"--image-size {config.image_size}: the backbone takes {size}x{size} images")
@@ -115,12 +142,39 @@ def build_training_model(config: TrainConfig) -> tuple[RamModel, bool]:
     if config.model == DEMO_NAME:
         clip, meta = load_demo_clip()
         template = config.template or meta.get("template", DEFAULT_TEMPLATE)
-        ram_config = _fresh_config(config, clip, DEMO_NAME, None, template, meta.get("mean", REFERENCE_MEAN_STD), meta.get("std", REFERENCE_MEAN_STD))
+        ram_config = _fresh_config(
+            config,
+            clip,
+            DEMO_NAME,
+            None,
+            template,
+            meta.get("mean", REFERENCE_MEAN_STD),
+            meta.get("std", REFERENCE_MEAN_STD),
+        )
     else:
         clip = load_backbone(config.model, config.pretrained)
         ram_config = _fresh_config(config, clip, config.model, config.pretrained, config.template or DEFAULT_TEMPLATE)
     torch.manual_seed(config.seed)
     return RamModel(clip, ram_config), False
+
+
+def label_tokens(
+    model: RamModel, device: torch.device, seen: tuple[str, ...], unseen: tuple[str, ...], teacher: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The seen labels' prompt tokens and, with the teacher on, the frozen teacher's features of them (labels too
+    long for the text encoder's context are refused, unseen ones too)."""
+    import open_clip
+
+    runtime = Runtime(model=model, device=device, fingerprint="training")
+    runtime.check_label_lengths(seen, [model.config.template])
+    if unseen:
+        runtime.check_label_lengths(unseen, [model.config.template])
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.text.context_length)
+    tokens = tokenizer([model.config.template.format(label) for label in seen]).to(device)
+    if not teacher:
+        return tokens, None
+    with torch.no_grad():
+        return tokens, model.encode_labels(tokens, use_prompts=False).float()
 
 
 def parameter_groups(model: RamModel, config: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -135,11 +189,13 @@ def parameter_groups(model: RamModel, config: TrainConfig) -> tuple[list[dict], 
             tokens.append(parameter)
         else:
             raise RuntimeError(f"no optimizer group for trainable tensor {name}")
+    # Each group's `lr` is its base rate: the schedule (ramtag.engine.train.schedule) multiplies it at every step.
+    decay, token_decay = config.weight_decay, config.token_weight_decay
     adamw = [
-        {"params": temperatures, "lr": config.lr, "base_lr": config.lr, "weight_decay": config.weight_decay, "name": "temperatures"},
-        {"params": adapters, "lr": config.adapter_lr, "base_lr": config.adapter_lr, "weight_decay": config.weight_decay, "name": "adapters"},
+        {"params": temperatures, "lr": config.lr, "weight_decay": decay, "name": "temperatures"},
+        {"params": adapters, "lr": config.adapter_lr, "weight_decay": decay, "name": "adapters"},
     ]
-    sgd = [{"params": tokens, "lr": config.token_lr, "base_lr": config.token_lr, "weight_decay": config.token_weight_decay, "name": "tokens"}]
+    sgd = [{"params": tokens, "lr": config.token_lr, "weight_decay": token_decay, "name": "tokens"}]
     return [g for g in adamw if g["params"]], [g for g in sgd if g["params"]]
 
 

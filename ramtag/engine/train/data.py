@@ -13,18 +13,22 @@ seeded per worker and sample number within the pass. Resuming replays the pass u
 
 Missing image files are found before training starts (one stat each) and left out; images that fail to
 decode are set aside in their batch, which is then smaller. Both are listed in `bad-images.txt`.
+
+The label space (`training_labels`) is the `--labels` file, else the data's class list, else every label the data
+holds; `--unseen` labels are held out of it. Labels outside the seen space are dropped and counted.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from ramtag.engine.augment import TrainAugment, sample_seed
+from ramtag.data.augment import TrainAugment, sample_seed
 from ramtag.engine.labelled import (
     LabelledBatch,
     LabelledFiles,
@@ -32,9 +36,119 @@ from ramtag.engine.labelled import (
     LabelledShards,
     LabelledSource,
     collate_labelled,
+    resolve_label_space,
 )
 from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.errors import DataError
+from ramtag.messages import listed
+
+
+@dataclass(frozen=True)
+class TrainingLabels:
+    seen: tuple[str, ...]
+    """The labels trained on."""
+    unseen: tuple[str, ...]
+    """Held out (`--unseen`): never trained on, validated as ZSL/GZSL."""
+    space: tuple[str, ...]
+    """Every label of the label space, held-out ones included (what `.cls` indices point into)."""
+    origin: str
+    """Where the label space came from, for the log."""
+    shard_items: list[LabelledItem] = field(default_factory=list)
+    """Shards whose labels had to be read up front (for the label space or the epoch size): their items."""
+
+
+def training_labels(
+    source: LabelledSource,
+    listed_labels: Sequence[str] | None,
+    unseen: Sequence[str],
+    read_shard_labels: bool,
+    log: Callable[[str], None],
+) -> TrainingLabels:
+    """The label space of a run; `read_shard_labels` asks for one pass over the shards' labels (the epoch size)."""
+    listed_labels = list(listed_labels) if listed_labels is not None else None
+    found_in_data = listed_labels is None
+    shard_items: list[LabelledItem] = []
+    if source.is_shards and (listed_labels is None or read_shard_labels):
+        # One pass over the shards' label members (images are not decoded): the label space and the epoch size.
+        log("reading every shard's labels once (pass --labels and --samples-per-epoch to skip this)")
+        shard_items = source.labelled_items(listed_labels)
+        if listed_labels is None:
+            listed_labels = list(dict.fromkeys(label for item in shard_items for label in item.labels))
+            if not listed_labels:
+                raise DataError(f"{source.description}: no labelled sample in the shards")
+    space = resolve_label_space(source, listed_labels)
+    if found_in_data and listed_labels is not None:
+        space = replace(space, origin=f"labels found in {source.description}")
+    return _held_out(space, tuple(unseen), shard_items, log)
+
+
+def _held_out(space, unseen: tuple[str, ...], shard_items: list[LabelledItem], log) -> TrainingLabels:  # noqa: ANN001
+    absent = [label for label in unseen if label not in space.labels]
+    if absent:  # normal when the data carries seen labels only, but a typo would leave its label in training
+        log(
+            f"warning: {len(absent)} --unseen label(s) are not in the label space ({space.origin}), so nothing is "
+            f"held out for them: {', '.join(absent[:10])}{' …' if len(absent) > 10 else ''}"
+        )
+    held_out = set(unseen)
+    seen = tuple(label for label in space.labels if label not in held_out)
+    if not seen:
+        raise DataError("no seen labels to train on: every label of the label space is in --unseen")
+    return TrainingLabels(seen, unseen, tuple(space.labels), space.origin, shard_items)
+
+
+def training_items(
+    source: LabelledSource, labels: TrainingLabels, strict: bool
+) -> tuple[list[LabelledItem], dict[str, str], Counter[str]]:
+    """The items to train on with their labels cut to the seen space, the missing image files (key: reason),
+    and the label occurrences dropped. Shards: the items read up front, labels as they are (the stream cuts
+    them), their drops counted here; streamed shards count their drops as they are read."""
+    seen = set(labels.seen)
+    dropped: Counter[str] = Counter()
+    if source.is_shards:
+        dropped.update(label for item in labels.shard_items for label in item.labels if label not in seen)
+        return labels.shard_items, {}, dropped
+    items, missing = find_missing_files(source.items)
+    for item in source.items:
+        dropped.update(label for label in item.labels if label not in seen)
+    if dropped and strict:
+        counts = ", ".join(f"{label!r} ({count})" for label, count in dropped.most_common(10))
+        raise DataError(
+            f"{source.description}: {len(dropped)} label(s) outside the label space: {counts} (--strict-labels)"
+        )
+    items = [LabelledItem(i.key, i.path, tuple(label for label in i.labels if label in seen)) for i in items]
+    if not items:
+        raise DataError(f"{source.description}: none of the {len(source.items)} image files exist")
+    return items, dict(missing), dropped
+
+
+MIN_LABELLED_FRACTION = 0.01
+"""Training refuses data where fewer images than this carry a seen label: there is (almost) nothing to learn."""
+
+
+def nothing_to_learn(
+    source: LabelledSource, items: Sequence[LabelledItem], labels: TrainingLabels, dropped: Counter[str]
+) -> str | None:
+    """Why `items` cannot train the seen labels (fewer than MIN_LABELLED_FRACTION of the images carry one),
+    or None when they can. Says how many label occurrences fall outside the label space and which most often."""
+    seen = set(labels.seen)
+    labelled = sum(1 for item in items if any(label in seen for label in item.labels))
+    if labelled > 0 and labelled >= MIN_LABELLED_FRACTION * len(items):
+        return None
+    held_out = set(labels.unseen)
+    outside = Counter({label: count for label, count in dropped.items() if label not in held_out})
+    common = listed([f"{label!r} ({count})" for label, count in outside.most_common()], quote=False)
+    problem = (
+        f"{source.description}: {labelled} of {len(items)} training image(s) have a label of the label space "
+        f"({labels.origin}, {len(labels.seen)} seen label(s)), so there is nothing to learn; "
+        f"{sum(outside.values())} label occurrence(s) fall outside it" + (f", most often {common}" if outside else "")
+    )
+    words = [len(label.split()) for label, _ in outside.most_common(20)]
+    if words and sorted(words)[len(words) // 2] >= 4:
+        problem += (
+            ". They read like captions: training needs label names (a .txt member with one label a line or "
+            'comma-separated, or a .json member {"labels": [...]}) that --labels lists'
+        )
+    return problem
 
 
 class _SeededAugment:
@@ -116,7 +230,7 @@ class GlobalBatchSampler(Sampler):
         order = self.order(self.epoch)
         for batch in range(self.start, self.batches_per_epoch):
             first = batch * self.global_batch + self.rank * self.local_batch
-            yield [(self.epoch, int(i)) for i in order[first:first + self.local_batch]]
+            yield [(self.epoch, int(i)) for i in order[first : first + self.local_batch]]
 
 
 @dataclass
@@ -165,17 +279,23 @@ class TrainBatches:
         self.local_batch = self.global_batch // self.world_size
         if self.source.is_shards:
             if len(self.source.shards) < self.world_size:
-                raise DataError(f"{len(self.source.shards)} shard(s) for {self.world_size} processes: every process needs a shard")
+                raise DataError(
+                    f"{len(self.source.shards)} shard(s) for {self.world_size} processes: every process needs a shard"
+                )
             size = self.samples_per_epoch or len(self.items)
         else:
             size = len(self.items)
-            self.files = LabelledFiles(list(enumerate(self.items)), self.classes, transform=None, label_space=self.classes)
+            self.files = LabelledFiles(
+                list(enumerate(self.items)), self.classes, transform=None, label_space=self.classes
+            )
             self._augment = _SeededAugment(self.augment)
             self.files.transform = self._augment
             self.sampler = GlobalBatchSampler(size, self.global_batch, self.rank, self.world_size, self.seed)
         self.size = size
         if size < self.global_batch:
-            raise DataError(f"{size} training image(s) do not fill one batch of {self.global_batch}: lower --batch-size")
+            raise DataError(
+                f"{size} training image(s) do not fill one batch of {self.global_batch}: lower --batch-size"
+            )
 
     @property
     def batches_per_epoch(self) -> int:
@@ -200,16 +320,28 @@ class TrainBatches:
 
     # -- shards -----------------------------------------------------------------------------------------
     def _shard_loader(self, pass_index: int) -> DataLoader:
-        order = torch.randperm(len(self.source.shards), generator=torch.Generator().manual_seed(self.seed * 7919 + pass_index))
+        order = torch.randperm(
+            len(self.source.shards), generator=torch.Generator().manual_seed(self.seed * 7919 + pass_index)
+        )
         shards = [self.source.shards[i] for i in order]
         dataset = LabelledShards(
-            shards, self.classes, _CountingAugment(self.augment, self.seed, pass_index),
-            label_space=self.classes, cls_classes=self.cls_classes, strict=self.strict_labels, rank=self.rank, world_size=self.world_size,
+            shards,
+            self.classes,
+            _CountingAugment(self.augment, self.seed, pass_index),
+            label_space=self.classes,
+            cls_classes=self.cls_classes,
+            strict=self.strict_labels,
+            rank=self.rank,
+            world_size=self.world_size,
         )
-        mine = len(shards[self.rank::self.world_size])
+        mine = len(shards[self.rank :: self.world_size])
         return DataLoader(
-            dataset, batch_size=self.local_batch, num_workers=min(self.num_workers, mine),
-            collate_fn=collate_labelled, pin_memory=self.pin_memory, worker_init_fn=worker_ignores_sigterm,
+            dataset,
+            batch_size=self.local_batch,
+            num_workers=min(self.num_workers, mine),
+            collate_fn=collate_labelled,
+            pin_memory=self.pin_memory,
+            worker_init_fn=worker_ignores_sigterm,
         )
 
     def _shard_batches(self, count: int) -> Iterator[LabelledBatch]:
@@ -233,7 +365,7 @@ class TrainBatches:
                     if index >= position.consumed:
                         good.append((batch.images[i], batch.targets[i], batch.keys[i], index))
                 while len(good) >= self.local_batch:
-                    chunk, good = good[:self.local_batch], good[self.local_batch:]
+                    chunk, good = good[: self.local_batch], good[self.local_batch :]
                     self.stream = StreamPosition(position.pass_index, chunk[-1][3] + 1)
                     yield LabelledBatch(
                         images=torch.stack([c[0] for c in chunk]),
@@ -248,6 +380,8 @@ class TrainBatches:
                     if emitted >= count:
                         return
             if emitted == emitted_before and position.consumed == 0:
-                raise DataError(f"a whole pass over this process's shards gave fewer than {self.local_batch} usable images")
+                raise DataError(
+                    f"a whole pass over this process's shards gave fewer than {self.local_batch} usable images"
+                )
             # Leftover good samples at the end of a pass are dropped, like the last partial batch of files.
             self.stream = StreamPosition(position.pass_index + 1, 0)

@@ -67,7 +67,15 @@ class TrainAugment:
             right = max(left + 1, image.width - int(round(fractions[2] * image.width)))
             bottom = max(top + 1, image.height - int(round(fractions[3] * image.height)))
         x = TF.to_tensor(
-            TF.resized_crop(image, top, left, bottom - top, right - left, [self.size, self.size], interpolation=InterpolationMode.BICUBIC)
+            TF.resized_crop(
+                image,
+                top,
+                left,
+                bottom - top,
+                right - left,
+                [self.size, self.size],
+                interpolation=InterpolationMode.BICUBIC,
+            )
         ).clamp_(0.0, 1.0)
         if self.photometric:
             x = self._photometric(x, generator)
@@ -107,7 +115,15 @@ class TrainAugment:
         scale = _uniform(generator, 0.9, 1.1)
         shift = [int(round(_uniform(generator, -0.1, 0.1) * self.size)) for _ in range(2)]
         angle = _uniform(generator, -10.0, 10.0)
-        return TF.affine(x, angle=angle, translate=shift, scale=scale, shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR, fill=0.0)
+        return TF.affine(
+            x,
+            angle=angle,
+            translate=shift,
+            scale=scale,
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+            fill=0.0,
+        )
 
     def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         scale = _uniform(generator, 0.0, 0.015)
@@ -125,7 +141,7 @@ class TrainAugment:
         padded = torch.nn.functional.pad(x, [self.padding] * 4)
         top = _randint(generator, 0, 2 * self.padding)
         left = _randint(generator, 0, 2 * self.padding)
-        return padded[:, top:top + self.size, left:left + self.size]
+        return padded[:, top : top + self.size, left : left + self.size]
 
     def _erase(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """timm's RandomErasing, mode 'pixel', one rectangle: area 2%-33%, aspect 0.3-3.3, up to 10 tries."""
@@ -140,7 +156,7 @@ class TrainAugment:
                 top = _randint(generator, 0, height - h)
                 left = _randint(generator, 0, width - w)
                 x = x.clone()
-                x[:, top:top + h, left:left + w] = torch.randn((channels, h, w), generator=generator)
+                x[:, top : top + h, left : left + w] = torch.randn((channels, h, w), generator=generator)
                 break
         return x
 
