@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ramtag.atomic import write_text
 from ramtag.errors import DataError, VocabularyError
 
 _FINGERPRINTS = ("vocabulary_fingerprint", "model_fingerprint")
@@ -132,10 +133,7 @@ def write_thresholds(
         if "\t" in label or "\n" in label:
             raise ValueError(f"label {label!r} holds a tab or newline")
         lines.append(f"{label}\t{_format_threshold(value)}")
-    target = Path(path)
-    temporary = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _format_threshold(value: float) -> str:
