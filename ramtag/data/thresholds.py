@@ -40,7 +40,12 @@ class ThresholdsFile:
     info: dict[str, str] = field(default_factory=dict)
 
     def for_vocabulary(
-        self, labels: Sequence[str], vocabulary_fingerprint: str, model_fingerprint: str, *, source: str = "thresholds file"
+        self,
+        labels: Sequence[str],
+        vocabulary_fingerprint: str,
+        model_fingerprint: str,
+        *,
+        source: str = "thresholds file",
     ) -> np.ndarray:
         """Thresholds ``[C]`` in vocabulary order, after checking both fingerprints and the label set."""
         for name, expected in zip(_FINGERPRINTS, (vocabulary_fingerprint, model_fingerprint)):
