@@ -152,3 +152,21 @@ def test_empty_set_and_mismatched_thresholds_are_errors() -> None:
         fit_thresholds(np.zeros((0, 2)), np.zeros((0, 2)))
     with pytest.raises(DataError, match="do not match"):
         apply_thresholds(np.zeros((3, 2)), [0.5])
+
+
+def test_write_thresholds_leaves_no_temporary_when_the_write_fails(tmp_path, monkeypatch):
+    """A failed write keeps the folder as it was: no half-written target, no temporary beside it."""
+    import os
+
+    import pytest
+
+    from ramtag.data.thresholds import write_thresholds
+
+    def failing_replace(source, target):
+        raise OSError("disk full")
+
+    # the rename is the step after the temporary holds the whole text: failing there is what once left it behind
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_thresholds(tmp_path / "thresholds.tsv", ["cat"], [0.5], vocabulary_fingerprint="v", model_fingerprint="m")
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ramtag.atomic import write_text
 from ramtag.errors import DataError, VocabularyError
 
 _FINGERPRINTS = ("vocabulary_fingerprint", "model_fingerprint")
@@ -39,7 +40,12 @@ class ThresholdsFile:
     info: dict[str, str] = field(default_factory=dict)
 
     def for_vocabulary(
-        self, labels: Sequence[str], vocabulary_fingerprint: str, model_fingerprint: str, *, source: str = "thresholds file"
+        self,
+        labels: Sequence[str],
+        vocabulary_fingerprint: str,
+        model_fingerprint: str,
+        *,
+        source: str = "thresholds file",
     ) -> np.ndarray:
         """Thresholds ``[C]`` in vocabulary order, after checking both fingerprints and the label set."""
         for name, expected in zip(_FINGERPRINTS, (vocabulary_fingerprint, model_fingerprint)):
@@ -132,10 +138,7 @@ def write_thresholds(
         if "\t" in label or "\n" in label:
             raise ValueError(f"label {label!r} holds a tab or newline")
         lines.append(f"{label}\t{_format_threshold(value)}")
-    target = Path(path)
-    temporary = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _format_threshold(value: float) -> str:
