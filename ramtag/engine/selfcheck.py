@@ -10,7 +10,6 @@ def run_selfcheck(seed: int = 0, device: str = "auto") -> list[str]:
     import open_clip
 
     from ramtag.engine.runtime import resolve_device
-
     from ramtag.model.config import RamConfig
     from ramtag.model.ram import RamModel, ram_loss
 
@@ -46,6 +45,7 @@ def run_selfcheck(seed: int = 0, device: str = "auto") -> list[str]:
         raise RuntimeError(f"self-check failed: frozen weights received gradients: {frozen_with_grad[:3]}")
     return [
         f"torch {torch.__version__}, open_clip {open_clip.__version__}, cuda available: {torch.cuda.is_available()}",
-        f"tiny RAM forward+backward on {where} ok: loss {loss.item():.4f}, Sinkhorn iterations {output.sinkhorn_iterations}",
+        f"tiny RAM forward+backward on {where} ok: loss {loss.item():.4f}, "
+        f"Sinkhorn iterations {output.sinkhorn_iterations}",
         "self-check passed",
     ]
