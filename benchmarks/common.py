@@ -245,6 +245,17 @@ def vitb_clip(seed: int = 0) -> torch.nn.Module:
     import open_clip
 
     torch.manual_seed(seed)
+    if os.environ.get("RAMTAG_BENCH_TINY"):
+        # Dry runs (gpu_check.sh --dry-run): ViT-B's 12 layers at a tiny width, with OpenAI-shaped 64-wide heads
+        # so that a checkpoint holding it rebuilds from its tensors (the --cli arm).
+        return _openai_logit_scale(
+            open_clip.model.CLIP(
+                embed_dim=64,
+                vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 12, "head_width": 64},
+                text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 12},
+                quick_gelu=True,
+            )
+        )
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that no pretrained weights were loaded
     return _openai_logit_scale(open_clip.create_model(VITB, pretrained=None, precision="fp32", device="cpu"))
 
