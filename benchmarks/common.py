@@ -74,12 +74,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA; fp32 (no autocast) otherwise."""
+    """Autocast as ramtag's --precision means it (auto: bf16 on CUDA where supported); fp32 off CUDA."""
     from contextlib import nullcontext
 
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    from ramtag.engine.runtime import autocast_dtype
+
+    dtype = autocast_dtype(precision, device) if device.type == "cuda" else None
+    return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 # -- timing -------------------------------------------------------------------------------------------------
@@ -177,11 +178,13 @@ def write_results(name: str, payload: dict[str, Any], device: torch.device, quic
     """benchmarks/results/NAME.<cpu|cuda>.json: a GPU run never overwrites the CPU figures, nor the reverse.
 
     Smoke runs (--quick) go to the temp directory instead, so they never replace real figures.
+    RAMTAG_BENCH_RESULTS names another folder (gpu_check.sh points it at the device's $OUT).
     """
     import tempfile
 
     payload.setdefault("machine", {})["load_average_at_end"] = list(os.getloadavg())
     folder = Path(tempfile.gettempdir()) / "ramtag-bench-quick" if quick else RESULTS_DIR
+    folder = Path(os.environ.get("RAMTAG_BENCH_RESULTS") or folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.{device.type}.json"
     path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
@@ -242,6 +245,17 @@ def vitb_clip(seed: int = 0) -> torch.nn.Module:
     import open_clip
 
     torch.manual_seed(seed)
+    if os.environ.get("RAMTAG_BENCH_TINY"):
+        # Dry runs (gpu_check.sh --dry-run): ViT-B's 12 layers at a tiny width, with OpenAI-shaped 64-wide heads
+        # so that a checkpoint holding it rebuilds from its tensors (the --cli arm).
+        return _openai_logit_scale(
+            open_clip.model.CLIP(
+                embed_dim=64,
+                vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 12, "head_width": 64},
+                text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 12},
+                quick_gelu=True,
+            )
+        )
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that no pretrained weights were loaded
     return _openai_logit_scale(open_clip.create_model(VITB, pretrained=None, precision="fp32", device="cpu"))
 

@@ -54,7 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--labels", type=int, default=80, help="vocabulary size (COCO's 80 names, padded)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="decoding workers of the tag arm (default: ramtag's)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on CUDA only")
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="as ramtag's (auto: bf16 on CUDA)"
+    )
     parser.add_argument(
         "--fast-decode", action="store_true", help="also time the tag arm with --fast-decode (JPEG draft)"
     )
@@ -134,6 +136,7 @@ def run_cli(checkpoint: Path, folder: Path, labels: Path, out: Path, args, devic
 
 
 def bench_family(family: str, args, device: torch.device, work: Path) -> list[dict]:
+    from ramtag.engine.runtime import autocast_dtype
     from ramtag.engine.tag import TagOptions, run_tag
     from ramtag.engine.vocabulary import load_vocabulary
 
@@ -158,7 +161,7 @@ def bench_family(family: str, args, device: torch.device, work: Path) -> list[di
 
     def forward(name):
         runtime = runtimes[name]
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        dtype = autocast_dtype(args.precision, device)
         def run():
             for batch in batches:
                 runtime.score(batch, features[name], dtype)

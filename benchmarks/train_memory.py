@@ -148,7 +148,8 @@ def run_child(args) -> dict:
     model = model.to(device).train()
     tokens = tokens.to(device)
     generator = torch.Generator().manual_seed(1)
-    images = torch.randn(args.batch_size, 3, 224, 224, generator=generator).to(device)
+    size = int(model.clip.visual.image_size[0])
+    images = torch.randn(args.batch_size, 3, size, size, generator=generator).to(device)
     targets = (torch.rand(args.batch_size, args.labels, generator=generator) < 0.05).float()
     targets[torch.arange(args.batch_size), torch.randint(0, args.labels, (args.batch_size,), generator=generator)] = 1
     targets = targets.to(device)

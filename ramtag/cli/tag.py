@@ -13,7 +13,6 @@ from ramtag.cli.options import (
     DEFAULT_PRETRAINED,
     INPUT_PANEL,
     SPEED_PANEL,
-    BatchSize,
     Checkpoint,
     Device,
     Labels,
@@ -142,7 +141,16 @@ def tag(
         ),
     ] = 89_478_485,
     template: Template = None,
-    batch_size: BatchSize = 32,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Images per forward pass (default: 32 on CPU, 256 on CUDA).",
+            rich_help_panel=SPEED_PANEL,
+        ),
+    ] = None,
     workers: Annotated[
         Optional[int],
         typer.Option(
@@ -154,8 +162,13 @@ def tag(
         ),
     ] = None,
     precision: Annotated[
-        str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast on CUDA).", rich_help_panel=SPEED_PANEL)
-    ] = "fp32",
+        str,
+        typer.Option(
+            "--precision",
+            help="auto (bf16 autocast on CUDA where supported, else fp16; fp32 on CPU), fp32, bf16 or fp16.",
+            rich_help_panel=SPEED_PANEL,
+        ),
+    ] = "auto",
     fast_decode: Annotated[
         bool,
         typer.Option(

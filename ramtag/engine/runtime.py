@@ -126,11 +126,33 @@ class Runtime:
             raise ValueError(f"label features must be [C, D] with at least one label; got {list(label_features.shape)}")
         images = images.to(self.device, non_blocking=True)
         features = label_features.to(self.device)
-        with torch.inference_mode():
-            if autocast_dtype is not None and self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=autocast_dtype):
-                    return self.model(images, features)
-            return self.model(images, features)
+        try:
+            with torch.inference_mode():
+                if autocast_dtype is not None and self.device.type == "cuda":
+                    with torch.autocast("cuda", dtype=autocast_dtype):
+                        return self.model(images, features)
+                return self.model(images, features)
+        except torch.OutOfMemoryError as exc:
+            raise DeviceMemoryError(self.device, len(images)) from exc
+
+
+class DeviceMemoryError(UsageError):
+    """The device ran out of memory for one batch: a setting to change (--batch-size), not a crash."""
+
+    def __init__(self, device: torch.device, batch_size: int) -> None:
+        smaller = max(1, batch_size // 2)
+        super().__init__(
+            f"{device} ran out of memory at {batch_size} images per batch; rerun with a smaller --batch-size "
+            f"(e.g. -b {smaller}) and --resume to keep what is done"
+        )
+
+
+DEFAULT_BATCH_SIZES = {"cpu": 32, "cuda": 256}
+"""Images per forward pass when --batch-size is not given: on CUDA a larger batch keeps the device busy."""
+
+
+def default_batch_size(device: torch.device) -> int:
+    return DEFAULT_BATCH_SIZES.get(device.type, DEFAULT_BATCH_SIZES["cpu"])
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

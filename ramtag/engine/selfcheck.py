@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def run_selfcheck(seed: int = 0) -> list[str]:
+def run_selfcheck(seed: int = 0, device: str = "auto") -> list[str]:
+    """Forward and backward of a tiny random RAM model on ``device`` (auto, cpu, cuda, cuda:N); raises if wrong."""
     import open_clip
 
+    from ramtag.engine.runtime import resolve_device
     from ramtag.model.config import RamConfig
     from ramtag.model.ram import RamModel, ram_loss
 
+    where = resolve_device(device)
     torch.manual_seed(seed)
     clip = open_clip.model.CLIP(
         embed_dim=64,
@@ -20,10 +23,11 @@ def run_selfcheck(seed: int = 0) -> list[str]:
     )
     model = RamModel(
         clip, RamConfig(backbone="selfcheck", pretrained=None, adapter_layers=(2, 3), prompt_layers=(1,), trained=True)
-    )
+    ).to(where)
     tokens = open_clip.tokenize(["a photo of a cat.", "a photo of a dog.", "a photo of a car."], context_length=16)
-    images = torch.randn(2, 3, 32, 32)
-    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    tokens = tokens.to(where)
+    images = torch.randn(2, 3, 32, 32).to(where)
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], device=where)
     model.train()
     output = model(
         images,
@@ -41,6 +45,7 @@ def run_selfcheck(seed: int = 0) -> list[str]:
         raise RuntimeError(f"self-check failed: frozen weights received gradients: {frozen_with_grad[:3]}")
     return [
         f"torch {torch.__version__}, open_clip {open_clip.__version__}, cuda available: {torch.cuda.is_available()}",
-        f"tiny RAM forward+backward ok: loss {loss.item():.4f}, Sinkhorn iterations {output.sinkhorn_iterations}",
+        f"tiny RAM forward+backward on {where} ok: loss {loss.item():.4f}, "
+        f"Sinkhorn iterations {output.sinkhorn_iterations}",
         "self-check passed",
     ]

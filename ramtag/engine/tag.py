@@ -18,14 +18,12 @@ from ramtag.data.thresholds import read_thresholds
 from ramtag.data.writers import TagBatch, TagTableWriter, attach_output, output_kind, prepare_output
 from ramtag.engine import dist
 from ramtag.engine.reporter import Progress
-from ramtag.engine.runtime import Runtime
+from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
 from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import PartialFailure, UsageError
 from ramtag.messages import one_line
 from ramtag.selection import select_tags
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def usable_cores() -> int:
@@ -45,9 +43,11 @@ class TagOptions:
     threshold: float | None = None
     thresholds_file: str | None = None
     all_scores: bool = False
-    batch_size: int = 32
+    batch_size: int | None = None
+    """None: the device's default (runtime.DEFAULT_BATCH_SIZES)."""
     workers: int | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
+    """auto: bf16 autocast on CUDA devices that support it, else fp16; fp32 on CPU (runtime.autocast_dtype)."""
     resume: bool = False
     overwrite: bool = False
     retry_errors: bool = False
@@ -66,7 +66,7 @@ class TagOptions:
     def __post_init__(self) -> None:
         if self.top_k < 0:
             raise UsageError("--top-k must be 0 (no limit) or more")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
@@ -162,6 +162,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         )
     plan = _plan(options, info, stdin, log)
     workers = default_workers() if options.workers is None else options.workers
+    batch_size = options.batch_size or default_batch_size(runtime.device)
     _share_cores_with_workers(runtime, workers)
     problem = plan.shard_split_problem(info.world_size, workers)
     if problem and info.is_main:
@@ -208,7 +209,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         loaders.append(
             DataLoader(
                 files,
-                batch_size=options.batch_size,
+                batch_size=batch_size,
                 num_workers=workers,
                 collate_fn=collate_records,
                 pin_memory=pin,
@@ -219,7 +220,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         loaders.append(
             DataLoader(
                 shards,
-                batch_size=options.batch_size,
+                batch_size=batch_size,
                 num_workers=min(workers, max(1, len(shards.shards[info.rank :: info.world_size]))) if workers else 0,
                 collate_fn=collate_records,
                 pin_memory=pin,
@@ -241,7 +242,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     )
     total = plan.files.num_rows if not plan.shards else None
     progress = Progress(total if info.world_size == 1 else None, "tagging", quiet=options.quiet or not info.is_main)
-    autocast = PRECISIONS[options.precision]
+    autocast = autocast_dtype(options.precision, runtime.device)
     label_features = vocabulary.features.to(runtime.device)
     tagged = failed = 0
     started = time.perf_counter()

@@ -1,0 +1,35 @@
+"""benchmarks/gpu_check.sh, the prepared device check, in its CPU dry run: so it cannot rot between GPU loans."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_device_check_runs_every_step_on_a_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] is True and summary["device"] == "cpu"
+    assert set(summary["steps"]) >= {"environment", "cuda_tests", "tag_throughput", "train_memory"}
+    assert all(step["exit"] == 0 for step in summary["steps"].values()), summary
+    throughput = json.loads((out / "tag_throughput.cpu.json").read_text())
+    models = {row["model"] for row in throughput["results"]}
+    assert models == {"vitb_adapters", "vitb_training_free"}
+    assert all(row["tag_images_per_second"] > 0 and "wall_seconds" in row["cli"] for row in throughput["results"])
+    memory = json.loads((out / "train_memory.cpu.json").read_text())
+    assert memory["results"]
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
