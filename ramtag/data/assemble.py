@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,14 @@ import pyarrow.parquet as pq
 
 from ramtag.atomic import atomic_path, write_json
 from ramtag.data.layout import (
+    SUCCESS_FILE,
     OutputLayout,
     _dataset_files,
     _read_key_tables,
     _read_run_file,
     _unlock_output,
 )
+from ramtag.data.ledger import LedgerEntry
 from ramtag.data.rows import rows_to_jsonl, schema_with_metadata, table_schema
 from ramtag.errors import OutputError
 
@@ -192,3 +194,87 @@ def count_rows(path: str | os.PathLike) -> int:
             return sum(1 for line in handle if line.strip())
     files = _dataset_files(path) if path.is_dir() else [path]
     return sum(pq.ParquetFile(file).metadata.num_rows for file in files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs of work units: the ledger says which parts (minus which keys) hold each unit's rows, exactly once
+
+
+def _unit_pieces(work_dir: Path, entries: Sequence[LedgerEntry], schema: pa.Schema) -> Iterator[pa.Table]:
+    """Every committed row, unit by unit, one row group at a time (never the whole table)."""
+    for entry in entries:
+        for name in entry.parts:
+            dropped = entry.drop.get(name)
+            parquet = pq.ParquetFile(work_dir / name)
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                if dropped:
+                    table = table.filter(pc.invert(pc.is_in(table["key"], value_set=pa.array(dropped, pa.string()))))
+                yield table.replace_schema_metadata(schema.metadata)
+
+
+def assemble_units(
+    output: Path,
+    kind: str,
+    work_dir: Path,
+    entries: Sequence[LedgerEntry],
+    schema: pa.Schema,
+    *,
+    row_group_rows: int = 65_536,
+) -> None:
+    """Write the final output from the committed parts of ``entries`` (in unit order), by streaming.
+
+    A ``.parquet`` or ``.jsonl`` file is written aside and renamed into place. A dataset folder gets the
+    parts themselves (hard links, or filtered copies where the ledger drops rows), named by unit, and
+    ``_SUCCESS`` last: while it is missing the folder is being updated; parts no unit lists any more go.
+    """
+    if kind == "dataset":
+        _sync_dataset(output, work_dir, entries, schema)
+        return
+    with atomic_path(output) as temporary:
+        if kind == "parquet":
+            with pq.ParquetWriter(temporary, schema) as writer:
+                for table in _unit_pieces(work_dir, entries, schema):
+                    writer.write_table(table, row_group_size=row_group_rows)
+        else:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                for table in _unit_pieces(work_dir, entries, schema):
+                    for batch in table.to_batches(max_chunksize=4096):
+                        handle.write(rows_to_jsonl(batch))
+
+
+def _link_or_copy(source: Path, target: Path, scratch: Path) -> None:
+    scratch.unlink(missing_ok=True)
+    try:
+        os.link(source, scratch)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, scratch)
+    os.replace(scratch, target)
+
+
+def _sync_dataset(output: Path, work_dir: Path, entries: Sequence[LedgerEntry], schema: pa.Schema) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    success = output / SUCCESS_FILE
+    success.unlink(missing_ok=True)
+    wanted: dict[str, list[str] | None] = {}
+    for entry in entries:
+        for name in entry.parts:
+            wanted[name] = entry.drop.get(name)
+    for name, dropped in wanted.items():
+        source, target, scratch = work_dir / name, output / name, work_dir / f".out-{name}"
+        if dropped:
+            parquet = pq.ParquetFile(source)
+            scratch.unlink(missing_ok=True)
+            with pq.ParquetWriter(scratch, parquet.schema_arrow) as writer:
+                for group in range(parquet.num_row_groups):
+                    table = parquet.read_row_group(group)
+                    writer.write_table(
+                        table.filter(pc.invert(pc.is_in(table["key"], value_set=pa.array(dropped, pa.string()))))
+                    )
+            os.replace(scratch, target)
+        elif not (target.exists() and os.path.samefile(source, target)):
+            _link_or_copy(source, target, scratch)
+    for path in output.iterdir():  # parts of superseded attempts, an older run's metadata files
+        if path.name != SUCCESS_FILE and path.name not in wanted:
+            path.unlink()
+    success.write_bytes(b"")

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ramtag.atomic import write_json
+from ramtag.data.ledger import LEDGER_RE, UNIT_PART_RE
 from ramtag.data.rows import METADATA_KEY
 from ramtag.errors import OutputError, UsageError
 from ramtag.messages import listed
@@ -36,12 +37,10 @@ OutputKind = Literal["parquet", "jsonl", "stdout", "dataset"]
 RUN_FILE = "run.json"
 SUCCESS_FILE = "_SUCCESS"
 _PART_RE = re.compile(r"^part-(\d+)-r(\d+)-c(\d+)\.parquet$")
-UNIT_PART_RE = re.compile(r"^part-u(\d+)-r(\d+)-c(\d+)\.parquet$")
-"""A part of one work unit: unit, run, chunk (see :mod:`ramtag.data.parts`)."""
 _RUN_NUMBERED = (
     (_PART_RE, 1),
     (UNIT_PART_RE, 2),
-    (re.compile(r"^ledger-r(\d+)-rank(\d+)\.jsonl$"), 1),
+    (LEDGER_RE, 1),
 )
 _DATASET_METADATA_FILES = ("_common_metadata", "_metadata", SUCCESS_FILE)
 
@@ -125,6 +124,13 @@ def _part_files(work_dir: Path, before_run: int | None = None) -> list[Path]:
         if match and (before_run is None or int(match.group(1)) < before_run):
             found.append((tuple(int(group) for group in match.groups()), path))
     return [path for _, path in sorted(found)]
+
+
+def _has_unit_work(work_dir: Path) -> bool:
+    """Whether a run of work units committed anything here (a ledger line or a part)."""
+    if not work_dir.is_dir():
+        return False
+    return any(LEDGER_RE.match(path.name) or UNIT_PART_RE.match(path.name) for path in work_dir.iterdir())
 
 
 def _dataset_files(directory: Path) -> list[Path]:
@@ -221,7 +227,7 @@ def _prepare_file_output(
     path: Path, kind: OutputKind, *, resume: bool, overwrite: bool, identity: Mapping[str, Any] | None
 ) -> OutputLayout:
     work_dir = _work_dir(path)
-    has_parts = bool(_part_files(work_dir))
+    has_parts = bool(_part_files(work_dir)) or _has_unit_work(work_dir)
     if not (resume or overwrite):
         if path.exists():
             raise OutputError(f"{path} exists; pass --resume to tag only what is missing or --overwrite to replace it")

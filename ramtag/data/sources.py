@@ -249,6 +249,11 @@ def _is_shard(item: str) -> bool:
     return item.startswith("pipe:") or _has_suffix(item.split("?", 1)[0], SHARD_EXTENSIONS)
 
 
+def is_shard_input(item: str) -> bool:
+    """Whether a command-line input (a path, pattern or ``pipe:`` command) names WebDataset shards."""
+    return _is_shard(item)
+
+
 def _checked_shard(url: str) -> str:
     if url.startswith("pipe:"):
         if not url[5:].strip():
@@ -520,6 +525,8 @@ class Record:
     image: torch.Tensor | None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    unit: int = -1
+    """The work unit the record belongs to (see :mod:`ramtag.data.units`), -1 outside one."""
 
 
 def _decode(
@@ -679,9 +686,10 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Record]:
         for url in self.assigned_shards():
-            yield from self._read_shard(url)
+            yield from self.read_shard(url)
 
-    def _read_shard(self, url: str) -> Iterator[Record]:
+    def read_shard(self, url: str) -> Iterator[Record]:
+        """The records of one shard (samples in ``skip_keys`` left out), ending with its error row if it broke."""
         name = printable(shard_name(url))
         source = printable(url)
         count = 0
@@ -736,6 +744,10 @@ class Batch:
     failed_sources: list[str]
     failed_errors: list[str]
     failed_extra: dict[str, list[Any]]
+    units: list[int] = field(default_factory=list)
+    failed_units: list[int] = field(default_factory=list)
+    ended: list[Any] = field(default_factory=list)
+    """Work units whose last record came before the end of this batch (:class:`ramtag.data.units.UnitEnd`)."""
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.failed_keys)
@@ -765,4 +777,6 @@ def collate_records(records: Sequence[Record]) -> Batch:
         failed_sources=[record.source for record in bad],
         failed_errors=[record.error or "cannot decode" for record in bad],
         failed_extra=_columns(bad, names),
+        units=[record.unit for record in good],
+        failed_units=[record.unit for record in bad],
     )
