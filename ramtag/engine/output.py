@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from ramtag.atomic import write_json
 from ramtag.data.assemble import assemble_units
-from ramtag.data.layout import _unlock_output, output_kind, prepare_output
+from ramtag.data.layout import _has_unit_work, _unlock_output, output_kind, prepare_output
 from ramtag.data.ledger import LedgerEntry, latest_entries, parts_on_disk
 from ramtag.data.parts import UnitPartWriter
 from ramtag.data.rows import schema_with_metadata, table_schema
@@ -239,9 +239,9 @@ def _prepare(output, inputs: InputOptions, resume, overwrite, retry_errors, iden
         entries = latest_entries(work_dir, before_run=run)
         tasks, done_rows, done_errors = _still_to_do(work_dir, plan.units, entries, retry_errors and resume)
     except BaseException:
-        if kind == "stdout":
+        if kind == "stdout" or not _has_unit_work(work_dir):  # nothing committed: leave nothing behind
             shutil.rmtree(work_dir, ignore_errors=True)
-        else:
+        if kind != "stdout":
             _unlock_output(Path(output))
         raise
     return {
