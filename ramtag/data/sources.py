@@ -333,50 +333,64 @@ def _add_list_file(collector: _Collector, list_path: str, base: Path | None, war
 
 
 def _add_directory(collector: _Collector, top: str, warn: Warn) -> None:
-    found: list[tuple[str, str]] = []
-    top_stat = os.stat(top)
-    # Each stack entry: directory path, its key prefix, and the (dev, inode)s of it and its ancestors.
-    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
-        (top, "", frozenset({(top_stat.st_dev, top_stat.st_ino)}))
-    ]
-    while stack:
-        directory, prefix, ancestors = stack.pop()
-        try:
-            with os.scandir(directory) as entries:
-                listing = sorted(entries, key=lambda entry: entry.name)
-        except OSError as exc:
-            warn(f"{directory}: cannot read directory ({exc.strerror or exc}); skipped")
-            continue
-        subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
-        for entry in listing:
-            key = prefix + entry.name
-            # is_dir/is_file use the directory listing's type field: no stat call per file.
-            try:
-                is_dir = entry.is_dir()
-            except OSError:  # a link to itself (ELOOP)
-                is_dir = False
-            if is_dir:
-                try:
-                    info = entry.stat()
-                except OSError as exc:
-                    warn(f"{entry.path}: cannot read directory ({exc.strerror or exc}); skipped")
-                    continue
-                identity = (info.st_dev, info.st_ino)
-                if identity in ancestors:
-                    warn(f"{entry.path}: symlink loop; skipped")
-                    continue
-                subdirs.append((entry.path, key + "/", ancestors | {identity}))
-            elif _is_file(entry):
-                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                    found.append((key, entry.path))
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                warn(f"{entry.path}: broken or looping symlink; skipped")
-        stack.extend(reversed(subdirs))
-    found.sort()
+    found = 0
+    for key, path in walk_images(top, warn):
+        collector.add(key, path, path)
+        found += 1
     if not found:
         warn(f"{top}: no image files in this folder or below ({' '.join(sorted(IMAGE_EXTENSIONS))})")
-    for key, path in found:
-        collector.add(key, path, path)
+
+
+def _sorted_entries(directory: str, warn: Warn) -> Iterator[tuple[os.DirEntry, bool]]:
+    """A directory's entries with whether each is a directory, ordered by name, a directory's as ``name/``:
+    walking depth first in this order yields the keys below a folder in sorted order, one folder in memory."""
+    try:
+        with os.scandir(directory) as entries:
+            listing = []
+            for entry in entries:
+                # is_dir uses the directory listing's type field: no stat call per file.
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a link to itself (ELOOP)
+                    is_dir = False
+                listing.append((entry.name + "/" if is_dir else entry.name, entry, is_dir))
+    except OSError as exc:
+        warn(f"{directory}: cannot read directory ({exc.strerror or exc}); skipped")
+        return iter(())
+    listing.sort(key=lambda item: item[0])
+    return iter([(entry, is_dir) for _, entry, is_dir in listing])
+
+
+def walk_images(top: str, warn: Warn) -> Iterator[tuple[str, str]]:
+    """``(key, path)`` of every image file below ``top``, in key order, streaming (symlink loops skipped)."""
+    top_stat = os.stat(top)
+    # Each stack entry: the entries still to visit of a directory, its key prefix, and the (dev, inode)s
+    # of it and its ancestors.
+    stack = [(_sorted_entries(top, warn), "", frozenset({(top_stat.st_dev, top_stat.st_ino)}))]
+    while stack:
+        entries, prefix, ancestors = stack[-1]
+        item = next(entries, None)
+        if item is None:
+            stack.pop()
+            continue
+        entry, is_dir = item
+        key = prefix + entry.name
+        if is_dir:
+            try:
+                info = entry.stat()
+            except OSError as exc:
+                warn(f"{entry.path}: cannot read directory ({exc.strerror or exc}); skipped")
+                continue
+            identity = (info.st_dev, info.st_ino)
+            if identity in ancestors:
+                warn(f"{entry.path}: symlink loop; skipped")
+                continue
+            stack.append((_sorted_entries(entry.path, warn), key + "/", ancestors | {identity}))
+        elif _is_file(entry):
+            if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                yield key, entry.path
+        elif entry.is_symlink() and not os.path.exists(entry.path):
+            warn(f"{entry.path}: broken or looping symlink; skipped")
 
 
 def _is_file(entry: os.DirEntry) -> bool:
