@@ -186,6 +186,14 @@ def tag(
             rich_help_panel=OUTPUT_PANEL,
         ),
     ] = 262_144,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Write an empty table when the inputs hold no image (by default that is a usage error).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")] = False,
     checkpoint: Checkpoint = None,
     model: ModelName = DEFAULT_MODEL,
@@ -207,7 +215,7 @@ def tag(
         overwrite=overwrite, retry_errors=retry_errors, path_column=path_column,
         keep_columns=[c.strip() for c in keep_columns.split(",") if c.strip()] if keep_columns else [],
         root=root, max_pixels=max_pixels or None, fast_decode=fast_decode, templates=list(template or []), quiet=quiet,
-        save_maps=save_maps, part_rows=part_rows, command_line=command_line(),
+        save_maps=save_maps, part_rows=part_rows, allow_empty=allow_empty, command_line=command_line(),
     )
     info = dist.setup(device)
     try:

@@ -249,6 +249,11 @@ def _is_shard(item: str) -> bool:
     return item.startswith("pipe:") or _has_suffix(item.split("?", 1)[0], SHARD_EXTENSIONS)
 
 
+def is_shard_input(item: str) -> bool:
+    """Whether a command-line input (a path, pattern or ``pipe:`` command) names WebDataset shards."""
+    return _is_shard(item)
+
+
 def _checked_shard(url: str) -> str:
     if url.startswith("pipe:"):
         if not url[5:].strip():
@@ -328,50 +333,64 @@ def _add_list_file(collector: _Collector, list_path: str, base: Path | None, war
 
 
 def _add_directory(collector: _Collector, top: str, warn: Warn) -> None:
-    found: list[tuple[str, str]] = []
-    top_stat = os.stat(top)
-    # Each stack entry: directory path, its key prefix, and the (dev, inode)s of it and its ancestors.
-    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
-        (top, "", frozenset({(top_stat.st_dev, top_stat.st_ino)}))
-    ]
-    while stack:
-        directory, prefix, ancestors = stack.pop()
-        try:
-            with os.scandir(directory) as entries:
-                listing = sorted(entries, key=lambda entry: entry.name)
-        except OSError as exc:
-            warn(f"{directory}: cannot read directory ({exc.strerror or exc}); skipped")
-            continue
-        subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
-        for entry in listing:
-            key = prefix + entry.name
-            # is_dir/is_file use the directory listing's type field: no stat call per file.
-            try:
-                is_dir = entry.is_dir()
-            except OSError:  # a link to itself (ELOOP)
-                is_dir = False
-            if is_dir:
-                try:
-                    info = entry.stat()
-                except OSError as exc:
-                    warn(f"{entry.path}: cannot read directory ({exc.strerror or exc}); skipped")
-                    continue
-                identity = (info.st_dev, info.st_ino)
-                if identity in ancestors:
-                    warn(f"{entry.path}: symlink loop; skipped")
-                    continue
-                subdirs.append((entry.path, key + "/", ancestors | {identity}))
-            elif _is_file(entry):
-                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                    found.append((key, entry.path))
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                warn(f"{entry.path}: broken or looping symlink; skipped")
-        stack.extend(reversed(subdirs))
-    found.sort()
+    found = 0
+    for key, path in walk_images(top, warn):
+        collector.add(key, path, path)
+        found += 1
     if not found:
         warn(f"{top}: no image files in this folder or below ({' '.join(sorted(IMAGE_EXTENSIONS))})")
-    for key, path in found:
-        collector.add(key, path, path)
+
+
+def _sorted_entries(directory: str, warn: Warn) -> Iterator[tuple[os.DirEntry, bool]]:
+    """A directory's entries with whether each is a directory, ordered by name, a directory's as ``name/``:
+    walking depth first in this order yields the keys below a folder in sorted order, one folder in memory."""
+    try:
+        with os.scandir(directory) as entries:
+            listing = []
+            for entry in entries:
+                # is_dir uses the directory listing's type field: no stat call per file.
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a link to itself (ELOOP)
+                    is_dir = False
+                listing.append((entry.name + "/" if is_dir else entry.name, entry, is_dir))
+    except OSError as exc:
+        warn(f"{directory}: cannot read directory ({exc.strerror or exc}); skipped")
+        return iter(())
+    listing.sort(key=lambda item: item[0])
+    return iter([(entry, is_dir) for _, entry, is_dir in listing])
+
+
+def walk_images(top: str, warn: Warn) -> Iterator[tuple[str, str]]:
+    """``(key, path)`` of every image file below ``top``, in key order, streaming (symlink loops skipped)."""
+    top_stat = os.stat(top)
+    # Each stack entry: the entries still to visit of a directory, its key prefix, and the (dev, inode)s
+    # of it and its ancestors.
+    stack = [(_sorted_entries(top, warn), "", frozenset({(top_stat.st_dev, top_stat.st_ino)}))]
+    while stack:
+        entries, prefix, ancestors = stack[-1]
+        item = next(entries, None)
+        if item is None:
+            stack.pop()
+            continue
+        entry, is_dir = item
+        key = prefix + entry.name
+        if is_dir:
+            try:
+                info = entry.stat()
+            except OSError as exc:
+                warn(f"{entry.path}: cannot read directory ({exc.strerror or exc}); skipped")
+                continue
+            identity = (info.st_dev, info.st_ino)
+            if identity in ancestors:
+                warn(f"{entry.path}: symlink loop; skipped")
+                continue
+            stack.append((_sorted_entries(entry.path, warn), key + "/", ancestors | {identity}))
+        elif _is_file(entry):
+            if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                yield key, entry.path
+        elif entry.is_symlink() and not os.path.exists(entry.path):
+            warn(f"{entry.path}: broken or looping symlink; skipped")
 
 
 def _is_file(entry: os.DirEntry) -> bool:
@@ -520,6 +539,8 @@ class Record:
     image: torch.Tensor | None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    unit: int = -1
+    """The work unit the record belongs to (see :mod:`ramtag.data.units`), -1 outside one."""
 
 
 def _decode(
@@ -679,9 +700,10 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Record]:
         for url in self.assigned_shards():
-            yield from self._read_shard(url)
+            yield from self.read_shard(url)
 
-    def _read_shard(self, url: str) -> Iterator[Record]:
+    def read_shard(self, url: str) -> Iterator[Record]:
+        """The records of one shard (samples in ``skip_keys`` left out), ending with its error row if it broke."""
         name = printable(shard_name(url))
         source = printable(url)
         count = 0
@@ -736,6 +758,10 @@ class Batch:
     failed_sources: list[str]
     failed_errors: list[str]
     failed_extra: dict[str, list[Any]]
+    units: list[int] = field(default_factory=list)
+    failed_units: list[int] = field(default_factory=list)
+    ended: list[Any] = field(default_factory=list)
+    """Work units whose last record came before the end of this batch (:class:`ramtag.data.units.UnitEnd`)."""
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.failed_keys)
@@ -765,4 +791,6 @@ def collate_records(records: Sequence[Record]) -> Batch:
         failed_sources=[record.source for record in bad],
         failed_errors=[record.error or "cannot decode" for record in bad],
         failed_extra=_columns(bad, names),
+        units=[record.unit for record in good],
+        failed_units=[record.unit for record in bad],
     )

@@ -13,10 +13,13 @@ from torch.utils.data import DataLoader
 
 from ramtag import __version__
 from ramtag.data.images import PIL_LIMIT
-from ramtag.data.sources import FileDataset, InputPlan, ShardDataset, collate_records, plan_inputs
+from ramtag.data.layout import output_kind
+from ramtag.data.rows import TagBatch
+from ramtag.data.sources import shard_split_problem
 from ramtag.data.thresholds import read_thresholds
-from ramtag.data.writers import TagBatch, TagTableWriter, attach_output, output_kind, prepare_output
+from ramtag.data.units import UNIT_ROWS, UnitDataset, collate_unit_records
 from ramtag.engine import dist
+from ramtag.engine.output import InputOptions, RunOutput
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
 from ramtag.engine.signals import worker_ignores_sigterm
@@ -61,6 +64,10 @@ class TagOptions:
     save_maps: str | None = None
     part_rows: int = 262_144
     """Rows per part file: a killed run loses at most one unfinished part (and at most a minute of work)."""
+    unit_rows: int = UNIT_ROWS
+    """Rows of the file listing per work unit (fewer for short listings, so that every worker gets units)."""
+    allow_empty: bool = False
+    """Write an empty table when the inputs hold no image, instead of refusing the run."""
     command_line: str = ""
 
     def __post_init__(self) -> None:
@@ -97,28 +104,6 @@ def _share_cores_with_workers(runtime: Runtime, workers: int) -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - workers)))
 
 
-def _plan(options: TagOptions, info: dist.DistInfo, stdin: TextIO | None, log) -> InputPlan:
-    """Rank 0 lists the inputs (it alone may read stdin) and shares the plan."""
-    plan = None
-    problem = None
-    if info.is_main:
-        try:
-            plan = plan_inputs(
-                options.inputs,
-                path_column=options.path_column,
-                keep_columns=options.keep_columns,
-                stdin=stdin,
-                root=options.root,
-                on_warning=lambda m: log(f"ramtag: warning: {m}"),
-            )
-        except Exception as error:  # shared so every rank stops with the same message
-            problem = error
-    plan, problem = dist.broadcast_object((plan, problem))
-    if problem is not None:
-        raise problem
-    return plan
-
-
 def _metadata(runtime: Runtime, vocabulary: Vocabulary, options: TagOptions, thresholds) -> dict:
     return {
         "ramtag_version": __version__,
@@ -149,7 +134,7 @@ def _identity(vocabulary: Vocabulary, runtime: Runtime, options: TagOptions, thr
 
 
 def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) -> TagSummary:
-    """Tag every input once; raise PartialFailure (after writing the output) when some inputs failed."""
+    """Tag every input once; raise PartialFailure (after writing the output) when the output holds error rows."""
     info = dist.info()
     log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     if info.distributed and output_kind(options.output) == "stdout":
@@ -160,13 +145,9 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         thresholds = read_thresholds(options.thresholds_file).for_vocabulary(
             vocabulary.labels, vocabulary.fingerprint, runtime.fingerprint
         )
-    plan = _plan(options, info, stdin, log)
     workers = default_workers() if options.workers is None else options.workers
     batch_size = options.batch_size or default_batch_size(runtime.device)
     _share_cores_with_workers(runtime, workers)
-    problem = plan.shard_split_problem(info.world_size, workers)
-    if problem and info.is_main:
-        log(f"ramtag: warning: {problem}")
 
     map_writer = None
     if options.save_maps:  # before the output is prepared: an unwritable maps folder leaves nothing behind
@@ -175,130 +156,117 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         pre = runtime.config.preprocessing
         map_writer = MapWriter(options.save_maps, vocabulary.labels, pre.mean, pre.std)
 
-    layout = None
-    if info.is_main:
-        layout = prepare_output(
-            options.output,
-            resume=options.resume,
-            overwrite=options.overwrite,
-            identity=_identity(vocabulary, runtime, options, thresholds),
-        )
-    dist.barrier()
-    if not info.is_main:
-        layout = attach_output(options.output)
-    done = layout.finished_keys(retry_errors=options.retry_errors) if (layout is not None and options.resume) else set()
-    if done:
-        plan = plan.without_keys(done)
-    transform = runtime.transform()
-    draft = runtime.config.preprocessing.image_size if options.fast_decode else None
-    files = FileDataset(
-        plan.files_for_rank(info.rank, info.world_size), transform, max_pixels=options.max_pixels, draft_size=draft
+    output = RunOutput.open(
+        options.output,
+        InputOptions(
+            options.inputs,
+            path_column=options.path_column,
+            keep_columns=options.keep_columns,
+            root=options.root,
+            unit_rows=options.unit_rows,
+            allow_empty=options.allow_empty,
+        ),
+        resume=options.resume,
+        overwrite=options.overwrite,
+        retry_errors=options.retry_errors,
+        identity=_identity(vocabulary, runtime, options, thresholds),
+        stdin=stdin,
+        workers=workers,
+        log=log,
     )
-    shards = ShardDataset(
-        plan.shards,
-        transform,
-        rank=info.rank,
-        world_size=info.world_size,
-        skip_keys=done,
+    shard_units = sum(1 for task in output.tasks if task.unit.kind == "shard")
+    problem = shard_split_problem(shard_units, info.world_size, workers)
+    if problem and info.is_main:
+        log(f"ramtag: warning: {problem}")
+    mine = output.claim(info.rank, info.world_size)
+    draft = runtime.config.preprocessing.image_size if options.fast_decode else None
+    units = UnitDataset(
+        mine,
+        output.work_dir,
+        output.listing,
+        runtime.transform(),
         max_pixels=options.max_pixels,
         draft_size=draft,
     )
-    pin = runtime.device.type == "cuda"
-    loaders = []
-    if len(files):
-        loaders.append(
-            DataLoader(
-                files,
-                batch_size=batch_size,
-                num_workers=workers,
-                collate_fn=collate_records,
-                pin_memory=pin,
-                worker_init_fn=worker_ignores_sigterm,
-            )
-        )
-    if plan.shards:
-        loaders.append(
-            DataLoader(
-                shards,
-                batch_size=batch_size,
-                num_workers=min(workers, max(1, len(shards.shards[info.rank :: info.world_size]))) if workers else 0,
-                collate_fn=collate_records,
-                pin_memory=pin,
-                worker_init_fn=worker_ignores_sigterm,
-            )
-        )
-
-    metadata = _metadata(runtime, vocabulary, options, thresholds)
-    writer = TagTableWriter(
-        layout,
-        vocabulary.labels,
-        metadata=metadata,
-        all_scores=options.all_scores,
-        extra_schema=plan.extra_schema,
-        rank=info.rank,
-        stdout=sys.stdout if layout is None else None,
-        row_group_rows=min(16_384, options.part_rows),
-        rows_per_part=options.part_rows,
+    loader = DataLoader(
+        units,
+        batch_size=batch_size,
+        num_workers=min(workers, len(mine)),
+        collate_fn=collate_unit_records,
+        pin_memory=runtime.device.type == "cuda",
+        worker_init_fn=worker_ignores_sigterm,
     )
-    total = plan.files.num_rows if not plan.shards else None
-    progress = Progress(total if info.world_size == 1 else None, "tagging", quiet=options.quiet or not info.is_main)
+    metadata = _metadata(runtime, vocabulary, options, thresholds)
+    writer = output.writer(
+        vocabulary.labels, metadata, all_scores=options.all_scores, rank=info.rank, part_rows=options.part_rows
+    )
+    total = output.pending_rows() if info.world_size == 1 else None
+    progress = Progress(total, "tagging", quiet=options.quiet or not info.is_main)
     autocast = autocast_dtype(options.precision, runtime.device)
     label_features = vocabulary.features.to(runtime.device)
     tagged = failed = 0
     started = time.perf_counter()
     interrupted = False
     try:
-        for loader in loaders:
-            for batch in loader:
-                if batch.failed_keys:
-                    for key, error in zip(batch.failed_keys, batch.failed_errors):
-                        line = one_line(f"ramtag: {key}: {error}")  # a key may hold a newline
-                        if info.is_main:
-                            progress.log(line)
-                        elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
-                            print(line, file=sys.stderr, flush=True)
-                    writer.write(
-                        TagBatch.from_failures(
-                            batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra
-                        )
-                    )
-                    failed += len(batch.failed_keys)
-                if batch.images is not None:
-                    output = runtime.score(batch.images, label_features, autocast)
-                    scores = output.scores.float()
-                    selection = select_tags(
-                        scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds
-                    )
-                    writer.write(
-                        TagBatch.from_selection(
-                            batch.keys,
-                            batch.sources,
-                            selection,
-                            scores.cpu().numpy() if options.all_scores else None,
-                            batch.extra,
-                        )
-                    )
-                    if map_writer is not None:
-                        map_writer.write(batch.keys, batch.images, output, selection)
-                    tagged += len(batch.keys)
-                progress.advance(len(batch), len(batch.failed_keys))
+        for batch in loader if mine else ():
+            if batch.failed_keys:
+                for key, error in zip(batch.failed_keys, batch.failed_errors):
+                    line = one_line(f"ramtag: {key}: {error}")  # a key may hold a newline
+                    if info.is_main:
+                        progress.log(line)
+                    elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
+                        print(line, file=sys.stderr, flush=True)
+                writer.write(
+                    TagBatch.from_failures(
+                        batch.failed_keys, batch.failed_sources, batch.failed_errors, batch.failed_extra
+                    ),
+                    batch.failed_units,
+                )
+                failed += len(batch.failed_keys)
+            if batch.images is not None:
+                scored = runtime.score(batch.images, label_features, autocast)
+                scores = scored.scores.float()
+                selection = select_tags(scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds)
+                writer.write(
+                    TagBatch.from_selection(
+                        batch.keys,
+                        batch.sources,
+                        selection,
+                        scores.cpu().numpy() if options.all_scores else None,
+                        batch.extra,
+                    ),
+                    batch.units,
+                )
+                if map_writer is not None:
+                    map_writer.write(batch.keys, batch.images, scored, selection)
+                tagged += len(batch.keys)
+            for end in batch.ended:  # after its rows: the writer commits a unit once they are written
+                writer.commit(end)
+            progress.advance(len(batch), len(batch.failed_keys))
     except KeyboardInterrupt:
         interrupted = True
     finally:
         progress.close()
-        writer.close()
+        try:
+            writer.close()
+        finally:
+            if interrupted:
+                output.release()
     if interrupted:
         raise KeyboardInterrupt
     dist.barrier()
     counts = dist.all_gather_objects((tagged, failed))
     tagged, failed = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    final = None
+    final, problem = None, None
     if info.is_main:
-        final = writer.finalize(info.world_size)
-    dist.barrier()
-    summary = TagSummary(
-        tagged, failed, time.perf_counter() - started, str(final) if final else None, skipped_done=len(done)
-    )
+        try:
+            final = output.finalize(metadata, all_scores=options.all_scores, failed_now=failed)
+        except Exception as error:  # every rank stops with rank 0's message
+            problem = error
+    final, problem = dist.broadcast_object((final, problem))
+    if problem is not None:
+        raise problem
+    summary = TagSummary(tagged, failed, time.perf_counter() - started, final.path, skipped_done=output.done_rows)
     if info.is_main and not options.quiet:
         where = f" -> {summary.output}" if summary.output else ""
         resumed = f", {summary.skipped_done} already done" if summary.skipped_done else ""
@@ -308,23 +276,9 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         )
     if failed:
         raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output")
-    earlier = _error_rows(summary.output) if (done and info.is_main and summary.output) else 0
-    if earlier:
+    if final.errors:  # the exit status reports the final table, whichever run wrote its error rows
         raise PartialFailure(
-            f"{earlier} input(s) in {summary.output} failed in an earlier run; --resume --retry-errors tries them again"
+            f"{final.errors} input(s) in {summary.output} failed in an earlier run; "
+            "--resume --retry-errors tries them again"
         )
     return summary
-
-
-def _error_rows(path: str) -> int:
-    """Rows of a finished output that carry an error (what the exit status reports after a resume)."""
-    import json
-
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
-    if path.endswith((".jsonl", ".ndjson")):
-        with open(path, encoding="utf-8") as handle:
-            return sum(1 for line in handle if line.strip() and json.loads(line).get("error") is not None)
-    column = ds.dataset(path, format="parquet").to_table(columns=["error"]).column("error")
-    return int(pc.sum(pc.is_valid(column)).as_py() or 0)

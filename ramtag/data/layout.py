@@ -1,0 +1,377 @@
+"""Where a tag table goes: its kind, its work directory beside it, the lock, and the run it starts.
+
+Lifecycle of a run that writes to ``OUT`` (every path below is beside it):
+
+1. rank 0: :func:`prepare_output` refuses an existing output unless resuming or overwriting,
+   creates the hidden work directory ``.OUT.parts/`` and starts a new *run* in it;
+2. every rank (after a barrier): :func:`attach_output`, then writes part files into the work directory
+   (:mod:`ramtag.data.writers` for a plain run, :mod:`ramtag.data.parts` for a run of work units);
+3. rank 0, after a barrier, assembles the final output (:mod:`ramtag.data.assemble`).
+
+Output written to stdout is streamed directly and cannot be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ramtag.atomic import write_json
+from ramtag.data.ledger import LEDGER_RE, UNIT_PART_RE
+from ramtag.data.rows import METADATA_KEY
+from ramtag.errors import OutputError, UsageError
+from ramtag.messages import listed
+
+OutputKind = Literal["parquet", "jsonl", "stdout", "dataset"]
+
+RUN_FILE = "run.json"
+SUCCESS_FILE = "_SUCCESS"
+_PART_RE = re.compile(r"^part-(\d+)-r(\d+)-c(\d+)\.parquet$")
+_RUN_NUMBERED = (
+    (_PART_RE, 1),
+    (UNIT_PART_RE, 2),
+    (LEDGER_RE, 1),
+)
+_DATASET_METADATA_FILES = ("_common_metadata", "_metadata", SUCCESS_FILE)
+
+# ---------------------------------------------------------------------------------------------
+# Where things go
+
+
+def output_kind(output: str | os.PathLike) -> OutputKind:
+    """Output format from the path: ``-``, a directory (existing, or ending in ``/``), or extension."""
+    text = os.fspath(output)
+    if text == "-":
+        return "stdout"
+    if text.endswith(("/", os.sep)) or os.path.isdir(text):
+        return "dataset"
+    lowered = text.lower()
+    if lowered.endswith((".parquet", ".pq")):
+        return "parquet"
+    if lowered.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    raise UsageError(
+        f"-o {text}: cannot tell the output format; use a .parquet or .jsonl file, a directory "
+        "(ending in /) for a partitioned Parquet dataset, or - for JSON lines on stdout"
+    )
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a run writes: the final output, its work directory, and this run's number."""
+
+    output: Path
+    kind: OutputKind
+    work_dir: Path
+    run: int
+    extends_output: bool
+    """Whether the finished output that existed when the work began is part of the result."""
+
+    @property
+    def meta_path(self) -> Path:
+        """The JSONL sidecar holding the table metadata."""
+        return self.output.with_name(self.output.name + ".meta.json")
+
+    def part_files(self, *, before_run: int | None = None) -> list[Path]:
+        """Finished part files, ordered by (run, rank, chunk); optionally only earlier runs'."""
+        return _part_files(self.work_dir, before_run)
+
+    def earlier_output(self) -> Path | None:
+        """The finished output that a resumed run extends, if there is one."""
+        return self.output if self.extends_output and self.output.exists() else None
+
+    def finished_keys(self, *, retry_errors: bool = False) -> set[str]:
+        """Keys already written by earlier runs (and in the earlier output when resuming).
+
+        With ``retry_errors`` the keys of error rows are left out, so those inputs are tried again.
+        Every rank gets the same set: parts this run writes are not counted.
+        """
+        keys: set[str] = set()
+        for table in _read_key_tables(self._sources(before_run=self.run)):
+            if retry_errors:
+                table = table.filter(pc.is_null(table["error"]))
+            keys.update(table["key"].to_pylist())
+        return keys
+
+    def _sources(self, before_run: int | None = None) -> list[Path]:
+        earlier = self.earlier_output()
+        sources: list[Path] = []
+        if earlier is not None:
+            sources.extend(_dataset_files(earlier) if self.kind == "dataset" else [earlier])
+        return sources + self.part_files(before_run=before_run)
+
+
+def _work_dir(output: Path) -> Path:
+    return output.with_name(f".{output.name}.parts")
+
+
+def _part_files(work_dir: Path, before_run: int | None = None) -> list[Path]:
+    if not work_dir.is_dir():
+        return []
+    found = []
+    for path in work_dir.iterdir():
+        match = _PART_RE.match(path.name)
+        if match and (before_run is None or int(match.group(1)) < before_run):
+            found.append((tuple(int(group) for group in match.groups()), path))
+    return [path for _, path in sorted(found)]
+
+
+def _has_unit_work(work_dir: Path) -> bool:
+    """Whether a run of work units committed anything here (a ledger line or a part)."""
+    if not work_dir.is_dir():
+        return False
+    return any(LEDGER_RE.match(path.name) or UNIT_PART_RE.match(path.name) for path in work_dir.iterdir())
+
+
+def _dataset_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.glob("*.parquet") if not path.name.startswith(("_", ".")))
+
+
+def _next_run(work_dir: Path, output: Path, kind: OutputKind) -> int:
+    names = [path.name for path in work_dir.iterdir()] if work_dir.is_dir() else []
+    if kind == "dataset" and output.is_dir():
+        names += [path.name for path in output.iterdir()]
+    runs = [
+        int(match.group(group)) for pattern, group in _RUN_NUMBERED for match in map(pattern.match, names) if match
+    ]
+    return max(runs, default=-1) + 1
+
+
+def _read_run_file(work_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((work_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{work_dir / RUN_FILE}: unreadable ({exc}); remove {work_dir} or pass --overwrite") from exc
+
+
+def prepare_output(
+    output: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    identity: Mapping[str, Any] | None = None,
+) -> OutputLayout | None:
+    """Check the output and start a run in its work directory (rank 0, before the other ranks).
+
+    ``identity`` holds what must not change between a run and its resumption (vocabulary and
+    model fingerprints, thresholds, top k, columns): resuming with a different one is refused.
+    Returns None for stdout, which has no files.
+    """
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    kind = output_kind(output)
+    if kind == "stdout":
+        if resume:
+            raise UsageError("--resume needs an output file; stdout cannot be resumed")
+        return None
+    path = Path(output)
+    _lock_output(path)
+    try:
+        return _prepare_file_output(path, kind, resume=resume, overwrite=overwrite, identity=identity)
+    except BaseException:
+        _unlock_output(path)
+        raise
+
+
+def _lock_file(output: Path) -> Path:
+    return output.with_name(f".{output.name}.lock")
+
+
+_HELD_LOCKS: dict[Path, Any] = {}
+
+
+def _lock_output(output: Path) -> None:
+    """One run at a time per output: a second one (say, a --resume while the old ranks still run) is refused.
+    The lock is an flock, so the system drops it when its process ends, however it ends."""
+    import fcntl
+
+    key = output.resolve()
+    _unlock_output(output)  # this process starting over (sequential runs in one process, tests)
+    lock = _lock_file(output)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")  # noqa: SIM115 - held until the run ends
+    except OSError as exc:
+        raise OutputError(f"cannot create {lock}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutputError(
+            f"another ramtag run is writing {output} now (it holds {lock}); wait for it, or stop all of its "
+            "processes, then rerun with --resume"
+        ) from None
+    _HELD_LOCKS[key] = handle
+
+
+def _unlock_output(output: Path) -> None:
+    handle = _HELD_LOCKS.pop(output.resolve(), None)
+    if handle is not None:
+        _lock_file(output).unlink(missing_ok=True)
+        handle.close()
+
+
+def _prepare_file_output(
+    path: Path, kind: OutputKind, *, resume: bool, overwrite: bool, identity: Mapping[str, Any] | None
+) -> OutputLayout:
+    work_dir = _work_dir(path)
+    has_parts = bool(_part_files(work_dir)) or _has_unit_work(work_dir)
+    if not (resume or overwrite):
+        if path.exists():
+            raise OutputError(f"{path} exists; pass --resume to tag only what is missing or --overwrite to replace it")
+        if has_parts:
+            raise OutputError(
+                f"an interrupted run left finished parts in {work_dir}; pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+    if path.exists() and kind != "dataset" and path.is_dir():
+        raise OutputError(f"{path} is a directory; end the path with / to write a partitioned dataset there")
+    if path.exists() and (resume or (overwrite and kind == "dataset")):  # --overwrite may replace a named file
+        _refuse_foreign_output(path, kind)
+    if work_dir.exists() and (overwrite or not has_parts):  # nothing worth keeping
+        shutil.rmtree(work_dir)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {work_dir}: {exc.strerror or exc}") from exc
+    identity = json.loads(json.dumps(dict(identity or {}), default=str))  # as it reads back
+    previous = _read_run_file(work_dir)
+    if previous:
+        _check_identity(path, previous.get("identity"), identity, "started")
+        extends_output = bool(previous.get("extends_output"))
+    else:  # the first run in this work directory decides whether the old output is kept
+        extends_output = resume and path.exists()
+    if extends_output and path.exists():
+        _check_identity(path, read_table_metadata(path).get("identity"), identity, "written")
+    run = _next_run(work_dir, path, kind)
+    write_json(
+        work_dir / RUN_FILE, {"run": run, "identity": identity, "extends_output": extends_output}
+    )
+    return OutputLayout(path, kind, work_dir, run, extends_output)
+
+
+def _refuse_foreign_output(path: Path, kind: OutputKind) -> None:
+    """Only a tag table that ramtag wrote is extended or replaced: `-o photos/ --resume` must never delete photos."""
+    if kind == "dataset":
+        if not path.is_dir():
+            raise OutputError(f"{path} exists and is not a directory; choose another output")
+        foreign = sorted(
+            entry.name for entry in path.iterdir()
+            if entry.name not in _DATASET_METADATA_FILES
+            and not (_PART_RE.match(entry.name) or UNIT_PART_RE.match(entry.name))
+        )
+        if foreign:
+            raise OutputError(
+                f"{path} holds files that ramtag did not write ({listed(foreign, 3, quote=False)}); "
+                "choose another output folder"
+            )
+        if not any(path.iterdir()):
+            return
+    try:
+        ours = bool(read_table_metadata(path))
+    except OutputError:
+        ours = False
+    if not ours:
+        raise OutputError(f"{path} exists and is not a ramtag tag table; choose another output")
+
+
+def _check_identity(path: Path, stored: Mapping[str, Any] | None, identity: Mapping[str, Any], verb: str) -> None:
+    if stored is None:
+        return
+    changed = sorted(name for name in set(stored) | set(identity) if stored.get(name) != identity.get(name))
+    if changed:
+        raise OutputError(
+            f"cannot resume {path}: it was {verb} with a different {', '.join(changed)}; pass --overwrite to start over"
+        )
+
+
+def attach_output(output: str | os.PathLike) -> OutputLayout | None:
+    """The layout :func:`prepare_output` created (for ranks other than 0, after a barrier)."""
+    kind = output_kind(output)
+    if kind == "stdout":
+        return None
+    path = Path(output)
+    work_dir = _work_dir(path)
+    info = _read_run_file(work_dir)
+    if "run" not in info:
+        raise OutputError(f"{work_dir}: no run was prepared (call prepare_output on rank 0 first)")
+    return OutputLayout(path, kind, work_dir, int(info["run"]), bool(info.get("extends_output")))
+
+
+def _read_key_tables(sources: Sequence[Path]) -> list[pa.Table]:
+    tables = []
+    for source in sources:
+        try:
+            if source.suffix.lower() in (".jsonl", ".ndjson"):
+                tables.append(_read_jsonl_keys(source))
+            else:
+                tables.append(pq.read_table(source, columns=["key", "error"]))
+        except OutputError:
+            raise
+        except Exception as exc:
+            raise OutputError(f"{source}: cannot read earlier output ({exc})") from exc
+    return tables
+
+
+def _read_jsonl_keys(path: Path) -> pa.Table:
+    rows = [row for _, row in iter_jsonl_rows(path)]
+    keys = [row["key"] for row in rows]
+    errors = [row.get("error") for row in rows]
+    return pa.table({"key": pa.array(keys, pa.string()), "error": pa.array(errors, pa.string())})
+
+
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` for each non-blank line of a JSONL tag table; every row has a string ``key``.
+
+    Raises OutputError naming the line when it is not JSON or not such an object.
+    """
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise OutputError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+                raise OutputError(f"{path}:{number}: expected an object with a string 'key'")
+            yield number, row
+
+
+def read_table_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata dict a run stored with its table (Parquet file, dataset or JSONL sidecar).
+
+    A dataset folder holds it in ``_common_metadata`` (older runs) or in its part files, whose schemas carry it.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            common = path / "_common_metadata"
+            parts = _dataset_files(path)
+            if common.exists() or not parts:
+                schema = pq.read_schema(common)
+            else:
+                schema = pq.read_schema(parts[-1])
+        elif path.suffix.lower() in (".jsonl", ".ndjson"):
+            sidecar = path.with_name(path.name + ".meta.json")
+            return json.loads(sidecar.read_text(encoding="utf-8"))
+        else:
+            schema = pq.read_schema(path)
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:
+        raise OutputError(f"{path}: cannot read its metadata ({exc})") from exc
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}

@@ -1,0 +1,360 @@
+"""Work units: the plan of a run as a small list of units, each read on its own.
+
+A unit is one shard, or one row group of the *listing*: the image files that folders, lists, stdin
+and manifests name, spilled once by rank 0 into ``listing.parquet`` in the output's work directory
+with one row group per unit. The unit list (``units.json``) is all a rank or DataLoader worker
+receives; each reads its own unit's rows from the listing, so nothing of size O(images) is
+broadcast or pickled. Both files are frozen at the first run: a resumed run reuses them (stdin
+cannot be read twice), and only the shard inputs may change (a shard is known by its name, the
+prefix of its row keys, so ``pipe:curl …/a.tar`` and ``a.tar`` are the same unit).
+
+:class:`UnitDataset` yields the records of each unit, then a :class:`UnitEnd` that tells the writer
+the unit is complete and which earlier rows of it are kept (see :mod:`ramtag.data.ledger`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ramtag.atomic import atomic_path, write_json
+from ramtag.data.images import PIL_LIMIT
+from ramtag.data.sources import (
+    IMAGE_EXTENSIONS,
+    Batch,
+    FileDataset,
+    Record,
+    ShardDataset,
+    Transform,
+    collate_records,
+    is_shard_input,
+    plan_inputs,
+    printable,
+    shard_name,
+)
+from ramtag.errors import UsageError
+
+LISTING_FILE = "listing.parquet"
+UNITS_FILE = "units.json"
+UNIT_ROWS = 16_384
+MIN_UNIT_ROWS = 64
+_BASE_COLUMNS = ("key", "source", "path", "error")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: a shard (``url``, known by ``name``) or row group ``group`` of the listing."""
+
+    id: int
+    kind: str
+    rows: int = 0
+    group: int = -1
+    url: str = ""
+    name: str = ""
+
+    @property
+    def error_key(self) -> str | None:
+        """The key of the row that records a shard that could not be read to its end."""
+        return f"{printable(self.name)}/" if self.kind == "shard" else None
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """A unit to (re)do, with the committed parts whose rows it keeps (minus ``drop``'s keys per part)."""
+
+    unit: Unit
+    parts: tuple[str, ...] = ()
+    drop: dict[str, list[str]] = field(default_factory=dict)
+    retry_errors: bool = False
+
+
+@dataclass
+class UnitEnd:
+    """The last item of a unit in the record stream: what the unit's ledger line needs besides the new rows."""
+
+    unit: int
+    unit_error: str | None
+    kept_parts: tuple[str, ...]
+    kept_rows: int
+    kept_errors: int
+    drop: dict[str, list[str]]
+
+
+@dataclass
+class UnitPlan:
+    """Every unit of the run (frozen listing and shards), and the carried manifest columns."""
+
+    units: list[Unit]
+    extra_schema: pa.Schema
+    listing: Path
+
+
+def _listing_spec(inputs: Sequence[str], path_column: str, keep_columns: Sequence[str], root: Any) -> dict:
+    return {
+        "file_inputs": [item for item in inputs if not is_shard_input(item)],
+        "path_column": path_column,
+        "keep_columns": list(keep_columns),
+        "root": None if root is None else os.fspath(root),
+    }
+
+
+def plan_units(
+    inputs: Sequence[str],
+    work_dir: Path,
+    *,
+    unit_rows: int = UNIT_ROWS,
+    path_column: str = "path",
+    keep_columns: Sequence[str] = (),
+    stdin: TextIO | None = None,
+    root: str | os.PathLike | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    allow_empty: bool = False,
+    spread_over: int = 1,
+) -> UnitPlan:
+    """The units of a run (rank 0): from ``units.json`` when an earlier run of this output froze them, else
+    listed now, the listing written to the work directory. Refuses a run that finds no image at all.
+
+    A unit of the listing holds ``unit_rows`` rows, or fewer (down to ``MIN_UNIT_ROWS``) so that a short
+    listing still makes ``spread_over`` units: one DataLoader worker reads a unit, and every worker of
+    every rank should have one."""
+    spec = _listing_spec(inputs, path_column, keep_columns, root)
+    frozen = _read_units_file(work_dir)
+    listing = work_dir / LISTING_FILE
+    if frozen is not None:
+        if frozen["spec"] != spec:
+            raise UsageError(
+                f"the run in {work_dir} listed {listed_inputs(frozen['spec']['file_inputs'])} with its options; "
+                "resume with the same image inputs (only shards may change), or pass --overwrite to start over"
+            )
+        units = [Unit(**unit) for unit in frozen["units"]]
+        shard_inputs = [item for item in inputs if is_shard_input(item)]
+        if shard_inputs != frozen["shard_inputs"]:
+            units = _merge_shards(units, plan_inputs(shard_inputs, on_warning=on_warning).shards)
+            _write_units_file(work_dir, spec, shard_inputs, units)
+        return UnitPlan(units, _extra_schema(listing), listing)
+    plan = plan_inputs(
+        inputs, path_column=path_column, keep_columns=keep_columns, stdin=stdin, root=root, on_warning=on_warning
+    )
+    if plan.files.num_rows == 0 and not plan.shards and not allow_empty:
+        raise UsageError(describe_empty_inputs(inputs))
+    rows_per_unit = max(1, min(unit_rows, max(MIN_UNIT_ROWS, -(-plan.files.num_rows // max(1, spread_over)))))
+    groups = _write_listing(listing, plan.files, rows_per_unit)
+    units = [Unit(index, "rows", rows=rows, group=index) for index, rows in enumerate(groups)]
+    units = _merge_shards(units, plan.shards)
+    _write_units_file(work_dir, spec, [item for item in inputs if is_shard_input(item)], units)
+    return UnitPlan(units, plan.extra_schema, listing)
+
+
+def listed_inputs(items: Sequence[str]) -> str:
+    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "") if items else "no images"
+
+
+def _merge_shards(units: list[Unit], shards: Sequence[str]) -> list[Unit]:
+    """Shards by name: a known name keeps its unit (and takes the new URL), a new one gets the next unit id."""
+    by_name = {unit.name: index for index, unit in enumerate(units) if unit.kind == "shard"}
+    merged = list(units)
+    next_id = max((unit.id for unit in units), default=-1) + 1
+    for url in shards:
+        name = shard_name(url)
+        if name in by_name:
+            old = merged[by_name[name]]
+            merged[by_name[name]] = Unit(old.id, "shard", url=url, name=name)
+        else:
+            by_name[name] = len(merged)
+            merged.append(Unit(next_id, "shard", url=url, name=name))
+            next_id += 1
+    return merged
+
+
+def _write_listing(path: Path, files: pa.Table, unit_rows: int) -> list[int]:
+    """Spill the listing, one row group per unit; returns the rows of each group."""
+    groups = []
+    with atomic_path(path) as temporary:
+        with pq.ParquetWriter(temporary, files.schema) as writer:
+            for start in range(0, files.num_rows, unit_rows):
+                piece = files.slice(start, unit_rows)
+                writer.write_table(piece, row_group_size=unit_rows)
+                groups.append(piece.num_rows)
+    return groups
+
+
+def _extra_schema(listing: Path) -> pa.Schema:
+    schema = pq.read_schema(listing)
+    return pa.schema([field for field in schema if field.name not in _BASE_COLUMNS])
+
+
+def _read_units_file(work_dir: Path) -> dict | None:
+    try:
+        return json.loads((work_dir / UNITS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def _write_units_file(work_dir: Path, spec: dict, shard_inputs: list[str], units: Sequence[Unit]) -> None:
+    write_json(work_dir / UNITS_FILE, {"spec": spec, "shard_inputs": shard_inputs, "units": [asdict(u) for u in units]})
+
+
+def describe_empty_inputs(inputs: Sequence[str]) -> str:
+    """Why a run found no image: what each folder given holds, and what ramtag expected there."""
+    found = []
+    for item in inputs:
+        if not os.path.isdir(item):
+            continue
+        counts: dict[str, int] = {}
+        seen = 0
+        for _, _, names in os.walk(item):
+            for name in names:
+                lowered = name.lower()
+                kind = next(
+                    (suffix for suffix in (".tar", ".tar.gz", ".tgz", ".arrow") if lowered.endswith(suffix)), ""
+                )
+                counts[kind or "other"] = counts.get(kind or "other", 0) + 1
+            seen += len(names)
+            if seen > 100_000:
+                break
+        shards = counts.get(".tar", 0) + counts.get(".tar.gz", 0) + counts.get(".tgz", 0)
+        if shards:
+            found.append(
+                f"{item} holds {shards} shard(s): shards go in as '{item.rstrip('/')}/*.tar' or a brace pattern "
+                f"such as '{item.rstrip('/')}/{{000000..000009}}.tar'"
+            )
+        elif counts.get(".arrow"):
+            found.append(
+                f"{item} holds {counts['.arrow']} .arrow file(s), a Hugging Face save_to_disk folder: export its "
+                "images to files or WebDataset shards"
+            )
+        elif counts:
+            found.append(f"{item} holds {sum(counts.values())} file(s), none of them an image")
+        else:
+            found.append(f"{item} is empty")
+    expected = f"image files ({' '.join(sorted(IMAGE_EXTENSIONS))}) in a folder or below, lists, manifests or shards"
+    detail = "; ".join(found) if found else "the inputs name no image"
+    return f"no images to tag: {detail}; expected {expected} (pass --allow-empty to write an empty table)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading units
+
+
+def _kept_rows(work_dir: Path, task: UnitTask) -> tuple[dict[str, tuple[str, bool]], dict[str, list[str]]]:
+    """The committed rows of a unit being redone, one row per key: ``key -> (part, is_error)``, and the
+    drop lists extended by rows that a newer one of the same key supersedes (good over error, newest last)."""
+    winners: dict[str, tuple[str, bool]] = {}
+    drop = {part: list(keys) for part, keys in task.drop.items()}
+    for part in task.parts:
+        already = set(drop.get(part, ()))
+        table = pq.read_table(work_dir / part, columns=["key", "error"])
+        for key, is_error in zip(table["key"].to_pylist(), pc.is_valid(table["error"]).to_pylist()):
+            if key in already:
+                continue
+            previous = winners.get(key)
+            if previous is not None:
+                if is_error and not previous[1]:
+                    drop.setdefault(part, []).append(key)
+                    continue
+                drop.setdefault(previous[0], []).append(key)
+            winners[key] = (part, is_error)
+    return winners, drop
+
+
+class UnitDataset(IterableDataset):
+    """The records of each task's unit, then its :class:`UnitEnd`; DataLoader worker ``w`` of ``n`` takes
+    every ``n``-th task. A unit being redone skips the keys it keeps, so its rows end up exactly once."""
+
+    def __init__(
+        self,
+        tasks: Sequence[UnitTask],
+        work_dir: Path,
+        listing: Path,
+        transform: Transform,
+        *,
+        max_pixels: int | None = PIL_LIMIT,
+        draft_size: int | None = None,
+    ) -> None:
+        self.tasks = list(tasks)
+        self.work_dir = Path(work_dir)
+        self.listing = Path(listing)
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.draft_size = draft_size
+        self._listing_file: pq.ParquetFile | None = None
+
+    def assigned_tasks(self) -> list[UnitTask]:
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            return self.tasks[info.id :: info.num_workers]
+        return self.tasks
+
+    def __iter__(self) -> Iterator[Record | UnitEnd]:
+        for task in self.assigned_tasks():
+            yield from self.read_unit(task)
+
+    def read_unit(self, task: UnitTask) -> Iterator[Record | UnitEnd]:
+        unit = task.unit
+        winners, drop = _kept_rows(self.work_dir, task) if task.parts else ({}, dict(task.drop))
+        error_key = unit.error_key
+        replaceable = {
+            key: part
+            for key, (part, is_error) in winners.items()
+            if is_error and (task.retry_errors or key == error_key)
+        }
+        skip = {key for key in winners if key not in replaceable}
+        unit_error = None
+        for record in self._records(unit, skip):
+            record.unit = unit.id
+            if error_key is not None and record.key == error_key:
+                unit_error = record.error
+            part = replaceable.pop(record.key, None)
+            if part is not None:  # a new row of this key replaces the earlier error row
+                drop.setdefault(part, []).append(record.key)
+                del winners[record.key]
+            yield record
+        if unit_error is None and error_key in replaceable:  # read to its end this time: the unit error heals
+            drop.setdefault(replaceable[error_key], []).append(error_key)
+            del winners[error_key]
+        yield UnitEnd(
+            unit.id,
+            unit_error,
+            tuple(task.parts),
+            len(winners),
+            sum(1 for _, is_error in winners.values() if is_error),
+            {part: keys for part, keys in drop.items() if keys},
+        )
+
+    def _records(self, unit: Unit, skip: set[str]) -> Iterator[Record]:
+        if unit.kind == "shard":
+            reader = ShardDataset(
+                [unit.url], self.transform, skip_keys=skip, max_pixels=self.max_pixels, draft_size=self.draft_size
+            )
+            yield from reader.read_shard(unit.url)
+            return
+        if self._listing_file is None:  # opened once per worker: its footer is O(units)
+            self._listing_file = pq.ParquetFile(self.listing)
+        rows = self._listing_file.read_row_group(unit.group)
+        if skip:
+            rows = rows.filter(pc.invert(pc.is_in(rows["key"], value_set=pa.array(list(skip), pa.string()))))
+        files = FileDataset(rows, self.transform, max_pixels=self.max_pixels, draft_size=self.draft_size)
+        for index in range(len(files)):
+            yield files[index]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_listing_file"] = None  # each worker opens its own
+        return state
+
+
+def collate_unit_records(items: Sequence[Record | UnitEnd]) -> Batch:
+    """Like :func:`~ramtag.data.sources.collate_records`, with the units that ended in this batch in ``ended``."""
+    records = [item for item in items if not isinstance(item, UnitEnd)]
+    batch = collate_records(records)
+    batch.ended = [item for item in items if isinstance(item, UnitEnd)]
+    return batch
