@@ -186,6 +186,7 @@ def tag(
 ) -> None:
     """Tag images with a vocabulary and write one row per input: [bold]key, source, tags, error[/bold]."""
     from ramtag.engine import dist
+    from ramtag.engine.preflight import preflight_tag
     from ramtag.engine.tag import TagOptions, run_tag
 
     options = TagOptions(
@@ -209,6 +210,7 @@ def tag(
             ot_tol,
             ot_stop,
         )
+        preflight_tag(options, checkpoint=checkpoint, model=model, pretrained=pretrained, is_main=info.is_main)
         run_tag(options, choice.load())
     finally:
         dist.teardown()

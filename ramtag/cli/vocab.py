@@ -42,11 +42,10 @@ def encode(
     device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Encode LABELS with the model's text encoder into a .rtv file that `ramtag tag --labels` accepts."""
+    from ramtag.engine.preflight import preflight_vocab_encode
     from ramtag.engine.vocabulary import load_vocabulary, write_vocabulary_file
-    from ramtag.errors import UsageError
 
-    if not output.lower().endswith(".rtv"):
-        raise UsageError("--output must end with .rtv")
+    preflight_vocab_encode(labels, output, checkpoint=checkpoint, model=model, pretrained=pretrained)
     runtime = ModelChoice(checkpoint, model, pretrained, device).load()
     vocabulary = load_vocabulary(runtime, labels, template or None, use_cache=False)
     path = write_vocabulary_file(runtime, vocabulary, output)

@@ -17,6 +17,7 @@ from ramtag.data.sources import FileDataset, InputPlan, ShardDataset, collate_re
 from ramtag.data.thresholds import read_thresholds
 from ramtag.data.writers import TagBatch, TagTableWriter, attach_output, output_kind, prepare_output
 from ramtag.engine import dist
+from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import Runtime
 from ramtag.engine.signals import worker_ignores_sigterm
@@ -154,6 +155,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     if info.distributed and output_kind(options.output) == "stdout":
         raise UsageError("-o - (stdout) works with one process only; give an output file or folder")
+    preflight_tag(options, is_main=info.is_main)
     vocabulary = load_vocabulary(runtime, options.labels, options.templates or None, stdin=stdin)
     thresholds = None
     if options.thresholds_file:
