@@ -27,6 +27,7 @@ from ramtag.cli.options import (
     ScaleLocalTemperature,
     Template,
     command_line,
+    say_when_stdin_is_a_terminal,
 )
 from ramtag.errors import exit_status_help
 
@@ -209,8 +210,14 @@ def tag(
             ot_max_iter,
             ot_tol,
             ot_stop,
+            quiet=quiet,
         )
         preflight_tag(options, checkpoint=checkpoint, model=model, pretrained=pretrained, is_main=info.is_main)
+        if info.is_main and not quiet:
+            if labels == "-":
+                say_when_stdin_is_a_terminal("labels")
+            if "-" in options.inputs:
+                say_when_stdin_is_a_terminal("image paths")
         run_tag(options, choice.load())
     finally:
         dist.teardown()

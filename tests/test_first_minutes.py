@@ -1,0 +1,108 @@
+"""What a new user sees first: what is loading, no network said at once, stdin that waits for a terminal."""
+
+from __future__ import annotations
+
+import io
+import socket
+
+import pytest
+from PIL import Image
+
+from tests.test_tag import run_cli
+
+
+@pytest.fixture()
+def picture(tmp_path):
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "red.png")
+    (tmp_path / "vocab.txt").write_text("red\nblue\n")
+    return tmp_path
+
+
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    """No network, and an empty download cache (whatever this machine has cached)."""
+    import huggingface_hub.constants
+
+    import ramtag.model.hub
+    import ramtag.model.weights
+
+    monkeypatch.setattr(ramtag.model.weights, "hub_reachable", lambda: False)
+    monkeypatch.setattr(ramtag.model.hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # open_clip's URL cache, ~/.cache/clip
+
+
+def test_tag_says_what_it_loads_unless_quiet(picture, tiny_checkpoint, capsys):
+    argv = ("tag", picture / "red.png", "-l", picture / "vocab.txt", "-c", tiny_checkpoint, "--workers", 0)
+    assert run_cli(*argv, "-o", picture / "a.jsonl") == 0
+    assert capsys.readouterr().err.splitlines()[0] == f"ramtag: loading checkpoint {tiny_checkpoint} …"
+    assert run_cli(*argv, "-o", picture / "b.jsonl", "--quiet") == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_without_network_the_offline_choices_come_at_once_before_a_model_is_built(picture, offline, monkeypatch,
+                                                                                   capsys):
+    import open_clip
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built for weights that cannot be downloaded")
+
+    monkeypatch.setattr(open_clip, "create_model", built)
+    assert run_cli("tag", picture / "red.png", "-l", picture / "vocab.txt", "-o", picture / "o.jsonl") == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[0] == "ramtag: loading ViT-B-16-quickgelu / openai …"
+    assert len(said) == 2 and said[1].startswith("ramtag: error: ")
+    for choice in ("no network", "--pretrained FILE", "ramtag model fetch ViT-B-16-quickgelu openai", "--model demo"):
+        assert choice in said[1]
+
+
+def test_model_fetch_without_network_is_one_line(offline, tmp_path, capsys):
+    assert run_cli("model", "fetch", "ViT-B-16-quickgelu", "openai", "--to", tmp_path / "w") == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("ramtag: error: cannot download ViT-B-16-quickgelu openai: no network")
+
+
+def test_the_hub_probe_is_one_short_attempt(monkeypatch):
+    from ramtag.model import hub
+
+    def no_socket(*args, **kwargs):
+        raise AssertionError("HF_HUB_OFFLINE=1 must need no probe")
+
+    hub.hub_reachable.cache_clear()
+    monkeypatch.setattr(socket, "create_connection", no_socket)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.hub_reachable() is False
+    monkeypatch.undo()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for variable in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    port = listening.getsockname()[1]
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        hub.hub_reachable.cache_clear()
+        assert hub.hub_address() == ("127.0.0.1", port) and hub.hub_reachable() is True
+    finally:
+        listening.close()
+    hub.hub_reachable.cache_clear()
+    assert hub.hub_reachable() is False  # the port is closed now: refused, at once
+    hub.hub_reachable.cache_clear()
+
+
+def test_tag_from_a_terminal_says_it_reads_paths_from_stdin(picture, tiny_checkpoint, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal(f"{picture / 'red.png'}\n"))
+    assert run_cli("tag", "-", "-l", picture / "vocab.txt", "-c", tiny_checkpoint, "-o", picture / "o.jsonl",
+                   "--workers", 0) == 0
+    assert "ramtag: reading image paths from stdin (the terminal): one per line, end with Ctrl-D" in (
+        capsys.readouterr().err.splitlines()
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{picture / 'red.png'}\n"))  # a pipe: nothing to say
+    assert run_cli("tag", "-", "-l", picture / "vocab.txt", "-c", tiny_checkpoint, "-o", picture / "p.jsonl",
+                   "--workers", 0) == 0
+    assert "stdin" not in capsys.readouterr().err
