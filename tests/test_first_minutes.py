@@ -106,3 +106,33 @@ def test_tag_from_a_terminal_says_it_reads_paths_from_stdin(picture, tiny_checkp
     assert run_cli("tag", "-", "-l", picture / "vocab.txt", "-c", tiny_checkpoint, "-o", picture / "p.jsonl",
                    "--workers", 0) == 0
     assert "stdin" not in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly_with_status_0(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ramtag.errors import EXIT_READER_GONE
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(60):  # many one-image batches: rows keep coming long after head has its line
+        Image.new("RGB", (16, 16), (index * 4, 10, 200 - index * 3)).save(folder / f"{index:03d}.png")
+    (tmp_path / "vocab.txt").write_text("red\nblue\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    tagger = subprocess.Popen(
+        [sys.executable, "-m", "ramtag", "tag", str(folder), "-l", str(tmp_path / "vocab.txt"), "--model", "demo",
+         "-o", "-", "-b", "1", "--workers", "0", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    head = subprocess.run(["head", "-1"], stdin=tagger.stdout, capture_output=True, timeout=120)
+    tagger.stdout.close()
+    stderr = tagger.stderr.read().decode()
+    assert tagger.wait(timeout=120) == EXIT_READER_GONE == 0, stderr
+    assert stderr == ""  # no "stdout was closed", no "Exception ignored … BrokenPipeError"
+    assert head.stdout.decode().count("\n") == 1 and head.stdout.startswith(b'{"key":')
+    # and so a pipefail script that stops early on purpose does not fail
+    script = (f"set -o pipefail; {sys.executable} -m ramtag tag {folder} -l {tmp_path / 'vocab.txt'} --model demo "
+              "-o - -b 1 --workers 0 --quiet | head -1 >/dev/null")
+    assert subprocess.run(["bash", "-c", script], env=env, timeout=120, capture_output=True).returncode == 0

@@ -7,7 +7,7 @@ import sys
 
 from ramtag.cli import commands  # noqa: F401  (each command module registers itself on the app)
 from ramtag.cli.app import app
-from ramtag.errors import EXIT_INTERRUPTED, EXIT_OK, RamtagError
+from ramtag.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_READER_GONE, RamtagError, ReaderGone
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +27,9 @@ def _run(argv: list[str] | None) -> None:
             if status == EXIT_INTERRUPTED:
                 print("ramtag: interrupted; rerun with --resume to continue", file=sys.stderr)
             sys.exit(status)
+    except (ReaderGone, BrokenPipeError):  # `| head` stopped reading: what it wanted is written
+        _silence_stdout()
+        sys.exit(EXIT_READER_GONE)
     except RamtagError as error:
         if os.environ.get("RAMTAG_DEBUG"):
             raise
@@ -68,3 +71,13 @@ def _exit_for_click_error(error: Exception) -> None:
     if isinstance(error, _click_exception_types("Abort")):
         print("ramtag: aborted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail on the closed pipe a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (a test's capture)
+        pass

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ramtag.atomic import atomic_path, write_json
-from ramtag.errors import OutputError, UsageError
+from ramtag.errors import OutputError, ReaderGone, UsageError
 from ramtag.messages import listed
 from ramtag.selection import Selection
 
@@ -709,8 +709,8 @@ class TagTableWriter:
         try:
             stream.write(rows_to_jsonl(record_batch))
             stream.flush()
-        except BrokenPipeError as exc:
-            raise OutputError("stdout was closed by the reader") from exc
+        except BrokenPipeError as exc:  # `| head`: an intended early stop, which the CLI ends quietly
+            raise ReaderGone("stdout was closed by the reader") from exc
         self.rows_written += record_batch.num_rows
 
     def _flush(self) -> None:
