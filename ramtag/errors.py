@@ -26,7 +26,11 @@ EXIT_STATUSES: tuple[tuple[int, str], ...] = (
         "The run finished and wrote its output, but some inputs failed: error rows (tag), images left out of the"
         " metrics (eval), images skipped (train, listed in bad-images.txt), images not explained (explain).",
     ),
-    (EXIT_INTERRUPTED, "Interrupted (Ctrl-C or SIGTERM); finished rows are kept, rerun with --resume."),
+    (
+        EXIT_INTERRUPTED,
+        "Interrupted (Ctrl-C or SIGTERM); a tag run keeps the rows it finished in its output file, and its message"
+        " says when --resume can continue it (not for -o -, nor before the first row).",
+    ),
 )
 
 
@@ -70,6 +74,12 @@ class ReaderGone(OutputError):
     """Whoever read stdout stopped (a closed pipe): the run ends quietly with :data:`EXIT_READER_GONE`."""
 
     exit_code = EXIT_READER_GONE
+
+
+class Interrupted(RamtagError):
+    """A run stopped by Ctrl-C or SIGTERM; the message is the advice for what comes next (may be empty)."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class PartialFailure(RamtagError):

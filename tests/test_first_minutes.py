@@ -136,3 +136,44 @@ def test_a_reader_that_stops_early_ends_the_run_quietly_with_status_0(tmp_path):
     script = (f"set -o pipefail; {sys.executable} -m ramtag tag {folder} -l {tmp_path / 'vocab.txt'} --model demo "
               "-o - -b 1 --workers 0 --quiet | head -1 >/dev/null")
     assert subprocess.run(["bash", "-c", script], env=env, timeout=120, capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("stop_at", [1, 3])
+def test_resume_is_advised_only_where_it_can_continue_the_run(picture, tiny_checkpoint, monkeypatch, capsys, stop_at):
+    from ramtag.engine.runtime import Runtime
+
+    for index in range(3):
+        Image.new("RGB", (16, 16), (index * 60, 10, 10)).save(picture / f"more{index}.png")
+    real_score = Runtime.score
+    calls = {"n": 0}
+
+    def score_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return real_score(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "score", score_then_interrupt)
+    argv = ("tag", picture, "-l", picture / "vocab.txt", "-c", tiny_checkpoint, "--workers", 0, "-b", 1, "-q")
+    assert run_cli(*argv, "-o", "-") == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "ramtag: interrupted"  # stdout cannot be resumed
+    calls["n"] = 0
+    assert run_cli(*argv, "-o", picture / f"o{stop_at}.parquet") == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    if stop_at == 1:  # before the first row: nothing to resume
+        assert said == "ramtag: interrupted; nothing was written yet"
+    else:
+        assert said == "ramtag: interrupted; 2 finished row(s) are kept; rerun with --resume to continue"
+
+
+def test_ctrl_c_while_the_model_loads_gives_no_resume_advice(picture, monkeypatch, capsys):
+    from ramtag.cli.options import ModelChoice
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelChoice, "load", interrupted)
+    assert run_cli("tag", picture / "red.png", "-l", picture / "vocab.txt", "--model", "demo",
+                   "-o", picture / "o.parquet") == 130
+    error = capsys.readouterr().err
+    assert "ramtag: interrupted" in error and "--resume" not in error

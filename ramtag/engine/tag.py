@@ -20,7 +20,7 @@ from ramtag.engine import dist
 from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import Runtime
-from ramtag.engine.signals import worker_ignores_sigterm
+from ramtag.engine.signals import interrupted_run, worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import PartialFailure, UsageError
 from ramtag.messages import one_line
@@ -289,7 +289,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         progress.close()
         writer.close()
     if interrupted:
-        raise KeyboardInterrupt
+        raise interrupted_run(layout is not None, writer.rows_written)
     dist.barrier()
     counts = dist.all_gather_objects((tagged, failed))
     tagged, failed = sum(c[0] for c in counts), sum(c[1] for c in counts)
