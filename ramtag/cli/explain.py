@@ -30,7 +30,7 @@ from ramtag.cli.options import (
     epilog=(
         "Examples:\n\n"
         "  ramtag explain examples/ --labels examples/vocab.txt --model demo -o maps/\n\n"
-        "  ramtag explain photo.jpg --labels vocab.txt --checkpoint ram.safetensors -o maps/ --top-k 5\n\n"
+        "  ramtag explain photo.jpg -l vocab.txt -c ram.safetensors -o maps/ -k 5\n\n"
         "Each image gets DIR/<name>-<hash>.png: the image, then one heat map per top tag (the KCOT transport plan's "
         "share of that label in each region), captioned with tag and score."
     )

@@ -17,6 +17,9 @@ SPEED_PANEL = "Speed"
 DEFAULT_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_DEVICE = "auto"
+KCOT_DEFAULTS = {"reg": "model's setting, 0.1", "max_iter": "model's setting, 100", "tol": "model's setting, 1e-3",
+                 "stop": "model's setting, reference"}
+"""What --ot-* default to, as help shows it: ramtag.model.config.KcotConfig's values (tests/test_help.py)."""
 
 Checkpoint = Annotated[
     Optional[str],
@@ -52,24 +55,37 @@ ScaleLocalTemperature = Annotated[
     Optional[bool],
     typer.Option(
         "--scale-local-temperature/--no-scale-local-temperature",
-        help="Scale the local temperature by training/current vocabulary size (default: the checkpoint's setting).",
+        help="Scale the local temperature by training/current vocabulary size.",
+        show_default="the model's setting",
         rich_help_panel=MODEL_PANEL,
     ),
 ]
 OtReg = Annotated[
     Optional[float],
-    typer.Option("--ot-reg", help="Sinkhorn entropic regularisation (default 0.1).", rich_help_panel=KCOT_PANEL),
+    typer.Option(
+        "--ot-reg", help="Sinkhorn entropic regularisation.", show_default=KCOT_DEFAULTS["reg"],
+        rich_help_panel=KCOT_PANEL,
+    ),
 ]
 OtMaxIter = Annotated[
     Optional[int],
-    typer.Option("--ot-max-iter", help="Sinkhorn iteration limit (default 100).", rich_help_panel=KCOT_PANEL),
+    typer.Option(
+        "--ot-max-iter", help="Sinkhorn iteration limit.", show_default=KCOT_DEFAULTS["max_iter"],
+        rich_help_panel=KCOT_PANEL,
+    ),
 ]
 OtTol = Annotated[
-    Optional[float], typer.Option("--ot-tol", help="Sinkhorn tolerance (default 1e-3).", rich_help_panel=KCOT_PANEL)
+    Optional[float],
+    typer.Option(
+        "--ot-tol", help="Sinkhorn tolerance.", show_default=KCOT_DEFAULTS["tol"], rich_help_panel=KCOT_PANEL
+    ),
 ]
 OtStop = Annotated[
     Optional[str],
-    typer.Option("--ot-stop", help="Stopping rule: reference (parity) or marginal.", rich_help_panel=KCOT_PANEL),
+    typer.Option(
+        "--ot-stop", help="Stopping rule: reference (parity) or marginal.", show_default=KCOT_DEFAULTS["stop"],
+        rich_help_panel=KCOT_PANEL,
+    ),
 ]
 
 Labels = Annotated[

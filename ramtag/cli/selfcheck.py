@@ -7,12 +7,9 @@ import typer
 from ramtag.cli.app import app
 
 
-@app.command()
+@app.command(epilog="Example:\n\n  ramtag selfcheck\n\nNeeds no weights and no network; it takes seconds.")
 def selfcheck() -> None:
-    """Build a tiny random RAM model, score random images, and check the scores are valid.
-
-    Example: [bold]ramtag selfcheck[/bold]
-    """
+    """Build a tiny random RAM model, score random images, and check the scores are valid."""
     from ramtag.engine.selfcheck import run_selfcheck
 
     report = run_selfcheck()

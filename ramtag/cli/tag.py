@@ -32,6 +32,9 @@ from ramtag.cli.options import (
 from ramtag.errors import exit_status_help
 
 OUTPUT_PANEL = "Output"
+MAX_PIXELS = 89_478_485
+"""Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), the default cap."""
+MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
 
 
 @app.command(
@@ -40,8 +43,8 @@ OUTPUT_PANEL = "Output"
         "  ramtag tag examples/ --labels examples/vocab.txt --model demo -o -\n\n"
         "  ramtag tag ./photos --labels vocab.txt -o tags.parquet\n\n"
         "  find /data -name '*.jpg' | ramtag tag - --labels vocab.txt -o tags.jsonl\n\n"
-        "  ramtag tag 'shards/{000000..000099}.tar' --labels vocab.rtv -o out/ --checkpoint ram.safetensors\n\n"
-        "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{000000..009999}.tar' --labels vocab.txt -o out/\n\n"
+        "  ramtag tag 'shards/{000..099}.tar' -l vocab.rtv -c ram.safetensors -o out/\n\n"
+        "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{00..99}.tar' -l vocab.txt\n\n"
         + exit_status_help()
     )
 )
@@ -138,10 +141,11 @@ def tag(
         typer.Option(
             "--max-pixels",
             min=0,
-            help="Refuse images with more pixels (decompression-bomb guard; 0 = no cap).",
+            help="Refuse images with more pixels (decompression-bomb guard; 0: no cap).",
+            show_default=MAX_PIXELS_SHOWN,
             rich_help_panel=INPUT_PANEL,
         ),
-    ] = 89_478_485,
+    ] = MAX_PIXELS,
     template: Template = None,
     batch_size: BatchSize = 32,
     workers: Annotated[
@@ -150,7 +154,8 @@ def tag(
             "--workers",
             "-j",
             min=0,
-            help="Decoding processes (default: cores - 1, at most 8).",
+            help="Decoding processes (0: decode in the main process).",
+            show_default="cores - 1, at most 8",
             rich_help_panel=SPEED_PANEL,
         ),
     ] = None,
