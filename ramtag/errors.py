@@ -9,15 +9,28 @@ EXIT_SOME_INPUTS_FAILED = 3
 EXIT_INTERRUPTED = 130
 """Ctrl-C or SIGTERM (128 + SIGINT, what a shell reports for Ctrl-C)."""
 
+EXIT_READER_GONE = EXIT_OK
+"""The reader of stdout went away (`ramtag tag … -o - | head -1`): an intended early stop, not a failure.
+
+0, as head, grep and ripgrep users expect, rather than 141 (128 + SIGPIPE), which fails `set -o pipefail` scripts."""
+
 EXIT_STATUSES: tuple[tuple[int, str], ...] = (
-    (EXIT_OK, "Success: every input was processed."),
+    (
+        EXIT_OK,
+        "Success: every input was processed, or the reader of -o - stopped reading (`| head`), which ends the run"
+        " quietly: an intended early stop, so `set -o pipefail` scripts do not fail.",
+    ),
     (EXIT_USAGE, "Usage error: bad options, unreadable vocabulary, mismatched or corrupt checkpoint, existing output."),
     (
         EXIT_SOME_INPUTS_FAILED,
         "The run finished and wrote its output, but some inputs failed: error rows (tag), images left out of the"
         " metrics (eval), images skipped (train, listed in bad-images.txt), images not explained (explain).",
     ),
-    (EXIT_INTERRUPTED, "Interrupted (Ctrl-C or SIGTERM); finished rows are kept, rerun with --resume."),
+    (
+        EXIT_INTERRUPTED,
+        "Interrupted (Ctrl-C or SIGTERM); a tag run keeps the rows it finished in its output file, and its message"
+        " says when --resume can continue it (not for -o -, nor before the first row).",
+    ),
 )
 
 
@@ -55,6 +68,18 @@ class DataError(RamtagError):
 
 class OutputError(RamtagError):
     """The output exists (without --resume/--overwrite) or cannot be written."""
+
+
+class ReaderGone(OutputError):
+    """Whoever read stdout stopped (a closed pipe): the run ends quietly with :data:`EXIT_READER_GONE`."""
+
+    exit_code = EXIT_READER_GONE
+
+
+class Interrupted(RamtagError):
+    """A run stopped by Ctrl-C or SIGTERM; the message is the advice for what comes next (may be empty)."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class PartialFailure(RamtagError):

@@ -30,3 +30,10 @@ def clipped(text: str, limit: int = MAX_QUOTED) -> str:
 def one_line(text: str) -> str:
     """``text`` with carriage returns and newlines escaped, so a message stays one line on stderr."""
     return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def first_sentence(text: object, limit: int = MAX_QUOTED) -> str:
+    """The first line and sentence of a library's message (they often run to a paragraph), clipped."""
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    cut = line.find(". ")
+    return clipped(line[: cut + 1] if cut > 0 else line, limit)

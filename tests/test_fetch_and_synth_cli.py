@@ -118,7 +118,9 @@ def test_no_network_names_the_ways_out(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(open_clip, "create_model", offline)
     (tmp_path / "v.txt").write_text("cat\n")
     assert run_cli("tag", tmp_path, "--labels", tmp_path / "v.txt", "-o", tmp_path / "o.jsonl") == 2
-    error = capsys.readouterr().err.strip().splitlines()
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[0] == "ramtag: loading ViT-B-16-quickgelu / openai …"  # said first, not after a silent minute
+    error = said[1:]
     assert (
         len(error) == 1
         and "--pretrained" in error[0]
@@ -130,7 +132,7 @@ def test_no_network_names_the_ways_out(monkeypatch, tmp_path, capsys):
 def test_download_retries_are_not_logged_when_the_download_fails_but_are_when_it_works():
     import logging
 
-    from ramtag.model.weights import _logs_held_unless_it_fails
+    from ramtag.model.weights import logs_held_unless_it_fails
 
     seen: list[str] = []
 
@@ -143,11 +145,11 @@ def test_download_retries_are_not_logged_when_the_download_fails_but_are_when_it
     hub.addHandler(collect)
     try:
         with pytest.raises(RuntimeError):
-            with _logs_held_unless_it_fails():
+            with logs_held_unless_it_fails():
                 logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
                 raise RuntimeError("Failed to download")
         assert seen == []  # the caller reports the failure in one line
-        with _logs_held_unless_it_fails():
+        with logs_held_unless_it_fails():
             logging.getLogger("huggingface_hub.utils._http").warning("a warning worth keeping")
         assert seen == ["a warning worth keeping"]
     finally:

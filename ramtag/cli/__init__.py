@@ -7,7 +7,7 @@ import sys
 
 from ramtag.cli import commands  # noqa: F401  (each command module registers itself on the app)
 from ramtag.cli.app import app
-from ramtag.errors import EXIT_INTERRUPTED, EXIT_OK, RamtagError
+from ramtag.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_READER_GONE, Interrupted, RamtagError, ReaderGone
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,9 +24,15 @@ def _run(argv: list[str] | None) -> None:
         # Without standalone mode click returns (not raises) the status of an abort or an explicit exit.
         status = app(args=argv, prog_name="ramtag", standalone_mode=False)
         if isinstance(status, int) and status != EXIT_OK:
-            if status == EXIT_INTERRUPTED:
-                print("ramtag: interrupted; rerun with --resume to continue", file=sys.stderr)
+            if status == EXIT_INTERRUPTED:  # stopped outside a run that knows what can be resumed (start-up)
+                print("ramtag: interrupted", file=sys.stderr)
             sys.exit(status)
+    except (ReaderGone, BrokenPipeError):  # `| head` stopped reading: what it wanted is written
+        _silence_stdout()
+        sys.exit(EXIT_READER_GONE)
+    except Interrupted as error:  # the run says whether --resume can continue it
+        print(f"ramtag: interrupted; {error}" if str(error) else "ramtag: interrupted", file=sys.stderr)
+        sys.exit(error.exit_code)
     except RamtagError as error:
         if os.environ.get("RAMTAG_DEBUG"):
             raise
@@ -68,3 +74,13 @@ def _exit_for_click_error(error: Exception) -> None:
     if isinstance(error, _click_exception_types("Abort")):
         print("ramtag: aborted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail on the closed pipe a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (a test's capture)
+        pass

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from ramtag.cli.helpstyle import RamtagGroup
+
 app = typer.Typer(
     name="ramtag",
+    cls=RamtagGroup,
     help="Open-vocabulary multi-label image tagging with RAM (Recover and Match, CVPR 2025).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -19,8 +19,9 @@ app.add_typer(data_app, name="data")
     epilog=(
         "Examples:\n\n"
         "  ramtag data synth synth/ --n 2000 --seed 0\n\n"
-        "  ramtag data synth smoke/ --n 100000 --format webdataset --shard-size 1000   # a cluster smoke test\n\n"
-        "  ramtag tag synth/images --labels synth/all.txt --model demo -o synth-tags.parquet"
+        "A cluster smoke test, then tagging what was written:\n\n"
+        "  ramtag data synth smoke/ --n 100000 --format webdataset --shard-size 1000\n\n"
+        "  ramtag tag synth/images --labels synth/all.txt --model demo -o synth.parquet"
     )
 )
 def synth(
@@ -29,11 +30,12 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed writes the same bytes.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", min=16, max=2048, help="Image side in pixels.")] = 64,
     format: Annotated[
-        Optional[List[str]], typer.Option("--format", help="images, json, jsonl, webdataset (repeatable; default all).")
+        Optional[List[str]],
+        typer.Option("--format", help="images, json, jsonl, webdataset (repeatable).", show_default="all"),
     ] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per WebDataset shard.")] = 1000,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an earlier synthetic dataset in OUT.")
+        bool, typer.Option("--overwrite", help="Replace an earlier synthetic dataset in DIR.")
     ] = False,
 ) -> None:
     """Write N synthetic scenes (1-4 coloured shapes each) with labels, boxes, captions and a seen/unseen split."""

@@ -30,7 +30,7 @@ from ramtag.cli.options import (
     epilog=(
         "Examples:\n\n"
         "  ramtag explain examples/ --labels examples/vocab.txt --model demo -o maps/\n\n"
-        "  ramtag explain photo.jpg --labels vocab.txt --checkpoint ram.safetensors -o maps/ --top-k 5\n\n"
+        "  ramtag explain photo.jpg -l vocab.txt -c ram.safetensors -o maps/ -k 5\n\n"
         "Each image gets DIR/<name>-<hash>.png: the image, then one heat map per top tag (the KCOT transport plan's "
         "share of that label in each region), captioned with tag and score."
     )
@@ -40,6 +40,12 @@ def explain(
     labels: Labels,
     output: Annotated[str, typer.Option("--output", "-o", help="Folder for the PNG files.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tags (maps) per image.")] = 3,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Write into a folder that is not empty (maps of the same images are replaced)."
+        ),
+    ] = False,
     batch_size: BatchSize = 16,
     checkpoint: Checkpoint = None,
     model: ModelName = DEFAULT_MODEL,
@@ -53,16 +59,21 @@ def explain(
 ) -> None:
     """Write, per image, a PNG with one region heat map per top tag, from the transport plan."""
     from ramtag.engine.explain import run_explain
+    from ramtag.engine.preflight import preflight_explain
     from ramtag.engine.vocabulary import load_vocabulary
     from ramtag.errors import PartialFailure, UsageError
 
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
+    preflight_explain(images, labels, output, overwrite=overwrite, checkpoint=checkpoint, model=model,
+                      pretrained=pretrained)
     runtime = ModelChoice(
         checkpoint, model, pretrained, device, scale_local_temperature, ot_reg, ot_max_iter, ot_tol, ot_stop
     ).load()
     vocabulary = load_vocabulary(runtime, labels)
-    written, failures = run_explain(runtime, vocabulary, images, output, top_k=top_k, batch_size=batch_size)
+    written, failures = run_explain(
+        runtime, vocabulary, images, output, top_k=top_k, batch_size=batch_size, overwrite=overwrite
+    )
     for key, reason in failures:
         typer.echo(f"ramtag: {key}: {reason}", err=True)
     typer.echo(f"{len(written)} explanation(s) -> {output}", err=True)

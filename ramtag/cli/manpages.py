@@ -25,17 +25,20 @@ def _options(command) -> list[str]:
         if param.param_type_name == "argument":
             lines += [
                 ".TP",
-                f"\\fB{_roff((param.name or '').upper())}\\fR",
+                f"\\fB{_roff(param.metavar or (param.name or '').upper())}\\fR",
                 _roff(_plain(getattr(param, "help", "")) or ""),
             ]
             continue
         if param.param_type_name != "option" or getattr(param, "hidden", False):
             continue
         names = ", ".join(param.opts + param.secondary_opts)
+        value = f" \\fI{_roff(param.metavar)}\\fR" if param.metavar else ""  # FILE, N, DIR: the --help's names
         help_text = _plain(param.help)
-        if param.default not in (None, False, ()) and not param.is_flag and param.show_default is not False:
+        if isinstance(param.show_default, str):  # described: depends on the machine or the model
+            help_text += f" [default: {param.show_default}]"
+        elif param.default not in (None, False, ()) and not param.is_flag and param.show_default is not False:
             help_text += f" [default: {param.default}]"
-        lines += [".TP", f"\\fB{_roff(names)}\\fR", _roff(help_text)]
+        lines += [".TP", f"\\fB{_roff(names)}\\fR{value}", _roff(help_text)]
     return lines
 
 

@@ -14,11 +14,11 @@ app.add_typer(model_app, name="model")
 
 @model_app.command(
     epilog=(
-        "Examples (on a machine with network, then copy DIR across):\n\n"
+        "Example, on a machine with network:\n\n"
         "  ramtag model fetch ViT-B-16-quickgelu openai --to weights/\n\n"
-        "  ramtag tag photos/ --labels vocab.txt --model ViT-B-16-quickgelu --pretrained "
-        "weights/ViT-B-16-quickgelu-openai.safetensors\n\n"
-        "The file name ends as the download did (.safetensors, or .bin for older uploads); fetch prints it."
+        "Then copy weights/ across and, on the machine without network: ramtag tag photos/ --labels vocab.txt "
+        "--pretrained weights/ViT-B-16-quickgelu-openai.safetensors (the file name ends as the download did: "
+        ".safetensors, or .bin for older uploads; fetch prints it)."
     )
 )
 def fetch(

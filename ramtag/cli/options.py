@@ -17,6 +17,9 @@ SPEED_PANEL = "Speed"
 DEFAULT_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_DEVICE = "auto"
+KCOT_DEFAULTS = {"reg": "model's setting, 0.1", "max_iter": "model's setting, 100", "tol": "model's setting, 1e-3",
+                 "stop": "model's setting, reference"}
+"""What --ot-* default to, as help shows it: ramtag.model.config.KcotConfig's values (tests/test_help.py)."""
 
 Checkpoint = Annotated[
     Optional[str],
@@ -52,24 +55,37 @@ ScaleLocalTemperature = Annotated[
     Optional[bool],
     typer.Option(
         "--scale-local-temperature/--no-scale-local-temperature",
-        help="Scale the local temperature by training/current vocabulary size (default: the checkpoint's setting).",
+        help="Scale the local temperature by training/current vocabulary size.",
+        show_default="the model's setting",
         rich_help_panel=MODEL_PANEL,
     ),
 ]
 OtReg = Annotated[
     Optional[float],
-    typer.Option("--ot-reg", help="Sinkhorn entropic regularisation (default 0.1).", rich_help_panel=KCOT_PANEL),
+    typer.Option(
+        "--ot-reg", help="Sinkhorn entropic regularisation.", show_default=KCOT_DEFAULTS["reg"],
+        rich_help_panel=KCOT_PANEL,
+    ),
 ]
 OtMaxIter = Annotated[
     Optional[int],
-    typer.Option("--ot-max-iter", help="Sinkhorn iteration limit (default 100).", rich_help_panel=KCOT_PANEL),
+    typer.Option(
+        "--ot-max-iter", help="Sinkhorn iteration limit.", show_default=KCOT_DEFAULTS["max_iter"],
+        rich_help_panel=KCOT_PANEL,
+    ),
 ]
 OtTol = Annotated[
-    Optional[float], typer.Option("--ot-tol", help="Sinkhorn tolerance (default 1e-3).", rich_help_panel=KCOT_PANEL)
+    Optional[float],
+    typer.Option(
+        "--ot-tol", help="Sinkhorn tolerance.", show_default=KCOT_DEFAULTS["tol"], rich_help_panel=KCOT_PANEL
+    ),
 ]
 OtStop = Annotated[
     Optional[str],
-    typer.Option("--ot-stop", help="Stopping rule: reference (parity) or marginal.", rich_help_panel=KCOT_PANEL),
+    typer.Option(
+        "--ot-stop", help="Stopping rule: reference (parity) or marginal.", show_default=KCOT_DEFAULTS["stop"],
+        rich_help_panel=KCOT_PANEL,
+    ),
 ]
 
 Labels = Annotated[
@@ -108,12 +124,25 @@ class ModelChoice:
     ot_max_iter: int | None = None
     ot_tol: float | None = None
     ot_stop: str | None = None
+    quiet: bool = False
+    """No "loading …" line on stderr."""
+
+    def describe(self) -> str:
+        """What is loaded, in the words of the options: a checkpoint, the demo, or architecture / weights."""
+        if self.checkpoint is not None:
+            return f"checkpoint {self.checkpoint}"
+        if self.model == "demo":
+            return "the bundled demo model"
+        return f"{self.model} / {self.pretrained}" if self.pretrained else f"{self.model} (random weights)"
 
     def load(self):
         """The runtime these options describe (errors become one line in ramtag.cli.main)."""
+        from ramtag.engine import dist
         from ramtag.engine.runtime import load_runtime, model_overrides
         from ramtag.errors import UsageError
 
+        if not self.quiet and dist.info().is_main:  # a model takes seconds to a minute to load: say what it is
+            say(f"loading {self.describe()} …")
         overrides = model_overrides(
             scale_local_temperature=self.scale_local_temperature,
             ot_reg=self.ot_reg, ot_max_iter=self.ot_max_iter, ot_tol=self.ot_tol, ot_stop=self.ot_stop,
@@ -129,3 +158,18 @@ def command_line() -> str:
     import sys
 
     return " ".join(shlex.quote(a) for a in ["ramtag", *sys.argv[1:]])
+
+
+def say(message: str) -> None:
+    """One status line on stderr, in the style of every ramtag message."""
+    import sys
+
+    print(f"ramtag: {message}", file=sys.stderr, flush=True)
+
+
+def say_when_stdin_is_a_terminal(what: str) -> None:
+    """Reading ``what`` from a terminal looks like a hang: say so, and how to end the input."""
+    import sys
+
+    if sys.stdin is not None and sys.stdin.isatty():
+        say(f"reading {what} from stdin (the terminal): one per line, end with Ctrl-D")

@@ -8,12 +8,14 @@ from ramtag.cli.app import app
 from ramtag.cli.options import Device
 
 
-@app.command()
+@app.command(
+    epilog=(
+        "Examples:\n\n  ramtag selfcheck\n\n  ramtag selfcheck --device cuda   # on a GPU machine\n\n"
+        "Needs no weights and no network; it takes seconds."
+    )
+)
 def selfcheck(device: Device = "auto") -> None:
-    """Build a tiny random RAM model, score random images, and check the scores are valid.
-
-    Example: [bold]ramtag selfcheck[/bold], or [bold]ramtag selfcheck --device cuda[/bold] on a GPU machine
-    """
+    """Build a tiny random RAM model, score random images, and check the scores are valid."""
     from ramtag.engine.selfcheck import run_selfcheck
 
     report = run_selfcheck(device=device)

@@ -26,10 +26,14 @@ from ramtag.cli.options import (
     ScaleLocalTemperature,
     Template,
     command_line,
+    say_when_stdin_is_a_terminal,
 )
 from ramtag.errors import exit_status_help
 
 OUTPUT_PANEL = "Output"
+MAX_PIXELS = 89_478_485
+"""Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), the default cap."""
+MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
 
 
 @app.command(
@@ -38,8 +42,8 @@ OUTPUT_PANEL = "Output"
         "  ramtag tag examples/ --labels examples/vocab.txt --model demo -o -\n\n"
         "  ramtag tag ./photos --labels vocab.txt -o tags.parquet\n\n"
         "  find /data -name '*.jpg' | ramtag tag - --labels vocab.txt -o tags.jsonl\n\n"
-        "  ramtag tag 'shards/{000000..000099}.tar' --labels vocab.rtv -o out/ --checkpoint ram.safetensors\n\n"
-        "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{000000..009999}.tar' --labels vocab.txt -o out/\n\n"
+        "  ramtag tag 'shards/{000..099}.tar' -l vocab.rtv -c ram.safetensors -o out/\n\n"
+        "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{00..99}.tar' -l vocab.txt\n\n"
         + exit_status_help()
     )
 )
@@ -136,10 +140,11 @@ def tag(
         typer.Option(
             "--max-pixels",
             min=0,
-            help="Refuse images with more pixels (decompression-bomb guard; 0 = no cap).",
+            help="Refuse images with more pixels (decompression-bomb guard; 0: no cap).",
+            show_default=MAX_PIXELS_SHOWN,
             rich_help_panel=INPUT_PANEL,
         ),
-    ] = 89_478_485,
+    ] = MAX_PIXELS,
     template: Template = None,
     batch_size: Annotated[
         Optional[int],
@@ -147,7 +152,8 @@ def tag(
             "--batch-size",
             "-b",
             min=1,
-            help="Images per forward pass (default: 32 on CPU, 256 on CUDA).",
+            help="Images per forward pass.",
+            show_default="32 on CPU, 256 on CUDA",
             rich_help_panel=SPEED_PANEL,
         ),
     ] = None,
@@ -157,7 +163,8 @@ def tag(
             "--workers",
             "-j",
             min=0,
-            help="Decoding processes (default: cores - 1, at most 8).",
+            help="Decoding processes (0: decode in the main process).",
+            show_default="cores - 1, at most 8",
             rich_help_panel=SPEED_PANEL,
         ),
     ] = None,
@@ -207,6 +214,7 @@ def tag(
 ) -> None:
     """Tag images with a vocabulary and write one row per input: [bold]key, source, tags, error[/bold]."""
     from ramtag.engine import dist
+    from ramtag.engine.preflight import preflight_tag
     from ramtag.engine.tag import TagOptions, run_tag
 
     options = TagOptions(
@@ -229,7 +237,14 @@ def tag(
             ot_max_iter,
             ot_tol,
             ot_stop,
+            quiet=quiet,
         )
+        preflight_tag(options, checkpoint=checkpoint, model=model, pretrained=pretrained, is_main=info.is_main)
+        if info.is_main and not quiet:
+            if labels == "-":
+                say_when_stdin_is_a_terminal("labels")
+            if "-" in options.inputs:
+                say_when_stdin_is_a_terminal("image paths")
         run_tag(options, choice.load())
     finally:
         dist.teardown()

@@ -29,7 +29,8 @@ app.add_typer(vocab_app, name="vocab")
     epilog=(
         "Examples:\n\n"
         "  ramtag vocab encode vocab.txt -o vocab.rtv --checkpoint ram.safetensors\n\n"
-        "  ramtag vocab encode examples/vocab.txt -o demo.rtv --model demo"
+        "  ramtag vocab encode examples/vocab.txt -o demo.rtv --model demo\n\n"
+        "A .rtv file works only with the model options that encoded it."
     )
 )
 def encode(
@@ -42,18 +43,22 @@ def encode(
     device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Encode LABELS with the model's text encoder into a .rtv file that `ramtag tag --labels` accepts."""
+    from ramtag.engine.preflight import preflight_vocab_encode
     from ramtag.engine.vocabulary import load_vocabulary, write_vocabulary_file
-    from ramtag.errors import UsageError
 
-    if not output.lower().endswith(".rtv"):
-        raise UsageError("--output must end with .rtv")
+    preflight_vocab_encode(labels, output, checkpoint=checkpoint, model=model, pretrained=pretrained)
     runtime = ModelChoice(checkpoint, model, pretrained, device).load()
     vocabulary = load_vocabulary(runtime, labels, template or None, use_cache=False)
     path = write_vocabulary_file(runtime, vocabulary, output)
     typer.echo(f"{len(vocabulary.labels)} labels, {vocabulary.features.shape[1]}-d features -> {path}", err=True)
 
 
-@vocab_app.command(epilog="Example:\n\n  ramtag vocab show vocab.rtv")
+@vocab_app.command(
+    epilog=(
+        "Example:\n\n  ramtag vocab show vocab.rtv\n\n"
+        "Prints the label count, templates and model fingerprint, then one label per line."
+    )
+)
 def show(
     path: Annotated[str, typer.Argument(help="A .rtv file.")],
     limit: Annotated[int, typer.Option("--limit", "-n", min=0, help="Labels to list (0: all).")] = 0,

@@ -156,6 +156,32 @@ def _read_run_file(work_dir: Path) -> dict[str, Any]:
         raise OutputError(f"{work_dir / RUN_FILE}: unreadable ({exc}); remove {work_dir} or pass --overwrite") from exc
 
 
+def check_output(output: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> OutputKind:
+    """Refuse an output that cannot be used as asked, touching nothing: a format the name does not tell, an
+    existing output or an interrupted run's work without --resume/--overwrite, --resume on stdout.
+
+    Cheap, so commands call it before they load a model (ramtag.engine.preflight); returns the output's kind.
+    """
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    kind = output_kind(output)
+    if kind == "stdout":
+        if resume:
+            raise UsageError("--resume needs an output file; stdout cannot be resumed")
+        return kind
+    path = Path(output)
+    if not (resume or overwrite):
+        if path.exists():
+            raise OutputError(f"{path} exists; pass --resume to tag only what is missing or --overwrite to replace it")
+        work_dir = _work_dir(path)
+        if _part_files(work_dir) or _has_unit_work(work_dir):
+            raise OutputError(
+                f"an interrupted run left finished parts in {work_dir}; pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+    return kind
+
+
 def prepare_output(
     output: str | os.PathLike,
     *,
@@ -169,16 +195,13 @@ def prepare_output(
     model fingerprints, thresholds, top k, columns): resuming with a different one is refused.
     Returns None for stdout, which has no files.
     """
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    kind = output_kind(output)
+    kind = check_output(output, resume=resume, overwrite=overwrite)
     if kind == "stdout":
-        if resume:
-            raise UsageError("--resume needs an output file; stdout cannot be resumed")
         return None
     path = Path(output)
     _lock_output(path)
     try:
+        check_output(output, resume=resume, overwrite=overwrite)  # again under the lock: a run may have ended since
         return _prepare_file_output(path, kind, resume=resume, overwrite=overwrite, identity=identity)
     except BaseException:
         _unlock_output(path)
@@ -228,14 +251,6 @@ def _prepare_file_output(
 ) -> OutputLayout:
     work_dir = _work_dir(path)
     has_parts = bool(_part_files(work_dir)) or _has_unit_work(work_dir)
-    if not (resume or overwrite):
-        if path.exists():
-            raise OutputError(f"{path} exists; pass --resume to tag only what is missing or --overwrite to replace it")
-        if has_parts:
-            raise OutputError(
-                f"an interrupted run left finished parts in {work_dir}; pass --resume to continue it "
-                "or --overwrite to start over"
-            )
     if path.exists() and kind != "dataset" and path.is_dir():
         raise OutputError(f"{path} is a directory; end the path with / to write a partitioned dataset there")
     if path.exists() and (resume or (overwrite and kind == "dataset")):  # --overwrite may replace a named file

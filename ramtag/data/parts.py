@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from ramtag.data.ledger import LedgerEntry, LedgerWriter, part_name
 from ramtag.data.rows import TagBatch, batch_to_arrow, rows_to_jsonl
 from ramtag.data.units import UnitEnd
-from ramtag.errors import OutputError
+from ramtag.errors import OutputError, ReaderGone
 
 
 @dataclass
@@ -226,8 +226,8 @@ class UnitPartWriter:
         try:
             stream.write(rows_to_jsonl(record_batch))
             stream.flush()
-        except BrokenPipeError as exc:
-            raise OutputError("stdout was closed by the reader") from exc
+        except BrokenPipeError as exc:  # `| head`: an intended early stop, which the CLI ends quietly
+            raise ReaderGone("stdout was closed by the reader") from exc
         self.rows_written += record_batch.num_rows
 
     def _flush(self, state: _OpenUnit) -> None:

@@ -36,7 +36,7 @@ from ramtag.data.layout import (
     read_table_metadata,
 )
 from ramtag.data.rows import TagBatch, batch_to_arrow, rows_to_jsonl, schema_with_metadata, table_schema
-from ramtag.errors import OutputError
+from ramtag.errors import OutputError, ReaderGone
 
 
 class TagTableWriter:
@@ -196,8 +196,8 @@ class TagTableWriter:
         try:
             stream.write(rows_to_jsonl(record_batch))
             stream.flush()
-        except BrokenPipeError as exc:
-            raise OutputError("stdout was closed by the reader") from exc
+        except BrokenPipeError as exc:  # `| head`: an intended early stop, which the CLI ends quietly
+            raise ReaderGone("stdout was closed by the reader") from exc
         self.rows_written += record_batch.num_rows
 
     def _flush(self) -> None:

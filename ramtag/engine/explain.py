@@ -163,12 +163,17 @@ def run_explain(
     top_k: int = 3,
     batch_size: int = 16,
     max_pixels: int | None = None,
+    overwrite: bool = False,
 ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Explanation PNGs for image files and folders; returns (written files, [(key, error)] of failures)."""
+    """Explanation PNGs for image files and folders; returns (written files, [(key, error)] of failures).
+
+    A folder that is not empty is refused unless ``overwrite`` (then same-named maps are replaced)."""
     from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
     from ramtag.data.sources import filesystem_path, plan_inputs
+    from ramtag.engine.preflight import check_maps_folder
     from ramtag.selection import select_tags
 
+    check_maps_folder(str(out_dir), overwrite=overwrite)
     plan = plan_inputs(list(inputs))
     if plan.shards:
         from ramtag.errors import UsageError

@@ -193,6 +193,28 @@ def model_overrides(**options) -> dict:
     return overrides
 
 
+def check_model_choice(checkpoint: str | Path | None, model: str, pretrained: str | None) -> None:
+    """Refuse options that would be silently ignored, before anything loads: a checkpoint carries its own
+    backbone and the demo model its own weights, so neither takes --pretrained (nor a checkpoint --model)."""
+    given = pretrained not in (None, DEFAULT_PRETRAINED)
+    if checkpoint is not None:
+        if given:
+            raise UsageError(
+                f"--pretrained {pretrained} has no effect with --checkpoint, which carries its own backbone weights; "
+                "drop one of them"
+            )
+        if model != DEFAULT_BACKBONE:
+            raise UsageError(
+                f"--model {model} has no effect with --checkpoint, which names its own architecture; drop --model"
+            )
+        return
+    if model == DEMO_NAME and given:
+        raise UsageError(
+            f"--pretrained {pretrained} has no effect with --model demo, which brings its own weights; drop "
+            "--pretrained, or name the open_clip architecture those weights are for with --model"
+        )
+
+
 def load_runtime(
     checkpoint: str | Path | None = None,
     model: str = DEFAULT_BACKBONE,
@@ -201,6 +223,7 @@ def load_runtime(
     overrides: dict | None = None,
 ) -> Runtime:
     """Load a RAM checkpoint, or build training-free RAM around CLIP weights (`model` + `pretrained`)."""
+    check_model_choice(checkpoint, model, pretrained)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     kcot_overrides = overrides.pop("kcot", None) or {}
     if checkpoint is not None:

@@ -12,6 +12,8 @@ import signal
 from contextlib import contextmanager
 from typing import Iterator
 
+from ramtag.errors import Interrupted
+
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
@@ -33,3 +35,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def worker_ignores_sigterm(worker_id: int) -> None:  # noqa: ARG001
     """DataLoader ``worker_init_fn``: leave SIGTERM to the main process (workers still stop when it does)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def interrupted_run(resumable_output: bool, rows_written: int) -> Interrupted:
+    """The error a run stopped mid-way raises: it advises --resume only where a resume can continue it, that is
+    when rows were written to a file output (stdout cannot be resumed; before the first row there is nothing to
+    resume, and a plain rerun starts over)."""
+    if not resumable_output:
+        return Interrupted("")
+    if rows_written == 0:
+        return Interrupted("nothing was written yet")
+    return Interrupted(f"{rows_written} finished row(s) are kept; rerun with --resume to continue")

@@ -20,9 +20,10 @@ from ramtag.data.thresholds import read_thresholds
 from ramtag.data.units import UNIT_ROWS, UnitDataset, collate_unit_records
 from ramtag.engine import dist
 from ramtag.engine.output import InputOptions, RunOutput
+from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
-from ramtag.engine.signals import worker_ignores_sigterm
+from ramtag.engine.signals import interrupted_run, worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import PartialFailure, UsageError
 from ramtag.messages import one_line
@@ -139,6 +140,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     if info.distributed and output_kind(options.output) == "stdout":
         raise UsageError("-o - (stdout) works with one process only; give an output file or folder")
+    preflight_tag(options, is_main=info.is_main)
     vocabulary = load_vocabulary(runtime, options.labels, options.templates or None, stdin=stdin)
     thresholds = None
     if options.thresholds_file:
@@ -253,7 +255,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             if interrupted:
                 output.release()
     if interrupted:
-        raise KeyboardInterrupt
+        raise interrupted_run(output.kind != "stdout", output.done_rows + writer.rows_written)
     dist.barrier()
     counts = dist.all_gather_objects((tagged, failed))
     tagged, failed = sum(c[0] for c in counts), sum(c[1] for c in counts)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ramtag.errors import CheckpointError
+from ramtag.model.hub import hub_address, hub_offline, hub_reachable, offline_choices
 
 DEMO_NAME = "demo"
 
@@ -71,15 +72,17 @@ def load_backbone(name: str, pretrained: str | None) -> nn.Module:
         )
     if pretrained and os.path.sep in pretrained or (pretrained and Path(pretrained).is_file()):
         return _load_local_weights(name, Path(pretrained))
+    offline = bool(pretrained) and not hub_reachable()
+    if offline:
+        cached_weights(name, pretrained)  # fails now, before a large model is built for weights that cannot come
     try:
-        with _logs_held_unless_it_fails():
+        with logs_held_unless_it_fails(), hub_offline(offline):
             model = open_clip.create_model(name, pretrained=pretrained or None, precision="fp32", device="cpu")
     except (RuntimeError, OSError) as error:
         message = str(error).lower()
         if isinstance(error, OSError) or "download" in message or "connection" in message:
             raise CheckpointError(
-                f"cannot download {name} weights ({pretrained}): no network? Pass --pretrained /path/to/weights "
-                "(copy them with `ramtag model fetch` on a machine with network) or use --model demo"
+                f"cannot download {name} weights ({pretrained}): no network? {offline_choices(name, pretrained)}"
             ) from None
         if "pretrained" in message or "tag" in message:
             raise CheckpointError(f"{name}: {str(error).splitlines()[0]}") from None
@@ -87,8 +90,34 @@ def load_backbone(name: str, pretrained: str | None) -> nn.Module:
     return model.eval()
 
 
+def cached_weights(name: str, tag: str, cache_dir: str | None = None) -> str:
+    """The path of `name`/`tag` weights already downloaded (hub or URL cache); without them, a one-line
+    :class:`CheckpointError` naming the offline choices. Makes no network request."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg, has_hf_hub
+
+    config = get_pretrained_cfg(name, tag)
+    if not config:
+        raise CheckpointError(f"open_clip knows no pretrained tag {tag!r} for {name}; see open_clip.list_pretrained()")
+    host, port = hub_address()
+    missing = CheckpointError(
+        f"cannot download {name} weights ({tag}): no network ({host}:{port} cannot be reached) and they are not "
+        f"in the download cache; {offline_choices(name, tag)}"
+    )
+    if config.get("hf_hub") and has_hf_hub():
+        try:
+            with logs_held_unless_it_fails(), hub_offline():
+                return download_pretrained(config, cache_dir=cache_dir)
+        except Exception:  # noqa: BLE001 - offline, any failure means "not in the cache"
+            raise missing from None
+    url = config.get("url", "")
+    cached = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
+    if url and cached.is_file():
+        return str(cached)
+    raise missing
+
+
 @contextmanager
-def _logs_held_unless_it_fails() -> Iterator[None]:
+def logs_held_unless_it_fails() -> Iterator[None]:
     """Hold what open_clip and huggingface_hub log while loading; pass it on if loading succeeds.
 
     Without network, huggingface_hub logs every retry (about 50 lines, each twice) before open_clip gives up; the
