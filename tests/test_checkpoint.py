@@ -156,6 +156,21 @@ def test_safetensors_without_ramtag_metadata(tmp_path):
     assert "ramtag metadata" in assert_refused(path, clip_model=tiny_clip(seed=SEED))
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
+    """The first byte of a safetensors file is its header length's low byte: 0x80 for a 128 + 256k-byte header,
+    which is also how a pickle starts. Such a file is still read as safetensors."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    tensors = trained_model().trainable_state_dict()
+    for padding in range(512):
+        save_file(tensors, str(path), metadata={"note": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert "ramtag metadata" in assert_refused(path, clip_model=tiny_clip(seed=SEED))
+
+
 def test_safetensors_with_a_broken_config(tmp_path):
     from safetensors.torch import save_file
 

@@ -80,12 +80,24 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
     # Returned in eval mode: in train mode the adapters' batch norms would use (and update) batch statistics.
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return _load_reference_file(path, config_overrides).eval()
-    return _load_ramtag_file(path, config_overrides, clip_model).eval()
+    if _is_safetensors(path):
+        return _load_ramtag_file(path, config_overrides, clip_model).eval()
+    return _load_reference_file(path, config_overrides).eval()
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON.
+
+    Its first byte is the length's low byte, so it cannot be told from a pickle's 0x80 by one byte (a header
+    of 128 + 256k bytes starts like a pickle); the length must fit the file and the header must open with '{'.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    header_bytes = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + header_bytes <= path.stat().st_size
 
 
 def _load_ramtag_file(path: Path, overrides: dict | None, clip_model: nn.Module | None) -> RamModel:
