@@ -177,3 +177,18 @@ def test_ctrl_c_while_the_model_loads_gives_no_resume_advice(picture, monkeypatc
                    "-o", picture / "o.parquet") == 130
     error = capsys.readouterr().err
     assert "ramtag: interrupted" in error and "--resume" not in error
+
+
+def test_ramtag_debug_shows_the_traceback_and_keeps_the_exit_status(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from ramtag.errors import EXIT_STATUSES, VocabularyError
+
+    monkeypatch.setenv("RAMTAG_DEBUG", "1")
+    logger = logging.getLogger("ramtag")
+    monkeypatch.setattr(logger, "handlers", [])  # the debug handler main() adds, undone after the test
+    monkeypatch.setattr(logger, "level", logger.level)
+    status = run_cli("tag", tmp_path, "--labels", tmp_path / "absent.txt", "-o", tmp_path / "out.parquet")
+    err = capsys.readouterr().err
+    assert status == VocabularyError.exit_code and status in dict(EXIT_STATUSES)
+    assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith("ramtag: error:")

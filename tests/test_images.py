@@ -29,11 +29,46 @@ def test_truncated_jpeg_is_reported_as_truncated():
     assert reason(data[: len(data) // 2]) == "truncated"
 
 
-def test_corrupt_png_data_cannot_be_decoded():
+def test_corrupt_png_data_is_named_in_plain_words():
     data = bytearray(image_bytes(2, "PNG", size=(32, 32)))
     start = data.index(b"IDAT") + 8
     data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
-    assert reason(bytes(data)).startswith("cannot decode")
+    assert reason(bytes(data)) == "damaged PNG file: its image data is corrupt"
+
+
+def _scribble_header(data: bytes) -> bytes:
+    return data[:16] + b"\xff" * 8 + data[24:]  # PNG's IHDR size, TIFF's first tag entry
+
+
+@pytest.mark.parametrize(
+    "fmt, damage",
+    [("PNG", _scribble_header), ("TIFF", _scribble_header), ("GIF", lambda data: data[:13])],  # GIF: header only
+)
+def test_a_file_that_starts_like_a_format_but_cannot_be_opened_is_a_damaged_file_of_it(fmt, damage):
+    data = image_bytes(3, fmt, size=(32, 32))
+    assert reason(damage(data)) == f"damaged {fmt} file: its header cannot be read"
+
+
+def test_a_png_text_bomb_is_refused_in_words_not_pillow_internals():
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    data = image_bytes(4, "PNG", size=(16, 16))
+    text = chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(b"a" * (2 << 20)))
+    at = data.index(b"IDAT") - 4
+    message = reason(data[:at] + text + data[at:])
+    assert "PNG text chunk" in message and "MAX_TEXT_CHUNK" not in message
+
+
+def test_decoder_warnings_go_to_the_debug_log_not_the_terminal(capfd, caplog):
+    data = image_bytes(5, "TIFF", size=(32, 32))
+    with caplog.at_level("DEBUG", logger="ramtag.data.images"):
+        reason(data[:100])  # Pillow warns "Truncated File Read" reading the cut-off tag directory
+    assert capfd.readouterr().err == ""
+    assert any("decoder warning" in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize("payload", [b"hello, world\n" * 10, bytes(range(256)) * 4])

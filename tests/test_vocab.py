@@ -83,6 +83,28 @@ def test_label_length_hook_names_the_line(tmp_path):
         check_label_lengths(parsed.labels, parsed.line_numbers, count, max_tokens=8, source="vocab.txt")
 
 
+def test_a_huge_label_is_refused_without_tokenizing_and_quoted_short(tmp_path):
+    huge = "x" * 10_000_000
+    parsed = read_labels(write(tmp_path, f"dog\n{huge}\n"))
+
+    def count(label: str) -> int:
+        assert len(label) < 1000, "the huge label was handed to the tokenizer"
+        return 3
+
+    with pytest.raises(VocabularyError) as caught:
+        check_label_lengths(parsed.labels, parsed.line_numbers, count, max_tokens=77, source="vocab.txt")
+    message = str(caught.value)
+    assert message.startswith("vocab.txt:2: label 'xxx") and "10,000,000 characters" in message
+    assert len(message) < 300
+
+
+def test_a_long_duplicate_is_quoted_short(tmp_path):
+    long_label = "y" * 5000
+    with pytest.raises(VocabularyError, match="duplicates line 1") as caught:
+        read_labels(write(tmp_path, f"{long_label}\n{long_label}\n"))
+    assert len(str(caught.value)) < 400
+
+
 # -- feature files ----------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -13,6 +14,8 @@ from ramtag.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_READER_GONE, Interrupt
 def main(argv: list[str] | None = None) -> None:
     from ramtag.engine.signals import sigterm_as_interrupt
 
+    if os.environ.get("RAMTAG_DEBUG"):
+        _show_debug_log()
     # SIGTERM ends any command like Ctrl-C (exit 130, finished work kept), from the start: a run stopped while
     # it loads its model exits the same way as one stopped while tagging.
     with sigterm_as_interrupt():
@@ -34,8 +37,10 @@ def _run(argv: list[str] | None) -> None:
         print(f"ramtag: interrupted; {error}" if str(error) else "ramtag: interrupted", file=sys.stderr)
         sys.exit(error.exit_code)
     except RamtagError as error:
-        if os.environ.get("RAMTAG_DEBUG"):
-            raise
+        if os.environ.get("RAMTAG_DEBUG"):  # the traceback, and still the status a script tests for
+            import traceback
+
+            traceback.print_exc()
         print(f"ramtag: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
@@ -46,6 +51,16 @@ def _run(argv: list[str] | None) -> None:
     except Exception as error:  # click usage errors and friends
         _exit_for_click_error(error)
         raise
+
+
+def _show_debug_log() -> None:
+    """ramtag's debug log (decoder warnings and the like) on stderr, one ``ramtag: debug:`` line each; decode
+    workers are forked from this process and inherit it."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ramtag: debug: %(message)s"))
+    logger = logging.getLogger("ramtag")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 def _click_exception_types(name: str) -> tuple[type, ...]:

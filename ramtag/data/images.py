@@ -11,6 +11,7 @@ change what the model sees far more.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 import warnings
@@ -33,6 +34,25 @@ PIL_LIMIT = -1
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _BACKGROUND = (255, 255, 255)
 _MAX_REASON = 160
+
+_log = logging.getLogger(__name__)
+"""Decoder warnings (corrupt EXIF, odd palettes, truncated TIFF tags) go here at debug level, not to the
+terminal: tagging a folder of odd images printed hundreds of them. RAMTAG_DEBUG=1 shows them."""
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+"""Leading bytes of the common formats: a file that starts like one but cannot be opened is a damaged file of
+that format, which says more than "not an image"."""
+
+_CORRUPT_DATA = ("broken data stream", "decoder error", "decoding error", "buffer overrun")
+"""Pillow's words for image data a decoder gave up on."""
 # PIL's bomb check reads a module global; lifting it for one open must not race another thread.
 _PIL_LIMIT_LOCK = threading.Lock()
 
@@ -49,6 +69,30 @@ def _short_reason(text: str) -> str:
     """One line of at most _MAX_REASON characters: it is stored in the output's error column, unlike a message."""
     text = " ".join(str(text).split())
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+def _signature_format(head: bytes) -> str | None:
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for signature, name in _SIGNATURES if head.startswith(signature)), None)
+
+
+def _plain_reason(exc: BaseException, image_format: str | None) -> str:
+    """What is wrong with the file, in plain words, from the exception a decoder raised."""
+    message = str(exc)
+    lowered = message.lower()
+    if "truncated" in lowered or isinstance(exc, EOFError):
+        return "truncated"
+    if "MAX_TEXT_CHUNK" in message:
+        return "refused: a PNG text chunk decompresses to more than Pillow's limit (a decompression-bomb guard)"
+    if any(words in lowered for words in _CORRUPT_DATA):
+        return f"damaged {image_format or 'image'} file: its image data is corrupt"
+    return f"cannot decode: {message or type(exc).__name__}"
+
+
+def _log_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for warning in caught:
+        _log.debug("decoder warning: %s", " ".join(str(warning.message).split()))
 
 
 def _resolve_cap(max_pixels: int | None) -> int | None:
@@ -78,37 +122,33 @@ def _open_lazily(stream: BinaryIO) -> Image.Image:
     """Open (header only); PIL's own bomb check is lifted because the caller applies its cap."""
     start = stream.tell()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                return Image.open(stream)
-            except Image.DecompressionBombError:
-                stream.seek(start)
-                with _PIL_LIMIT_LOCK:
-                    saved = Image.MAX_IMAGE_PIXELS
-                    Image.MAX_IMAGE_PIXELS = None
-                    try:
-                        return Image.open(stream)
-                    finally:
-                        Image.MAX_IMAGE_PIXELS = saved
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image") from exc
+        try:
+            return Image.open(stream)
+        except Image.DecompressionBombError:
+            stream.seek(start)
+            with _PIL_LIMIT_LOCK:
+                saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    return Image.open(stream)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
     except ImageDecodeError:
         raise
     except Exception as exc:  # PIL raises many types for malformed headers
-        raise ImageDecodeError(f"cannot decode: {exc}") from exc
+        stream.seek(start)
+        image_format = _signature_format(stream.read(12))
+        if isinstance(exc, UnidentifiedImageError):
+            reason = f"damaged {image_format} file: its header cannot be read" if image_format else "not an image"
+            raise ImageDecodeError(reason) from exc
+        raise ImageDecodeError(_plain_reason(exc, image_format)) from exc
 
 
 def _load(img: Image.Image) -> None:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()
+        img.load()
     except Exception as exc:  # OSError, SyntaxError, ValueError, zlib.error, struct.error, ...
-        message = str(exc)
-        if "truncated" in message.lower() or isinstance(exc, EOFError):
-            raise ImageDecodeError("truncated") from exc
-        raise ImageDecodeError(f"cannot decode: {message or type(exc).__name__}") from exc
+        raise ImageDecodeError(_plain_reason(exc, img.format)) from exc
 
 
 def _apply_orientation(img: Image.Image) -> Image.Image:
@@ -166,26 +206,37 @@ def decode_image(
     multi-page files give their first frame.
 
     Raises:
-        ImageDecodeError: with a short reason (``empty file``, ``not an image``, ``truncated``,
-            ``too many pixels (W x H > cap)``, ``cannot decode: ...``, ``cannot read: ...``).
+        ImageDecodeError: with a short reason in plain words (``empty file``, ``not an image``, ``truncated``,
+            ``damaged PNG file: ...``, ``too many pixels (W x H > cap)``, ``cannot decode: ...``,
+            ``cannot read: ...``).
     """
     cap = _resolve_cap(max_pixels)
     stream = _as_stream(data)
     owns_stream = isinstance(data, (str, os.PathLike))
     try:
-        img = _open_lazily(stream)
-        width, height = img.size
-        if cap is not None and width * height > cap:
-            raise ImageDecodeError(f"too many pixels ({width} x {height} > {cap})")
-        if width == 0 or height == 0:
-            raise ImageDecodeError(f"cannot decode: empty image ({width} x {height})")
-        if draft_size is not None and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        _load(img)
-        return to_rgb(_apply_orientation(img))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
+            try:
+                return _decode_open_stream(stream, cap, draft_size)
+            finally:
+                _log_warnings(caught)
     finally:
         if owns_stream:
             stream.close()
+
+
+def _decode_open_stream(stream: BinaryIO, cap: int | None, draft_size: int | None) -> Image.Image:
+    img = _open_lazily(stream)
+    width, height = img.size
+    if cap is not None and width * height > cap:
+        raise ImageDecodeError(f"too many pixels ({width} x {height} > {cap})")
+    if width == 0 or height == 0:
+        raise ImageDecodeError(f"cannot decode: empty image ({width} x {height})")
+    if draft_size is not None and img.format == "JPEG":
+        img.draft("RGB", (draft_size, draft_size))
+    _load(img)
+    return to_rgb(_apply_orientation(img))
 
 
 def squash_resize_normalize(

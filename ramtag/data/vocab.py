@@ -24,6 +24,7 @@ import torch
 
 from ramtag.atomic import atomic_path
 from ramtag.errors import VocabularyError
+from ramtag.messages import clipped
 
 FEATURES_TENSOR = "text_features"
 METADATA_ENTRY = "ramtag"
@@ -85,13 +86,18 @@ def read_labels(source: str | os.PathLike | TextIO) -> LabelFile:
             earlier = first_seen[folded]
             same = labels[line_numbers.index(earlier)] == label
             detail = "" if same else " (they differ only in case or spacing, which the text encoder ignores)"
-            raise VocabularyError(f"{name}:{number}: label {label!r} duplicates line {earlier}{detail}")
+            raise VocabularyError(f"{name}:{number}: label {clipped(repr(label))} duplicates line {earlier}{detail}")
         first_seen[folded] = number
         labels.append(label)
         line_numbers.append(number)
     if not labels:
         raise VocabularyError(f"{name}: the vocabulary is empty (no labels, only comments or blank lines)")
     return LabelFile(labels, line_numbers)
+
+
+MAX_CHARACTERS_PER_TOKEN = 64
+"""No text token spans more characters: open_clip's longest BPE token is 32 bytes (8 emoji), a word piece is
+shorter. A label with more than ``max_tokens`` times this many characters cannot fit, without tokenizing it."""
 
 
 def check_label_lengths(
@@ -111,15 +117,20 @@ def check_label_lengths(
     are given (``labels:line`` without a source), else ``source``.
     """
     for index, label in enumerate(labels):
+        if line_numbers is not None:
+            where = f"{source or 'labels'}:{line_numbers[index]}: "
+        else:
+            where = f"{source}: " if source else ""
+        if len(label) > max_tokens * MAX_CHARACTERS_PER_TOKEN:  # tokenizing 10 MB took a minute and 1.5 GB
+            raise VocabularyError(
+                f"{where}label {clipped(repr(label), 60)} is too long for the text encoder "
+                f"({len(label):,} characters; at most {max_tokens} tokens fit)"
+            )
         count = token_count_fn(label)
         if count > max_tokens:
-            if line_numbers is not None:
-                where = f"{source or 'labels'}:{line_numbers[index]}: "
-            else:
-                where = f"{source}: " if source else ""
             raise VocabularyError(
-                f"{where}label {label!r} is too long for the text encoder ({count} tokens{counted}, at most "
-                f"{max_tokens} fit)"
+                f"{where}label {clipped(repr(label))} is too long for the text encoder ({count} tokens{counted}, "
+                f"at most {max_tokens} fit)"
             )
 
 
