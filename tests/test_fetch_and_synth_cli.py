@@ -154,3 +154,14 @@ def test_download_retries_are_not_logged_when_the_download_fails_but_are_when_it
         assert seen == ["a warning worth keeping"]
     finally:
         hub.removeHandler(collect)
+
+
+def test_data_synth_names_each_file_it_wrote_and_what_it_is_for(tmp_path, capsys):
+    from ramtag.cli.data import SYNTH_FILE_PURPOSES
+
+    assert run_cli("data", "synth", tmp_path / "s", "--n", 4, "--format", "json", "--format", "jsonl") == 0
+    lines = capsys.readouterr().err.splitlines()[1:]
+    assert "  labels.json, seen.json, unseen.json: " + SYNTH_FILE_PURPOSES["json"] in lines
+    assert "  manifest.jsonl: " + SYNTH_FILE_PURPOSES["jsonl"] in lines
+    named = [line.split(": ")[0].strip().split(" (")[0].split(", ")[0] for line in lines]
+    assert "images/" in named and all((tmp_path / "s" / name).exists() for name in named)

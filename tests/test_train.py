@@ -397,6 +397,9 @@ def test_cli_reads_a_config_file_and_options(data, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip() == str(output / "checkpoint.safetensors")
     assert "training image(s) were missing or unreadable and skipped" in captured.err
+    assert "settings: {" not in captured.err and "train-config.json" in captured.err
+    logged = (output / "train.log").read_text()
+    assert "settings: {" in logged and "model: {" in logged  # the full record stays in the run folder
     saved = json.loads((output / "train-config.json").read_text())
     assert (saved["batch_size"], saved["grad_accum"], saved["max_steps"], saved["ema_decay"]) == (2, 2, 1, 0.0)
     assert not (output / "checkpoint-live.safetensors").exists()

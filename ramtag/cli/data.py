@@ -55,5 +55,30 @@ def synth(
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
     typer.echo(f"{summary.n} scenes (seed {summary.seed}, {summary.image_size}px) -> {summary.out}", err=True)
-    for kind, paths in sorted(summary.files.items()):
-        typer.echo(f"  {kind}: {len(paths)} file(s)", err=True)
+    for line in _described_files(summary.files, out):
+        typer.echo(line, err=True)
+
+
+SYNTH_FILE_PURPOSES = {
+    "images": "the scenes (PNG): ramtag tag DIR/images",
+    "json": "annotations in the reference format (all, seen, unseen labels): ramtag train / eval",
+    "jsonl": "one JSON line per image (path, labels, boxes, caption): a manifest for tag, train, eval",
+    "webdataset": "WebDataset shards (png, json, idx): ramtag tag 'DIR/shards/*.tar'",
+    "boxes": "object boxes per image (xyxy pixels)",
+    "all": "every label, one a line: --labels",
+    "seen": "labels to train on",
+    "unseen": "held-out labels: train --unseen",
+}
+"""What each kind of file ``ramtag data synth`` writes is for, as it says after writing them."""
+
+
+def _described_files(files: dict, out: Path) -> list[str]:
+    lines = []
+    for kind, paths in sorted(files.items()):
+        names = sorted(str(path.relative_to(out)) for path in paths)
+        if len(names) > 3:  # images and shards: one folder, many files
+            shown = f"{Path(names[0]).parent}/ ({len(names)} files)"
+        else:
+            shown = ", ".join(names)
+        lines.append(f"  {shown}: {SYNTH_FILE_PURPOSES.get(kind, kind)}".replace("DIR", str(out)))
+    return lines

@@ -91,7 +91,7 @@ class TrainReporter:
         self._log.write(f"{stamp} {message}\n")
         self._log.flush()
         if echo:
-            self._console.print(message, markup=False)
+            self._console.print(message, markup=False, soft_wrap=True)  # paths stay whole, to copy
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -203,8 +203,14 @@ class TrainRecipe:
         cfg, model = self.config, self.model
         trainable = sum(p.numel() for p in self.parameters)
         frozen = sum(p.numel() for p in model.clip.parameters())
-        self.log("settings: " + json.dumps(cfg.to_dict(), sort_keys=True))
-        self.log("model: " + json.dumps(model.config.to_dict(), sort_keys=True))
+        # The full dumps are for the record, not the terminal, where they ran to 30 lines on every start.
+        self.reporter.info("settings: " + json.dumps(cfg.to_dict(), sort_keys=True), echo=False)
+        self.reporter.info("model: " + json.dumps(model.config.to_dict(), sort_keys=True), echo=False)
+        if cfg.init is not None:
+            backbone = f"from {cfg.init}"
+        else:
+            backbone = cfg.model if cfg.model == "demo" or not cfg.pretrained else f"{cfg.model} / {cfg.pretrained}"
+        self.log(f"model: {backbone}; settings in {self.output / files.CONFIG_FILE}, the full record in train.log")
         held_out = f", {len(self.unseen)} unseen held out" if self.unseen else ""
         self.log(f"labels: {len(self.seen)} seen ({self.labels.origin}){held_out}")
         self.log(
