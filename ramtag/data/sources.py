@@ -614,7 +614,9 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
     """
     import webdataset
 
-    stream = webdataset.gopen(url, "rb")
+    from ramtag.data.pipes import open_pipe
+
+    stream = open_pipe(url[len("pipe:"):]) if url.startswith("pipe:") else webdataset.gopen(url, "rb")
     try:
         current: dict[str, Any] | None = None
         with tarfile.open(fileobj=stream, mode="r|*") as archive:

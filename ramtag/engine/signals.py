@@ -17,8 +17,10 @@ from ramtag.errors import Interrupted
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (a no-op elsewhere)."""
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (a no-op elsewhere), after asking
+    the decode workers to end their ``pipe:`` commands (a worker blocked reading one would not stop otherwise)."""
     def handler(signum, frame):  # noqa: ARG001
+        _stop_workers_pipes()
         raise KeyboardInterrupt
 
     try:
@@ -30,11 +32,35 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        from ramtag.data.pipes import allow_pipes
+
+        allow_pipes()
 
 
 def worker_ignores_sigterm(worker_id: int) -> None:  # noqa: ARG001
-    """DataLoader ``worker_init_fn``: leave SIGTERM to the main process (workers still stop when it does)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: leave stopping to the main process (workers still stop when it does); a
+    SIGTERM only ends the worker's ``pipe:`` commands, so that a read blocked on one returns."""
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def _worker_sigterm(signum, frame) -> None:  # noqa: ARG001
+    from ramtag.data.pipes import stop_pipes
+
+    stop_pipes()
+
+
+def _stop_workers_pipes() -> None:
+    import multiprocessing
+    import os
+
+    for child in multiprocessing.active_children():  # DataLoader workers are multiprocessing children
+        try:
+            os.kill(child.pid, signal.SIGTERM)
+        except (ProcessLookupError, TypeError):
+            pass
+    from ramtag.data.pipes import stop_pipes
+
+    stop_pipes()  # the main process's own, with --workers 0
 
 
 def interrupted_run(resumable_output: bool, rows_written: int) -> Interrupted:
