@@ -46,6 +46,7 @@ from ramtag.engine.labelled import (
     select_items,
 )
 from ramtag.errors import DataError, OutputError, RamtagError, UsageError, VocabularyError
+from ramtag.messages import listed
 
 VOCABULARY_METADATA_KEYS = ("vocabulary", "labels")
 """Where a score table's metadata may hold its vocabulary (a list of labels, or an object with ``labels``)."""
@@ -249,9 +250,9 @@ def _require_same_labels(table_labels: set[str], truth: set[str], where: str, or
     extra = sorted(table_labels - truth)
     parts = []
     if missing:
-        parts.append(f"{len(missing)} label(s) of the {origin} are not scored ({', '.join(map(repr, missing[:5]))})")
+        parts.append(f"{len(missing)} label(s) of the {origin} are not scored ({listed(missing)})")
     if extra:
-        parts.append(f"{len(extra)} scored label(s) are not in the {origin} ({', '.join(map(repr, extra[:5]))})")
+        parts.append(f"{len(extra)} scored label(s) are not in the {origin} ({listed(extra)})")
     raise VocabularyError(f"{where}: the score table's vocabulary does not match the ground truth: {'; '.join(parts)}")
 
 
