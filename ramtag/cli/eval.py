@@ -40,7 +40,7 @@ Data = Annotated[
         ),
     ),
 ]
-LabelSpace = Annotated[
+AllLabels = Annotated[
     Optional[str],
     typer.Option(
         "--labels",
@@ -119,7 +119,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display 
 @model_options
 def eval_command(
     data: Data,
-    labels: LabelSpace = None,
+    labels: AllLabels = None,
     unseen: Unseen = None,
     root: Root = None,
     map_prefix: MapPrefix = None,
