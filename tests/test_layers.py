@@ -52,10 +52,7 @@ def test_data_layer_never_imports_the_model(module):
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ramtag"
 
-KNOWN_IMPORT_CYCLES: list[set[str]] = [
-    # engine/calibrate <-> engine/eval_protocol: the evaluation branch removes it. Empty this list after merging it.
-    {"ramtag.engine.calibrate", "ramtag.engine.eval_protocol"},
-]
+KNOWN_IMPORT_CYCLES: list[set[str]] = []
 """Import circles that exist and are being removed elsewhere. One that no longer exists fails the test, so that
 the list only ever shrinks."""
 
@@ -170,6 +167,35 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
         if node not in index:
             visit(node)
     return found
+
+
+EVAL_IMPORTS = {
+    "types": set(),
+    "protocol": {"types"},
+    "calibrate": {"types", "protocol"},
+    "model": {"types", "protocol", "calibrate"},
+    "table": {"types", "protocol", "calibrate"},
+    "render": {"types"},
+    "plots": {"types", "render"},
+    "run": {"types", "calibrate", "model", "table", "render", "plots"},
+}
+"""Module of ramtag.engine.eval -> the modules of the package it may import: the types import nothing of it, and
+rendering (render, plots) never imports a scoring loop."""
+
+
+def test_the_evaluation_package_imports_one_way():
+    graph = _graph()
+    package = "ramtag.engine.eval"
+    found = {name.removeprefix(package + ".") for name in graph if name.startswith(package + ".")}
+    assert found == set(EVAL_IMPORTS), "add the new module of ramtag.engine.eval to EVAL_IMPORTS"
+    assert not graph[package], "ramtag.engine.eval's __init__ imports nothing"
+    broken = sorted(
+        f"{package}.{module} imports {target}"
+        for module, allowed in EVAL_IMPORTS.items()
+        for target in graph[f"{package}.{module}"]
+        if target.startswith(package + ".") and target.removeprefix(package + ".") not in allowed
+    )
+    assert not broken, "\n".join(broken)
 
 
 def test_no_import_circles_in_the_package():

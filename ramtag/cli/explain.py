@@ -7,23 +7,7 @@ from typing import Annotated, List
 import typer
 
 from ramtag.cli.app import app
-from ramtag.cli.options import (
-    DEFAULT_DEVICE,
-    DEFAULT_MODEL,
-    DEFAULT_PRETRAINED,
-    BatchSize,
-    Checkpoint,
-    Device,
-    Labels,
-    ModelChoice,
-    ModelName,
-    OtMaxIter,
-    OtReg,
-    OtStop,
-    OtTol,
-    Pretrained,
-    ScaleLocalTemperature,
-)
+from ramtag.cli.options import BatchSize, Labels, ModelChoice, model_options
 
 
 @app.command(
@@ -35,6 +19,7 @@ from ramtag.cli.options import (
         "share of that label in each region), captioned with tag and score."
     )
 )
+@model_options
 def explain(
     images: Annotated[List[str], typer.Argument(help="Image files or folders.")],
     labels: Labels,
@@ -47,15 +32,8 @@ def explain(
         ),
     ] = False,
     batch_size: BatchSize = 16,
-    checkpoint: Checkpoint = None,
-    model: ModelName = DEFAULT_MODEL,
-    pretrained: Pretrained = DEFAULT_PRETRAINED,
-    device: Device = DEFAULT_DEVICE,
-    scale_local_temperature: ScaleLocalTemperature = None,
-    ot_reg: OtReg = None,
-    ot_max_iter: OtMaxIter = None,
-    ot_tol: OtTol = None,
-    ot_stop: OtStop = None,
+    *,
+    choice: ModelChoice,
 ) -> None:
     """Write, per image, a PNG with one region heat map per top tag, from the transport plan."""
     from ramtag.engine.explain import run_explain
@@ -65,11 +43,9 @@ def explain(
 
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
-    preflight_explain(images, labels, output, overwrite=overwrite, checkpoint=checkpoint, model=model,
-                      pretrained=pretrained)
-    runtime = ModelChoice(
-        checkpoint, model, pretrained, device, scale_local_temperature, ot_reg, ot_max_iter, ot_tol, ot_stop
-    ).load()
+    preflight_explain(images, labels, output, overwrite=overwrite, checkpoint=choice.checkpoint, model=choice.model,
+                      pretrained=choice.pretrained)
+    runtime = choice.load()
     vocabulary = load_vocabulary(runtime, labels)
     written, failures = run_explain(
         runtime, vocabulary, images, output, top_k=top_k, batch_size=batch_size, overwrite=overwrite

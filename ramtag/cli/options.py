@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
@@ -173,3 +176,41 @@ def say_when_stdin_is_a_terminal(what: str) -> None:
 
     if sys.stdin is not None and sys.stdin.isatty():
         say(f"reading {what} from stdin (the terminal): one per line, end with Ctrl-D")
+
+
+MODEL_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("checkpoint", Checkpoint, None),
+    ("model", ModelName, DEFAULT_MODEL),
+    ("pretrained", Pretrained, DEFAULT_PRETRAINED),
+    ("device", Device, DEFAULT_DEVICE),
+    ("scale_local_temperature", ScaleLocalTemperature, None),
+    ("ot_reg", OtReg, None),
+    ("ot_max_iter", OtMaxIter, None),
+    ("ot_tol", OtTol, None),
+    ("ot_stop", OtStop, None),
+)
+"""The model-option block (parameter, option, default), in the order --help lists it: one per ModelChoice field."""
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the model-option block, after its own options, as one ``choice: ModelChoice`` argument.
+
+    Typer reads a command's options from its signature, so the wrapper shows the command's own parameters
+    (without ``choice``) followed by :data:`MODEL_OPTIONS`, and packs those into a :class:`ModelChoice`.
+    """
+    own = [param for param in inspect.signature(command, eval_str=True).parameters.values() if param.name != "choice"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in MODEL_OPTIONS
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        choice = ModelChoice(**{name: kwargs.pop(name) for name, _, _ in MODEL_OPTIONS})
+        return command(*args, choice=choice, **kwargs)
+
+    parameters = [*own, *added]
+    wrapper.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {param.name: param.annotation for param in parameters}
+    del wrapper.__wrapped__  # typer and inspect read the signature above, not the command's
+    return wrapper

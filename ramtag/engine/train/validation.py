@@ -81,8 +81,8 @@ def validation_metrics(
     log: Callable[[str], None],
 ) -> dict[str, float] | None:
     """`{protocol/metric: value}` of `model` as it is on `config.val` (None when nothing could be evaluated)."""
-    from ramtag.engine.eval_protocol import EvalSettings
-    from ramtag.engine.evaluate import evaluate_model
+    from ramtag.engine.eval.model import evaluate_model
+    from ramtag.engine.eval.types import EvalSettings
 
     settings = EvalSettings(
         root=config.root,

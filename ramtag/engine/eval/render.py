@@ -1,8 +1,8 @@
-"""Render an :class:`~ramtag.engine.eval_protocol.EvalResult`: rich tables, a JSON report, Markdown, PNG plots.
+"""Render an :class:`~ramtag.engine.eval.types.EvalResult`: rich tables, a JSON report, Markdown.
 
 Figures in tables and Markdown are percentages with two decimals, as the paper prints them; the
-JSON report keeps fractions in [0, 1]. Plots need matplotlib (the optional ``plots`` extra); without
-it :func:`write_plots` writes nothing and says so.
+JSON report keeps fractions in [0, 1]. PNG plots are :mod:`ramtag.engine.eval.plots`; which files a run
+writes is :mod:`ramtag.engine.eval.outputs`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,12 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from ramtag.atomic import atomic_path
-from ramtag.engine.calibrate import Calibration
-from ramtag.engine.eval_protocol import GZSL, EvalResult, ProtocolResult
+from ramtag.atomic import write_text
+from ramtag.engine.eval.types import GZSL, Calibration, EvalResult, ProtocolResult
 from ramtag.errors import OutputError
 
-_PLOT_LABELS = 30
-"""AP bar charts show every label up to twice this many, else the best and the worst this many."""
-_PR_CURVES = 3
 _CALIBRATION_ROWS = 100
+"""Labels the Markdown calibration table lists; the JSON report has them all."""
 
 
 def metric_rows(result: EvalResult) -> list[tuple[str, str]]:
@@ -41,7 +37,8 @@ def metric_rows(result: EvalResult) -> list[tuple[str, str]]:
     return rows
 
 
-def _arm_summary(protocol: ProtocolResult, arm: str) -> dict[str, float | None]:
+def arm_summary(protocol: ProtocolResult, arm: str) -> dict[str, float | None]:
+    """One arm's scalar figures under one protocol, GZSL's seen and unseen mAP included."""
     result = protocol.arms[arm]
     return {**result.metrics.summary(), **result.extra}
 
@@ -65,7 +62,7 @@ def results_table(result: EvalResult) -> Table:
     columns = _columns(result)
     for protocol, arm in columns:
         table.add_column(f"{protocol.protocol.title}\n{protocol.arms[arm].title}", justify="right")
-    summaries = [_arm_summary(protocol, arm) for protocol, arm in columns]
+    summaries = [arm_summary(protocol, arm) for protocol, arm in columns]
     for key, title in metric_rows(result):
         table.add_row(title, *[_percent(summary.get(key)) for summary in summaries])
     images = [f"{protocol.tally.images}" for protocol, _ in columns]
@@ -170,8 +167,7 @@ def _write_text(path: str | os.PathLike, text: str) -> None:
         sys.stdout.flush()
         return
     try:
-        with atomic_path(path) as temporary:
-            Path(temporary).write_text(text, encoding="utf-8")
+        write_text(path, text)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
@@ -194,7 +190,8 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_
     return [_md_row(header), _md_row(rule), *(_md_row(row) for row in rows)]
 
 
-def _ranked_labels(protocol: ProtocolResult, arm: str) -> list[tuple[str, float, int]]:
+def ranked_labels(protocol: ProtocolResult, arm: str) -> list[tuple[str, float, int]]:
+    """(label, AP, positives) of the labels with a positive image, best AP first."""
     metrics = protocol.arms[arm].metrics
     rows = [
         (protocol.labels[i], float(metrics.ap[i]), int(metrics.n_positives[i]))
@@ -203,7 +200,9 @@ def _ranked_labels(protocol: ProtocolResult, arm: str) -> list[tuple[str, float,
     return sorted(rows, key=lambda row: (-row[1], row[0]))
 
 
-def markdown_summary(result: EvalResult, *, plots: Sequence[str] = (), plots_note: str | None = None, relative_to: str | os.PathLike | None = None) -> str:
+def markdown_summary(
+    result: EvalResult, *, plots: Sequence[str] = (), relative_to: str | os.PathLike | None = None
+) -> str:
     """A readable summary: headline table, per-label extremes, data problems, calibration, plots."""
     lines = [f"# ramtag eval: {result.data}", ""]
     model = result.model
@@ -211,9 +210,11 @@ def markdown_summary(result: EvalResult, *, plots: Sequence[str] = (), plots_not
         lines.append(f"- Scores: `{model['score_table']}` (no model run)")
     else:
         source = ", ".join(f"{k}: `{v}`" for k, v in model.get("source", {}).items())
-        lines.append(f"- Model: {source} (fingerprint `{model.get('fingerprint')}`, {'trained' if model.get('trained') else 'training-free'})")
+        kind = "trained" if model.get("trained") else "training-free"
+        lines.append(f"- Model: {source} (fingerprint `{model.get('fingerprint')}`, {kind})")
     space = result.label_space
-    lines.append(f"- Labels: {len(space.labels)} ({space.origin})" + (f", {len(space.unseen)} unseen" if space.unseen else ""))
+    unseen = f", {len(space.unseen)} unseen" if space.unseen else ""
+    lines.append(f"- Labels: {len(space.labels)} ({space.origin}){unseen}")
     for protocol in result.protocols.values():
         tally = protocol.tally
         lines.append(
@@ -223,12 +224,16 @@ def markdown_summary(result: EvalResult, *, plots: Sequence[str] = (), plots_not
     lines += ["", "## Results (%)", ""]
     columns = _columns(result)
     header = ["metric"] + [f"{p.protocol.title} {p.arms[a].title}" for p, a in columns]
-    summaries = [_arm_summary(p, a) for p, a in columns]
-    lines += _md_table(header, [[title] + [_percent(s.get(key)) for s in summaries] for key, title in metric_rows(result)])
-    lines += ["", "P@k, R@k, F1@k are the overall figures (OP, OR, OF1) the paper reports; CP/CR/CF1 are per-label means."]
+    summaries = [arm_summary(p, a) for p, a in columns]
+    rows = [[title] + [_percent(summary.get(key)) for summary in summaries] for key, title in metric_rows(result)]
+    lines += _md_table(header, rows)
+    lines += [
+        "",
+        "P@k, R@k, F1@k are the overall figures (OP, OR, OF1) the paper reports; CP/CR/CF1 are per-label means.",
+    ]
     for protocol in result.protocols.values():
         arm = next(iter(protocol.arms))
-        ranked = _ranked_labels(protocol, arm)
+        ranked = ranked_labels(protocol, arm)
         title = f"{protocol.protocol.title}, {protocol.arms[arm].title}"
         shown = ranked if len(ranked) <= 20 else ranked[:10] + ranked[-10:]
         heading = "AP per label" if len(ranked) <= 20 else "AP per label: best 10 and worst 10"
@@ -243,7 +248,8 @@ def markdown_summary(result: EvalResult, *, plots: Sequence[str] = (), plots_not
             "",
             "## Score table coverage",
             "",
-            f"- rows: {table['table_rows']} ({table['table_error_rows']} error rows); matched to annotations: {table['matched']}",
+            f"- rows: {table['table_rows']} ({table['table_error_rows']} error rows); "
+            f"matched to annotations: {table['matched']}",
             f"- table keys without an annotated image: {table['table_keys_not_in_annotations']}",
             f"- annotated images without a table row: {table['annotations_not_in_table']}",
         ]
@@ -253,10 +259,8 @@ def markdown_summary(result: EvalResult, *, plots: Sequence[str] = (), plots_not
     if result.warnings or result.notes:
         lines += ["", "## Warnings and notes", ""]
         lines += [f"- {message}" for message in [*result.warnings, *result.notes]]
-    if plots or plots_note:
+    if plots:
         lines += ["", "## Plots", ""]
-        if plots_note:
-            lines.append(plots_note)
         for plot in plots:
             shown = os.path.relpath(plot, relative_to) if relative_to is not None else plot
             lines += [f"![{Path(plot).stem}]({shown})", ""]
@@ -275,137 +279,15 @@ def write_markdown(path: str | os.PathLike, text: str) -> None:
     _write_text(path, text)
 
 
-# ---------------------------------------------------------------------------------------------
-# Plots
-
-
-@dataclass
-class PlotOutcome:
-    files: list[str] = field(default_factory=list)
-    note: str | None = None
-    """Why no plots were written (matplotlib missing), else None."""
-
-
-PLOTS_SKIPPED = "plots skipped: matplotlib is not installed (pip install 'ramtag[plots]')"
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def precision_recall_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision) at every distinct score threshold of one label, highest threshold first."""
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    tp = np.cumsum(positives[order].astype(np.int64))
-    ends = np.append(sorted_scores[:-1] != sorted_scores[1:], True)
-    tagged = np.arange(1, len(scores) + 1)[ends]
-    tp = tp[ends]
-    total = max(int(positives.sum()), 1)
-    return tp / total, tp / tagged
-
-
-def write_plots(result: EvalResult, directory: str | os.PathLike) -> PlotOutcome:
-    """Per protocol: sorted per-label AP bars, PR curves of the best and worst labels, arms side by side."""
-    plt = _pyplot()
-    if plt is None:
-        return PlotOutcome(note=PLOTS_SKIPPED)
-    folder = Path(directory)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from exc
-    files = []
-    for name, protocol in result.protocols.items():
-        arm = next(iter(protocol.arms))
-        files.append(_ap_bars(plt, protocol, arm, folder / f"{name}-ap.png"))
-        files.append(_pr_curves(plt, protocol, arm, folder / f"{name}-pr.png"))
-        if len(protocol.arms) > 1:
-            files.append(_arm_bars(plt, result, protocol, folder / f"{name}-arms.png"))
-    return PlotOutcome(files=[str(path) for path in files])
-
-
-def _save(plt, figure, path: Path) -> Path:
-    figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=120)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        plt.close(figure)
-    return path
-
-
-def _ap_bars(plt, protocol: ProtocolResult, arm: str, path: Path) -> Path:
-    ranked = _ranked_labels(protocol, arm)
-    title = f"{protocol.protocol.title}: AP per label ({protocol.arms[arm].title})"
-    if len(ranked) > 2 * _PLOT_LABELS:
-        title += f", best and worst {_PLOT_LABELS} of {len(ranked)}"
-        ranked = ranked[:_PLOT_LABELS] + ranked[-_PLOT_LABELS:]
-    figure, axes = plt.subplots(figsize=(7, max(2.5, 0.22 * len(ranked) + 1)))
-    names = [name for name, _, _ in ranked][::-1]
-    values = [100 * ap for _, ap, _ in ranked][::-1]
-    axes.barh(range(len(names)), values, color="#4C72B0")
-    axes.set_yticks(range(len(names)), names, fontsize=7)
-    axes.set_xlim(0, 100)
-    axes.set_xlabel("AP (%)")
-    axes.set_title(title, fontsize=9)
-    return _save(plt, figure, path)
-
-
-def _pr_curves(plt, protocol: ProtocolResult, arm: str, path: Path) -> Path:
-    ranked = _ranked_labels(protocol, arm)
-    chosen = ranked if len(ranked) <= 2 * _PR_CURVES else ranked[:_PR_CURVES] + ranked[-_PR_CURVES:]
-    scores = protocol.arms[arm].scores
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for rank, (name, ap, _) in enumerate(chosen):
-        column = protocol.labels.index(name)
-        recall, precision = precision_recall_curve(scores[:, column], protocol.targets[:, column] > 0)
-        style = "-" if rank < _PR_CURVES or len(chosen) <= _PR_CURVES else "--"
-        axes.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", linestyle=style, label=f"{name} (AP {100 * ap:.1f})")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.02)
-    axes.set_xlabel("recall")
-    axes.set_ylabel("precision")
-    axes.set_title(f"{protocol.protocol.title}: precision-recall, best and worst labels ({protocol.arms[arm].title})", fontsize=9)
-    axes.legend(fontsize=7, loc="lower left")
-    return _save(plt, figure, path)
-
-
-def _arm_bars(plt, result: EvalResult, protocol: ProtocolResult, path: Path) -> Path:
-    keys = ["mAP"] + [f"F1@{k}" for k in result.settings.ks]
-    arms = list(protocol.arms)
-    width = 0.8 / len(arms)
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    for index, arm in enumerate(arms):
-        summary = _arm_summary(protocol, arm)
-        positions = np.arange(len(keys)) + index * width
-        axes.bar(positions, [100 * (summary.get(key) or 0.0) for key in keys], width, label=protocol.arms[arm].title)
-    axes.set_xticks(np.arange(len(keys)) + width * (len(arms) - 1) / 2, keys)
-    axes.set_ylabel("%")
-    axes.set_title(f"{protocol.protocol.title}: the loaded model against the baselines", fontsize=9)
-    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(arms), frameon=False)
-    return _save(plt, figure, path)
-
-
 __all__ = [
-    "PLOTS_SKIPPED",
-    "PlotOutcome",
+    "arm_summary",
     "calibration_summary",
     "calibration_table",
     "markdown_summary",
     "metric_rows",
-    "precision_recall_curve",
+    "ranked_labels",
     "report_dict",
     "results_table",
     "write_json_report",
     "write_markdown",
-    "write_plots",
 ]

@@ -3,6 +3,11 @@
 Owns reading such a table (Parquet file, Parquet dataset or JSONL with its metadata sidecar),
 matching its rows to annotated images by key, and choosing the protocol its vocabulary fits: a
 table holds one vocabulary's scores, so it is evaluated under exactly one protocol.
+
+The vocabulary, the order of the ``scores`` column, comes from the table's metadata. A table can lose it:
+pandas, polars and DuckDB drop Parquet schema metadata when they rewrite a table, and ``ramtag tag -o -``
+JSONL has no sidecar. Then ``--labels FILE`` (:attr:`EvalSettings.labels`) gives that order, and a row width
+that does not match it is refused.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ramtag.engine.calibrate import attach_calibration
-from ramtag.engine.eval_protocol import (
+from ramtag.engine.eval.calibrate import attach_calibration
+from ramtag.engine.eval.protocol import arm_result, open_eval_source, protocol_warnings
+from ramtag.engine.eval.types import (
     GZSL,
     MAX_EXAMPLES,
     MODEL_ARM,
@@ -27,10 +33,7 @@ from ramtag.engine.eval_protocol import (
     Log,
     Protocol,
     ProtocolResult,
-    arm_result,
     ignore_log,
-    open_eval_source,
-    protocol_warnings,
 )
 from ramtag.engine.labelled import (
     LabelledItem,
@@ -43,6 +46,7 @@ from ramtag.engine.labelled import (
     select_items,
 )
 from ramtag.errors import DataError, OutputError, RamtagError, UsageError, VocabularyError
+from ramtag.messages import listed
 
 VOCABULARY_METADATA_KEYS = ("vocabulary", "labels")
 """Where a score table's metadata may hold its vocabulary (a list of labels, or an object with ``labels``)."""
@@ -54,11 +58,14 @@ class ScoreTable:
 
     path: str
     vocabulary: tuple[str, ...]
+    """The labels of the ``scores`` column, in its order."""
     keys: list[str]
     scores: np.ndarray = field(repr=False)
     """``[len(keys), C]`` float32 scores in vocabulary order."""
     errors: dict[str, str]
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    vocabulary_from_labels: bool = False
+    """The metadata records no vocabulary: :attr:`vocabulary` is the ``--labels`` file's."""
 
     @property
     def n_rows(self) -> int:
@@ -70,8 +77,9 @@ class ScoreTable:
             if isinstance(place, dict) and isinstance(place.get(name), str):
                 return place[name]
         vocabulary = self.metadata.get("vocabulary")
-        if isinstance(vocabulary, dict) and name == "vocabulary_fingerprint" and isinstance(vocabulary.get("fingerprint"), str):
-            return vocabulary["fingerprint"]
+        if name == "vocabulary_fingerprint" and isinstance(vocabulary, dict):
+            if isinstance(vocabulary.get("fingerprint"), str):
+                return vocabulary["fingerprint"]
         return None
 
 
@@ -79,22 +87,39 @@ class ScoreTable:
 # Reading
 
 
-def table_vocabulary(metadata: dict[str, Any], where: str) -> tuple[str, ...]:
-    """The vocabulary a score table's metadata records (see :data:`VOCABULARY_METADATA_KEYS`)."""
+LABELS_HINT = "pass --labels FILE: the table's labels, one per line, in the order of its scores column"
+"""What to do when a score table's metadata records no vocabulary."""
+
+
+def recorded_vocabulary(metadata: dict[str, Any]) -> tuple[str, ...] | None:
+    """The vocabulary a score table's metadata records (see :data:`VOCABULARY_METADATA_KEYS`), else None."""
     for name in VOCABULARY_METADATA_KEYS:
         value = metadata.get(name)
         if isinstance(value, dict):
             value = value.get("labels")
         if isinstance(value, list) and value and all(isinstance(label, str) for label in value):
             return tuple(value)
-    raise DataError(
-        f"{where}: the table's metadata records no vocabulary (expected a 'vocabulary' list); "
-        "was it written by `ramtag tag --all-scores`?"
-    )
+    return None
 
 
-def read_score_table(path: str | os.PathLike) -> ScoreTable:
-    """Read a Parquet file, Parquet dataset directory or JSONL table with a ``scores`` column."""
+def table_vocabulary(metadata: dict[str, Any], where: str) -> tuple[str, ...]:
+    """The vocabulary a score table's metadata records; an error naming ``--labels`` when it records none."""
+    vocabulary = recorded_vocabulary(metadata)
+    if vocabulary is None:
+        raise DataError(
+            f"{where}: the table's metadata records no vocabulary (expected a 'vocabulary' list); "
+            "was it written by `ramtag tag --all-scores`? If its metadata was lost (pandas, polars and DuckDB "
+            f"drop it when they rewrite a table), {LABELS_HINT}"
+        )
+    return vocabulary
+
+
+def read_score_table(path: str | os.PathLike, labels: Sequence[str] | None = None) -> ScoreTable:
+    """Read a Parquet file, Parquet dataset directory or JSONL table with a ``scores`` column.
+
+    ``labels`` name the ``scores`` column, in its order, when the metadata records no vocabulary; a
+    vocabulary the metadata records is used whatever ``labels`` say.
+    """
     from ramtag.data.writers import read_table_metadata
 
     path = Path(path)
@@ -104,10 +129,18 @@ def read_score_table(path: str | os.PathLike) -> ScoreTable:
         metadata = read_table_metadata(path)
     except RamtagError as exc:
         raise DataError(str(exc)) from exc
-    if path.suffix.lower() in (".jsonl", ".ndjson") and not metadata:
-        raise DataError(f"{path}: no metadata sidecar {path.name}.meta.json beside it, so its vocabulary is unknown")
-    vocabulary = table_vocabulary(metadata, str(path))
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    vocabulary = recorded_vocabulary(metadata)
+    from_labels = vocabulary is None and labels is not None
+    if from_labels:
+        vocabulary = tuple(labels)
+    elif jsonl and not metadata:
+        raise DataError(
+            f"{path}: no metadata sidecar {path.name}.meta.json beside it, so its vocabulary is unknown; {LABELS_HINT}"
+        )
+    elif vocabulary is None:
+        vocabulary = table_vocabulary(metadata, str(path))
+    if jsonl:
         keys, score_lists, errors = _read_jsonl_scores(path)
     else:
         keys, score_lists, errors = _read_parquet_scores(path)
@@ -124,8 +157,8 @@ def read_score_table(path: str | os.PathLike) -> ScoreTable:
             continue
         good_keys.append(key)
         good_rows.append(scores)
-    matrix = _score_matrix(good_rows, good_keys, len(vocabulary), str(path))
-    return ScoreTable(str(path), vocabulary, good_keys, matrix, error_rows, metadata)
+    matrix = _score_matrix(good_rows, good_keys, len(vocabulary), str(path), from_labels)
+    return ScoreTable(str(path), vocabulary, good_keys, matrix, error_rows, metadata, from_labels)
 
 
 def _read_parquet_scores(path: Path) -> tuple[list[str], list[Any], list[str | None]]:
@@ -159,11 +192,16 @@ def _read_jsonl_scores(path: Path) -> tuple[list[str], list[Any], list[str | Non
     return keys, scores, errors
 
 
-def _score_matrix(rows: list[Any], keys: list[str], width: int, where: str) -> np.ndarray:
+def _score_matrix(rows: list[Any], keys: list[str], width: int, where: str, from_labels: bool) -> np.ndarray:
     matrix = np.zeros((len(rows), width), dtype=np.float32)
     for index, (key, row) in enumerate(zip(keys, rows)):
         if not isinstance(row, (list, tuple)) or len(row) != width:
             size = len(row) if isinstance(row, (list, tuple)) else type(row).__name__
+            if from_labels:
+                raise DataError(
+                    f"{where}: row {key!r} has {size} scores but --labels lists {width} labels; the table's metadata "
+                    "records no vocabulary, so --labels must list the table's labels in the order of its scores column"
+                )
             raise DataError(f"{where}: row {key!r} has {size} scores for a vocabulary of {width} labels")
         try:
             matrix[index] = row
@@ -179,7 +217,9 @@ def _score_matrix(rows: list[Any], keys: list[str], width: int, where: str) -> n
 # Matching the table to the annotations
 
 
-def _table_label_space(table: ScoreTable, source: LabelledSource, settings: EvalSettings) -> tuple[LabelSpace, Protocol]:
+def _table_label_space(
+    table: ScoreTable, source: LabelledSource, settings: EvalSettings
+) -> tuple[LabelSpace, Protocol]:
     vocabulary = table.vocabulary
     if settings.labels is None and source.classes is None:
         space = resolve_label_space(
@@ -210,9 +250,9 @@ def _require_same_labels(table_labels: set[str], truth: set[str], where: str, or
     extra = sorted(table_labels - truth)
     parts = []
     if missing:
-        parts.append(f"{len(missing)} label(s) of the {origin} are not scored ({', '.join(map(repr, missing[:5]))})")
+        parts.append(f"{len(missing)} label(s) of the {origin} are not scored ({listed(missing)})")
     if extra:
-        parts.append(f"{len(extra)} scored label(s) are not in the {origin} ({', '.join(map(repr, extra[:5]))})")
+        parts.append(f"{len(extra)} scored label(s) are not in the {origin} ({listed(extra)})")
     raise VocabularyError(f"{where}: the score table's vocabulary does not match the ground truth: {'; '.join(parts)}")
 
 
@@ -315,7 +355,7 @@ def evaluate_score_table(
     """
     if settings.baseline:
         raise UsageError("--baseline needs a model; a score table holds one scorer's scores")
-    table = read_score_table(table_path)
+    table = read_score_table(table_path, settings.labels)
     source = open_eval_source(data, settings)
     space, protocol = _table_label_space(table, source, settings)
     labelled = source.labelled_items(space.labels)
@@ -343,8 +383,8 @@ def evaluate_score_table(
     warnings: list[str] = []
     if join.not_in_table:
         warnings.append(
-            f"{len(join.not_in_table)} of {len(items)} annotated image(s) have no row in the score table and are not "
-            f"evaluated, e.g. {join.not_in_table[:3]}"
+            f"{len(join.not_in_table)} of {len(items)} annotated image(s) have no row in the score table and are "
+            f"not evaluated, e.g. {join.not_in_table[:3]}"
         )
     if join.unmatched:
         warnings.append(
@@ -364,6 +404,9 @@ def evaluate_score_table(
         },
         settings=settings,
         warnings=warnings,
+        notes=[f"{table.path}: its metadata records no vocabulary; its scores are in the order of --labels"]
+        if table.vocabulary_from_labels
+        else [],
         score_table=coverage,
     )
     if settings.calibrate:
@@ -371,8 +414,8 @@ def evaluate_score_table(
         model_fingerprint = table.fingerprint("model_fingerprint")
         if vocabulary_fingerprint is None or model_fingerprint is None:
             raise UsageError(
-                f"{table.path} records no vocabulary and model fingerprints, so thresholds fitted on it could not be "
-                "checked by `ramtag tag --thresholds`; calibrate with the model instead (--checkpoint ...)"
+                f"{table.path} records no vocabulary and model fingerprints, so thresholds fitted on it could not "
+                "be checked by `ramtag tag --thresholds`; calibrate with the model instead (--checkpoint ...)"
             )
         attach_calibration(
             result, vocabulary_fingerprint=vocabulary_fingerprint, model_fingerprint=model_fingerprint, log=log
@@ -382,8 +425,10 @@ def evaluate_score_table(
 
 __all__ = [
     "VOCABULARY_METADATA_KEYS",
+    "LABELS_HINT",
     "ScoreTable",
     "evaluate_score_table",
     "read_score_table",
+    "recorded_vocabulary",
     "table_vocabulary",
 ]

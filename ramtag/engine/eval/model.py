@@ -1,9 +1,9 @@
 """Evaluate a RAM model on labelled images: one scoring pass per protocol, with baselines.
 
-The protocols, settings and result types are :mod:`ramtag.engine.eval_protocol`; each protocol is a
+The protocols, settings and result types are :mod:`ramtag.engine.eval.types`; each protocol is a
 separate pass: scores are softmaxes over the scored vocabulary and KCOT depends on it, so ZSL
 scores are not GZSL scores restricted to the unseen columns. Evaluating a score table instead of
-a model is :mod:`ramtag.engine.score_table`; calibration is :mod:`ramtag.engine.calibrate`.
+a model is :mod:`ramtag.engine.eval.table`; calibration is :mod:`ramtag.engine.eval.calibrate`.
 
 Arms (``--baseline``): ``model`` is the loaded model's final score; ``training_free`` is RAM with
 the same backbone and no adapter, tokens or prompts (``trained=False``, initial temperatures);
@@ -16,7 +16,6 @@ puts them back in data order and computes the metrics, so the result equals a si
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,8 +25,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ramtag.engine import dist
-from ramtag.engine.calibrate import attach_calibration, calibration_protocol
-from ramtag.engine.eval_protocol import (
+from ramtag.engine.eval.calibrate import attach_calibration, calibration_protocol
+from ramtag.engine.eval.protocol import arm_result, open_eval_source, plan_protocols, protocol_warnings
+from ramtag.engine.eval.types import (
     CLIP_GLOBAL_ARM,
     MODEL_ARM,
     TRAINING_FREE_ARM,
@@ -36,11 +36,7 @@ from ramtag.engine.eval_protocol import (
     Log,
     Protocol,
     ProtocolResult,
-    arm_result,
     ignore_log,
-    open_eval_source,
-    plan_protocols,
-    protocol_warnings,
 )
 from ramtag.engine.labelled import (
     LabelledShards,
@@ -53,6 +49,7 @@ from ramtag.engine.labelled import (
 )
 from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.errors import DataError, RamtagError
+from ramtag.fingerprint import fingerprint
 
 Progress = Callable[[str, int, "int | None"], None]
 """Called as ``progress(protocol, images_done_on_this_rank, total_on_this_rank_or_None)``."""
@@ -75,15 +72,20 @@ def training_free_runtime(runtime: Any) -> Any:
 
     config = replace(runtime.config, trained=False, adapter_layers=(), prompt_layers=())
     model = RamModel(runtime.model.clip, config).to(runtime.device).eval()
-    fingerprint = hashlib.sha256(f"{runtime.fingerprint}:training-free".encode()).hexdigest()[:16]
-    return Runtime(model=model, device=runtime.device, fingerprint=fingerprint, source={**runtime.source, "arm": TRAINING_FREE_ARM})
+    return Runtime(
+        model=model,
+        device=runtime.device,
+        fingerprint=fingerprint(runtime.fingerprint, TRAINING_FREE_ARM),
+        source={**runtime.source, "arm": TRAINING_FREE_ARM},
+    )
 
 
 def _scorers(runtime: Any, labels: Sequence[str], baseline: bool) -> list[_Scorer]:
     if not baseline:
         return [_Scorer(runtime, runtime.encode_labels(labels), {MODEL_ARM: "scores"})]
     if not runtime.config.trained:  # the loaded model is itself training-free: one forward feeds all
-        return [_Scorer(runtime, runtime.encode_labels(labels), {MODEL_ARM: "scores", CLIP_GLOBAL_ARM: "global_scores"})]
+        arms = {MODEL_ARM: "scores", CLIP_GLOBAL_ARM: "global_scores"}
+        return [_Scorer(runtime, runtime.encode_labels(labels), arms)]
     free = training_free_runtime(runtime)
     return [
         _Scorer(runtime, runtime.encode_labels(labels), {MODEL_ARM: "scores"}),
@@ -165,7 +167,9 @@ def _score_pass(
         "keys": keys,
         "orders": orders,
         "targets": np.concatenate(targets) if targets else np.zeros((0, width), np.uint8),
-        "scores": {arm: np.concatenate(parts) if parts else np.zeros((0, width), np.float32) for arm, parts in scores.items()},
+        "scores": {
+            arm: np.concatenate(parts) if parts else np.zeros((0, width), np.float32) for arm, parts in scores.items()
+        },
         "tally": tally,
     }
 
@@ -259,7 +263,10 @@ def evaluate_model(
         return None
     notes = []
     if settings.baseline and not runtime.config.trained:
-        notes.append("the loaded model is training-free, so it is the training-free arm; CLIP global comes from the same forward pass")
+        notes.append(
+            "the loaded model is training-free, so it is the training-free arm; "
+            "CLIP global comes from the same forward pass"
+        )
     result = EvalResult(
         protocols=results,
         label_space=space,

@@ -1,8 +1,9 @@
 """What an evaluation is: its settings, protocols and arms, and the results every scorer fills.
 
-Both ways of scoring (a model, :mod:`ramtag.engine.evaluate`; a score table,
-:mod:`ramtag.engine.score_table`) share these types and steps, and :mod:`ramtag.engine.report`
-renders the :class:`EvalResult` they return.
+Both ways of scoring (a model, :mod:`ramtag.engine.eval.model`; a score table,
+:mod:`ramtag.engine.eval.table`) fill these types, calibration (:mod:`ramtag.engine.eval.calibrate`) adds its
+:class:`Calibration` to the :class:`EvalResult`, and :mod:`ramtag.engine.eval.render` renders it. The types
+import no other module of the package, so every one of them can import the types.
 
 Protocols, as the reference defines them (its COCO ``test_17`` file is exactly the images of
 ``test_65`` that carry one of the 17 unseen labels, with only those labels kept):
@@ -17,18 +18,16 @@ reference's loader keeps them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ramtag.engine.labelled import LabelledSource, LabelSpace, LabelTally, open_labelled_source
-from ramtag.errors import DataError, UsageError
-from ramtag.metrics import MetricsReport, evaluate_scores
-
-if TYPE_CHECKING:
-    from ramtag.engine.calibrate import Calibration
+from ramtag.calibration import LabelThresholds
+from ramtag.engine.labelled import LabelSpace, LabelTally
+from ramtag.errors import UsageError
+from ramtag.metrics import MetricsReport
 
 Log = Callable[[str], None]
 
@@ -53,7 +52,8 @@ class EvalSettings:
     prefix_map: tuple[str, ...] = ()
     """``OLD=NEW`` rewrites applied to annotation paths before ``root``."""
     labels: tuple[str, ...] | None = None
-    """The whole label space (seen plus unseen), in vocabulary order; default: from the data."""
+    """The whole label space (seen plus unseen), in vocabulary order; default: from the data. For a score table
+    whose metadata records no vocabulary, also the order of its ``scores`` column."""
     unseen: tuple[str, ...] | None = None
     """Held-out labels; when given, ZSL and GZSL are evaluated."""
     strict_labels: bool = False
@@ -96,11 +96,6 @@ class EvalSettings:
         }
 
 
-def open_eval_source(data: Sequence[str] | str, settings: EvalSettings) -> LabelledSource:
-    """DATA's annotated images, with the settings' ``--root`` and ``--map-prefix`` applied."""
-    return open_labelled_source(data, root=settings.root, prefix_map=list(settings.prefix_map))
-
-
 @dataclass(frozen=True)
 class Protocol:
     name: str
@@ -111,13 +106,6 @@ class Protocol:
     @property
     def title(self) -> str:
         return PROTOCOL_TITLES.get(self.name, self.name)
-
-
-def plan_protocols(space: LabelSpace) -> list[Protocol]:
-    """ZSL and GZSL when unseen labels are declared, else one multi-label evaluation."""
-    if not space.unseen:
-        return [Protocol(MULTILABEL, space.labels)]
-    return [Protocol(ZSL, space.unseen, require_any=space.unseen), Protocol(GZSL, space.labels)]
 
 
 @dataclass
@@ -153,8 +141,31 @@ class ProtocolResult:
 
 
 @dataclass
+class Calibration:
+    """Per-label thresholds fitted on one protocol's scores of one arm, with their fingerprints."""
+
+    protocol: str
+    arm: str
+    labels: tuple[str, ...]
+    thresholds: LabelThresholds
+    vocabulary_fingerprint: str | None
+    model_fingerprint: str | None
+    n_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "arm": self.arm,
+            "n_images": self.n_images,
+            "vocabulary_fingerprint": self.vocabulary_fingerprint,
+            "model_fingerprint": self.model_fingerprint,
+            **self.thresholds.to_dict(self.labels),
+        }
+
+
+@dataclass
 class EvalResult:
-    """Everything rank 0 knows after an evaluation; :mod:`ramtag.engine.report` renders it."""
+    """Everything rank 0 knows after an evaluation; :mod:`ramtag.engine.eval.render` renders it."""
 
     protocols: dict[str, ProtocolResult]
     label_space: LabelSpace
@@ -174,53 +185,6 @@ class EvalResult:
         return len(failed) + int(absent)
 
 
-# ---------------------------------------------------------------------------------------------
-# Steps shared by every scorer
-
-
-def quoted_examples(names: Sequence[str]) -> str:
-    """The first :data:`MAX_EXAMPLES` names, quoted, and how many more there are."""
-    shown = ", ".join(map(repr, names[:MAX_EXAMPLES]))
-    more = f" and {len(names) - MAX_EXAMPLES} more" if len(names) > MAX_EXAMPLES else ""
-    return f"{shown}{more}"
-
-
-def _metrics(protocol: Protocol, scores: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> MetricsReport:
-    if scores.shape[0] == 0:
-        raise DataError(f"{protocol.title}: no image could be evaluated (every image failed or was skipped)")
-    return evaluate_scores(scores, targets, ks=ks, label_names=protocol.labels)
-
-
-def _group_map(metrics: MetricsReport, labels: Sequence[str], group: Sequence[str]) -> float | None:
-    wanted = set(group)
-    mask = np.array([label in wanted for label in labels]) & metrics.evaluated
-    return float(metrics.ap[mask].mean()) if mask.any() else None
-
-
-def arm_result(name: str, protocol: Protocol, scores: np.ndarray, targets: np.ndarray, space: LabelSpace, ks: Sequence[int]) -> ArmResult:
-    """One arm's metrics under ``protocol``; GZSL adds the mAP of the seen and of the unseen half."""
-    metrics = _metrics(protocol, scores, targets, ks)
-    extra: dict[str, float | None] = {}
-    if protocol.name == GZSL:  # how the all-label ranking serves each half
-        extra["mAP_seen"] = _group_map(metrics, protocol.labels, space.seen)
-        extra["mAP_unseen"] = _group_map(metrics, protocol.labels, space.unseen)
-    return ArmResult(name, metrics, scores, extra)
-
-
-def protocol_warnings(result: ProtocolResult) -> list[str]:
-    """The tally's messages and the labels left out of mAP, each prefixed with the protocol."""
-    title = result.protocol.title
-    out = [f"{title}: {message}" for message in result.tally.messages()]
-    metrics = next(iter(result.arms.values())).metrics
-    missing = metrics.labels_without_positives
-    if missing:
-        out.append(
-            f"{title}: {len(missing)} of {metrics.n_labels} label(s) have no positive image and are left out "
-            f"of mAP (their AP is undefined): {quoted_examples(missing)}"
-        )
-    return out
-
-
 __all__ = [
     "ARM_TITLES",
     "CLIP_GLOBAL_ARM",
@@ -232,15 +196,11 @@ __all__ = [
     "TRAINING_FREE_ARM",
     "ZSL",
     "ArmResult",
+    "Calibration",
     "EvalResult",
     "EvalSettings",
     "Log",
     "Protocol",
     "ProtocolResult",
-    "arm_result",
     "ignore_log",
-    "open_eval_source",
-    "plan_protocols",
-    "protocol_warnings",
-    "quoted_examples",
 ]

@@ -2,51 +2,20 @@
 
 Thresholds are fitted on the protocol that scores the whole vocabulary (GZSL, else the only
 one), carry the vocabulary and model fingerprints, and are written in the format
-``ramtag tag --thresholds`` reads. The threshold math itself is :mod:`ramtag.calibration`.
+``ramtag tag --thresholds`` reads. The threshold math itself is :mod:`ramtag.calibration`; the
+:class:`~ramtag.engine.eval.types.Calibration` this fills is one of the evaluation's types.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ramtag.calibration import LabelThresholds, fit_thresholds
-from ramtag.engine.eval_protocol import (
-    GZSL,
-    MODEL_ARM,
-    MULTILABEL,
-    ZSL,
-    EvalResult,
-    Log,
-    ProtocolResult,
-    quoted_examples,
-)
+from ramtag.calibration import STATUS_NO_POSITIVES, STATUS_PRECISION_UNREACHABLE, fit_thresholds
+from ramtag.data.thresholds import write_thresholds
+from ramtag.engine.eval.protocol import quoted_examples
+from ramtag.engine.eval.types import GZSL, MODEL_ARM, MULTILABEL, ZSL, Calibration, EvalResult, Log, ProtocolResult
 from ramtag.errors import DataError, UsageError
-
-
-@dataclass
-class Calibration:
-    """Per-label thresholds fitted on one protocol's scores of one arm, with their fingerprints."""
-
-    protocol: str
-    arm: str
-    labels: tuple[str, ...]
-    thresholds: LabelThresholds
-    vocabulary_fingerprint: str | None
-    model_fingerprint: str | None
-    n_images: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "protocol": self.protocol,
-            "arm": self.arm,
-            "n_images": self.n_images,
-            "vocabulary_fingerprint": self.vocabulary_fingerprint,
-            "model_fingerprint": self.model_fingerprint,
-            **self.thresholds.to_dict(self.labels),
-        }
 
 
 def calibration_protocol(protocols: dict[str, ProtocolResult]) -> ProtocolResult:
@@ -80,8 +49,7 @@ def fit_calibration(
 
 
 def calibration_warnings(calibration: Calibration) -> list[str]:
-    from ramtag.calibration import STATUS_NO_POSITIVES, STATUS_PRECISION_UNREACHABLE
-
+    """Labels that got no threshold (``inf``: never tagged), and why."""
     out = []
     for status, why in (
         (STATUS_NO_POSITIVES, "have no positive image"),
@@ -108,8 +76,6 @@ def attach_calibration(
 
 def write_calibration(path: str | os.PathLike, calibration: Calibration) -> Path:
     """Write the thresholds in the format ``ramtag tag --thresholds`` reads."""
-    from ramtag.data.thresholds import write_thresholds
-
     if calibration.vocabulary_fingerprint is None or calibration.model_fingerprint is None:
         raise UsageError("cannot write thresholds without the vocabulary and model fingerprints")
     info: dict[str, object] = {
@@ -132,7 +98,6 @@ def write_calibration(path: str | os.PathLike, calibration: Calibration) -> Path
 
 
 __all__ = [
-    "Calibration",
     "attach_calibration",
     "calibration_protocol",
     "calibration_warnings",
