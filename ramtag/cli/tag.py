@@ -46,7 +46,7 @@ MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
         "  ramtag tag 'shards/{000..099}.tar' -l vocab.rtv -c ram.safetensors -o out/\n\n"
         "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{00..99}.tar' -l vocab.txt\n\n"
         "  ramtag tag ./lora -l tags.txt --sidecars txt --prefix 'sks, '\n\n"
-        "  ramtag tag 'shards/{0..9}.tar' -l tags.txt --sidecars txt --sidecar-dir caps/\n\n"
+        "  ramtag tag 'shards/{0..9}.tar' -l tags.txt --sidecars txt --sidecar-dir c/\n\n"
         + exit_status_help()
     )
 )
