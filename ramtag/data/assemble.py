@@ -45,6 +45,8 @@ LABEL_FILE_SUFFIX = ".labels.txt"
 def label_file_path(output: str | os.PathLike) -> Path:
     """Where the vocabulary of ``output`` goes: ``OUT.labels.txt`` beside it (a dataset folder's beside the folder)."""
     path = Path(output)  # Path("out/") is "out"
+    if path.name in ("", "..", "."):  # -o ./ names the folder by its full path
+        path = Path(os.path.abspath(path))
     return path.with_name(path.name + LABEL_FILE_SUFFIX)
 
 
