@@ -4,7 +4,6 @@ that every installed reader opens by name. Runs the bundled demo model through t
 from __future__ import annotations
 
 import json
-import time
 import xml.etree.ElementTree as ET
 
 import pyarrow.parquet as pq
@@ -189,15 +188,14 @@ def test_a_sidecar_that_cannot_be_written_is_a_warning_and_the_partial_status(ph
         (["--sidecars", "png"], "--sidecars png: unknown kind"),
         (["--prefix", "sks, "], "--prefix shapes sidecars; add --sidecars"),
         (["--labels-out", "."], "--labels-out . is a folder"),
+        (["--sidecars", "txt", "--sidecar-dir", "out/caps", "-o", "out/"], "is inside the output folder out/"),
     ],
 )
 def test_sidecar_mistakes_are_refused_before_the_model_loads(photos, no_model, tmp_path, capsys, extra, message,
                                                              monkeypatch):
     root, vocab = photos
     monkeypatch.chdir(tmp_path)
-    started = time.perf_counter()
     assert run_cli("tag", root, "--labels", vocab, "--model", "demo", "-o", "t.parquet", *extra) == 2
-    assert time.perf_counter() - started < 1.0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "t.parquet").exists()
 

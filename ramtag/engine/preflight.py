@@ -86,7 +86,9 @@ def preflight_tag(options, *, checkpoint=None, model: str | None = None, pretrai
     check_inputs(options.inputs)
     sidecars = getattr(options, "sidecars", None)
     if sidecars is not None:
-        check_sidecar_options(sidecars, options.inputs, image_column=getattr(options, "image_column", None))
+        check_sidecar_options(
+            sidecars, options.inputs, image_column=getattr(options, "image_column", None), output=options.output
+        )
     labels_out = getattr(options, "labels_out", None)
     if labels_out is not None:
         check_labels_out(labels_out, options.output)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ramtag.data.layout import output_kind
 from ramtag.data.sidecars import (
     SIDECAR_KINDS,
     SIDECAR_MODES,
@@ -73,7 +74,9 @@ def parse_sidecar_kinds(values: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def check_sidecar_options(options: SidecarOptions, inputs: Sequence[str], *, image_column: str | None = None) -> None:
+def check_sidecar_options(
+    options: SidecarOptions, inputs: Sequence[str], *, image_column: str | None = None, output: str | None = None
+) -> None:
     """Everything about sidecars that can be refused before a model loads; reads only."""
     modifiers = [
         name
@@ -98,6 +101,13 @@ def check_sidecar_options(options: SidecarOptions, inputs: Sequence[str], *, ima
     if options.folder is not None:
         if Path(options.folder).exists() and not Path(options.folder).is_dir():
             raise UsageError(f"--sidecar-dir {options.folder} exists and is not a folder")
+        if output and output != "-" and output_kind(output) == "dataset":
+            table, folder = Path(output).absolute(), Path(options.folder).absolute()
+            if folder == table or folder.is_relative_to(table):
+                raise UsageError(
+                    f"--sidecar-dir {options.folder} is inside the output folder {output}, which holds only the "
+                    "table's parts; choose a folder beside it"
+                )
         return
     shards = [item for item in inputs if is_shard_input(item)]
     if shards or image_column:
