@@ -28,7 +28,7 @@ from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_b
 from ramtag.engine.sidecars import SidecarOptions, SidecarStage, describe_counts
 from ramtag.engine.signals import interrupted_run, worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
-from ramtag.errors import PartialFailure, UsageError
+from ramtag.errors import OutputError, PartialFailure, UsageError
 from ramtag.messages import one_line
 from ramtag.selection import select_tags
 
@@ -157,7 +157,10 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             vocabulary.labels, vocabulary.fingerprint, runtime.fingerprint
         )
     if options.labels_out and info.is_main:  # before any row: a consumer of stdout can read it first
-        write_label_file(options.labels_out, vocabulary.labels)
+        try:
+            write_label_file(options.labels_out, vocabulary.labels)
+        except OSError as error:
+            raise OutputError(f"--labels-out {options.labels_out}: {error.strerror or error}") from None
     workers = default_workers() if options.workers is None else options.workers
     batch_size = options.batch_size or default_batch_size(runtime.device)
     _share_cores_with_workers(runtime, workers)
@@ -298,8 +301,9 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         )
         if sidecars is not None:
             log(f"ramtag: {describe_counts(sidecar_counts)}")
+    unwritten = f"; {sidecar_counts['failed']} sidecar(s) could not be written" if sidecar_counts.get("failed") else ""
     if failed:
-        raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output")
+        raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output{unwritten}")
     if final.errors:  # the exit status reports the final table, whichever run wrote its error rows
         raise PartialFailure(
             f"{final.errors} input(s) in {summary.output} failed in an earlier run; "
