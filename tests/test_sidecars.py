@@ -179,6 +179,17 @@ def test_the_stage_counts_failures_and_never_writes_beside_a_container(tmp_path)
     assert len(warnings) == 1 and warnings[0].startswith("ramtag: warning: sidecar images.parquet:3: not an image")
 
 
+def test_many_failures_warn_a_few_lines_and_count_them_all(tmp_path):
+    from ramtag.engine.sidecars import WARNED_FAILURES
+
+    warnings = []
+    stage = SidecarStage(SidecarOptions(kinds=("txt",)), warn=warnings.append)
+    keys = [f"shard.tar/{index}" for index in range(WARNED_FAILURES + 5)]
+    stage.write(keys, ["shard.tar"] * len(keys), [["cat"]] * len(keys))
+    assert stage.counts()["failed"] == len(keys)
+    assert len(warnings) == WARNED_FAILURES + 1 and "only counted" in warnings[-1]
+
+
 def test_the_vocabulary_file_reads_back_as_labels(tmp_path):
     labels = ["cat", "C#", "red car", "naïve"]
     path = label_file_path(tmp_path / "out")

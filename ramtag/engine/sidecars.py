@@ -7,8 +7,9 @@ writing their sidecars again is harmless in every mode (``skip`` keeps them, ``o
 text, ``append`` adds only tags a sidecar does not have yet).
 
 A sidecar that cannot be written is a warning, not an error row: the row's tags are in the table. Each
-failure is one stderr line; the summary counts them and the run exits with the partial-failure status, so
-that a script training on the captions notices.
+failure is one stderr line (the first :data:`WARNED_FAILURES` of them: a read-only folder of a million images
+must not flood the terminal); the summary counts them all and the run exits with the partial-failure status,
+so that a script training on the captions notices.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from ramtag.messages import one_line
 from ramtag.selection import Selection
 
 __all__ = ["SidecarOptions", "SidecarStage", "check_sidecar_options", "parse_sidecar_kinds"]
+
+WARNED_FAILURES = 20
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,10 @@ class SidecarStage:
                     self.failures += 1
                     message = one_line(f"sidecar {error}")
                     self.first_failure = self.first_failure or message
-                    self.warn(f"ramtag: warning: {message}")
+                    if self.failures <= WARNED_FAILURES:
+                        self.warn(f"ramtag: warning: {message}")
+                    if self.failures == WARNED_FAILURES:
+                        self.warn("ramtag: warning: further sidecars that cannot be written are only counted")
 
     def counts(self) -> Counter:
         total: Counter = Counter()
