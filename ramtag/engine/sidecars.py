@@ -162,9 +162,10 @@ class SidecarStage:
             for writer in self.writers:
                 try:
                     writer.write(key, image, row_tags)
-                except (SidecarError, OSError) as error:
+                except Exception as error:  # a sidecar must never end a run whose table is fine
                     self.failures += 1
-                    message = one_line(f"sidecar {error}")
+                    detail = error if isinstance(error, (SidecarError, OSError)) else f"{key}: {error}"
+                    message = one_line(f"sidecar {detail}")
                     self.first_failure = self.first_failure or message
                     if self.failures <= WARNED_FAILURES:
                         self.warn(f"ramtag: warning: {message}")
