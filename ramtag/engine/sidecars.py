@@ -31,7 +31,7 @@ from ramtag.data.sidecars import (
     SidecarWriter,
     read_exclude_tags,
 )
-from ramtag.data.sources import IMAGE_EXTENSIONS, filesystem_path, is_shard_input
+from ramtag.data.sources import MANIFEST_EXTENSIONS, filesystem_path, is_shard_input
 from ramtag.errors import UsageError
 from ramtag.messages import one_line
 from ramtag.selection import Selection
@@ -122,11 +122,12 @@ def check_sidecar_options(
 
 
 def _own_image_file(source: str) -> str | None:
-    """The image file a row was read from, when it is a file of its own (not a shard member or an embedded image)."""
+    """The image file a row was read from, when it is a file of its own: not a shard member, not an image
+    embedded in a Parquet manifest (their source names the container, whose sidecar this must never be)."""
     path = filesystem_path(source)
-    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS and not is_shard_input(path):
-        return path
-    return None
+    if is_shard_input(path) or path.lower().endswith(MANIFEST_EXTENSIONS) or not os.path.isfile(path):
+        return None
+    return path
 
 
 @dataclass
