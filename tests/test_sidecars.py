@@ -8,15 +8,20 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from ramtag.data.assemble import label_file_path, write_label_file
 from ramtag.data.sidecars import (
     CaptionStyle,
     SidecarError,
     SidecarWriter,
+    read_exclude_tags,
     safe_relative_path,
     sidecar_path,
     xmp_document,
     xmp_keywords,
 )
+from ramtag.data.vocab import read_labels
+from ramtag.engine.sidecars import SidecarOptions, SidecarStage, check_sidecar_options, parse_sidecar_kinds
+from ramtag.errors import UsageError
 
 # An XMP sidecar as a photo library leaves it: a rating and a label besides the keywords.
 LIGHTROOM_XMP = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
@@ -110,3 +115,84 @@ def test_exiftool_reads_the_keywords(tmp_path):
     SidecarWriter("xmp").write("img.jpg", str(tmp_path / "img.jpg"), ["cat", "red car"])
     out = subprocess.run(["exiftool", "-s3", "-Subject", str(tmp_path / "img.xmp")], capture_output=True, text=True)
     assert out.stdout.strip() == "cat, red car"
+
+
+def test_an_image_file_keeps_its_folder_but_not_its_extension_under_a_sidecar_folder(tmp_path):
+    assert sidecar_path("txt", "sub/img.JPG", "/elsewhere/sub/img.JPG", tmp_path) == tmp_path / "sub/img.txt"
+    assert sidecar_path("xmp", "000.tar/key.5", None, tmp_path) == tmp_path / "000.tar/key.5.xmp"
+
+
+def test_exclude_lists_take_lines_or_commas_and_either_spelling(tmp_path):
+    listing = tmp_path / "exclude.txt"
+    listing.write_text("# WD14 style\nlong_hair, blurry\n\nred car\n")
+    exclude = read_exclude_tags(listing)
+    style = CaptionStyle(exclude=exclude, replace_underscores=True)
+    assert style.tags(["long hair", "long_hair", "blurry", "red_car", "cat"]) == ["cat"]
+    assert CaptionStyle(exclude=frozenset({"long hair"})).tags(["long_hair", "cat"]) == ["cat"]
+    with pytest.raises(UsageError, match="--exclude-tags .*missing.txt: no such file"):
+        read_exclude_tags(tmp_path / "missing.txt")
+    with pytest.raises(UsageError, match="a folder"):
+        read_exclude_tags(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["txt", "xmp"])
+def test_appending_the_same_tags_twice_adds_them_once(kind, tmp_path):
+    image = tmp_path / "img.jpg"
+    writer = SidecarWriter(kind, mode="append", style=CaptionStyle(prefix="sks, "))
+    assert writer.write("img.jpg", str(image), ["cat"]) == "written"
+    for _ in range(2):  # the second time: a resumed run redoing the rows it had not committed
+        assert writer.write("img.jpg", str(image), ["cat", "dog"]) == "appended"
+    text = (tmp_path / f"img.{kind}").read_text(encoding="utf-8")
+    if kind == "xmp":  # the prefix is a caption's, not a keyword
+        assert xmp_keywords(text) == ["cat", "dog"]
+    else:
+        assert text == "sks, cat, dog\n"
+
+
+def test_kinds_come_repeated_or_comma_separated_once_each():
+    assert parse_sidecar_kinds(["txt,xmp", "TXT", " xmp "]) == ("txt", "xmp")
+    assert parse_sidecar_kinds(None) == ()
+    with pytest.raises(UsageError, match="unknown kind"):
+        parse_sidecar_kinds(["json"])
+
+
+def test_images_that_are_not_files_need_a_sidecar_folder():
+    with pytest.raises(UsageError, match="give --sidecar-dir"):
+        check_sidecar_options(SidecarOptions(kinds=("txt",)), ["data/{0..9}.tar"])
+    with pytest.raises(UsageError, match="--image-column jpg"):
+        check_sidecar_options(SidecarOptions(kinds=("txt",)), ["images.parquet"], image_column="jpg")
+    check_sidecar_options(SidecarOptions(kinds=("txt",), folder="caps"), ["data/{0..9}.tar"])
+    check_sidecar_options(SidecarOptions(), ["data/{0..9}.tar"])
+
+
+def test_the_stage_counts_failures_and_never_writes_beside_a_container(tmp_path):
+    manifest = tmp_path / "images.parquet"
+    manifest.write_bytes(b"PAR1")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    warnings = []
+    stage = SidecarStage(SidecarOptions(kinds=("txt",)), warn=warnings.append)
+    stage.write(["a.png", "images.parquet:3"], [str(image), str(manifest)], [["cat"], ["dog"]])
+    assert (tmp_path / "a.txt").read_text() == "cat\n"
+    assert not (tmp_path / "images.txt").exists()  # a manifest's rows are not the manifest
+    assert stage.counts() == {"written": 1, "failed": 1}
+    assert len(warnings) == 1 and warnings[0].startswith("ramtag: warning: sidecar images.parquet:3: not an image")
+
+
+def test_many_failures_warn_a_few_lines_and_count_them_all(tmp_path):
+    from ramtag.engine.sidecars import WARNED_FAILURES
+
+    warnings = []
+    stage = SidecarStage(SidecarOptions(kinds=("txt",)), warn=warnings.append)
+    keys = [f"shard.tar/{index}" for index in range(WARNED_FAILURES + 5)]
+    stage.write(keys, ["shard.tar"] * len(keys), [["cat"]] * len(keys))
+    assert stage.counts()["failed"] == len(keys)
+    assert len(warnings) == WARNED_FAILURES + 1 and "only counted" in warnings[-1]
+
+
+def test_the_vocabulary_file_reads_back_as_labels(tmp_path):
+    labels = ["cat", "C#", "red car", "naïve"]
+    path = label_file_path(tmp_path / "out")
+    assert path == tmp_path / "out.labels.txt"
+    write_label_file(path, labels)
+    assert read_labels(path).labels == labels

@@ -31,6 +31,7 @@ from ramtag.cli.options import (
 from ramtag.errors import exit_status_help
 
 OUTPUT_PANEL = "Output"
+SIDECAR_PANEL = "Sidecars"
 MAX_PIXELS = 89_478_485
 """Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), the default cap."""
 MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
@@ -44,6 +45,8 @@ MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
         "  find /data -name '*.jpg' | ramtag tag - --labels vocab.txt -o tags.jsonl\n\n"
         "  ramtag tag 'shards/{000..099}.tar' -l vocab.rtv -c ram.safetensors -o out/\n\n"
         "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{00..99}.tar' -l vocab.txt\n\n"
+        "  ramtag tag ./lora -l tags.txt --sidecars txt --prefix 'sks, '\n\n"
+        "  ramtag tag 'shards/{0..9}.tar' -l tags.txt --sidecars txt --sidecar-dir c/\n\n"
         + exit_status_help()
     )
 )
@@ -201,6 +204,80 @@ def tag(
             rich_help_panel=OUTPUT_PANEL,
         ),
     ] = False,
+    labels_out: Annotated[
+        Optional[str],
+        typer.Option(
+            "--labels-out",
+            metavar="FILE",
+            help=(
+                "Also write the vocabulary (one label per line, the order of --all-scores) to FILE; for -o -, "
+                "whose rows carry no metadata (a file output always gets OUT.labels.txt beside it)."
+            ),
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
+    sidecars: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--sidecars",
+            metavar="KIND",
+            help=(
+                "Write each image's tags beside it: txt (comma-separated caption, image.txt) and/or xmp "
+                "(dc:subject keywords, image.xmp). Repeat or join with commas. Images are never rewritten."
+            ),
+            show_default=False,
+            rich_help_panel=SIDECAR_PANEL,
+        ),
+    ] = None,
+    sidecar_mode: Annotated[
+        str,
+        typer.Option(
+            "--sidecar-mode",
+            metavar="MODE",
+            help=(
+                "An existing sidecar: skip keeps it, overwrite replaces it (an XMP file keeps its other "
+                "metadata), append adds the tags it lacks."
+            ),
+            rich_help_panel=SIDECAR_PANEL,
+        ),
+    ] = "skip",
+    sidecar_dir: Annotated[
+        Optional[str],
+        typer.Option(
+            "--sidecar-dir",
+            metavar="DIR",
+            help=(
+                "Write sidecars under DIR by row key (DIR/sub/a.txt, DIR/shard.tar/key.txt) instead of beside "
+                "the images; needed for shards."
+            ),
+            rich_help_panel=SIDECAR_PANEL,
+        ),
+    ] = None,
+    exclude_tags: Annotated[
+        Optional[str],
+        typer.Option(
+            "--exclude-tags",
+            metavar="FILE",
+            help="Tags never written to a sidecar (one per line or comma-separated); the table keeps them.",
+            rich_help_panel=SIDECAR_PANEL,
+        ),
+    ] = None,
+    replace_underscores: Annotated[
+        bool,
+        typer.Option(
+            "--replace-underscores", help="Write long_hair as long hair in sidecars.", rich_help_panel=SIDECAR_PANEL
+        ),
+    ] = False,
+    prefix: Annotated[
+        str,
+        typer.Option(
+            "--prefix",
+            metavar="TEXT",
+            help="Start every caption .txt with TEXT, as given (a trigger word: 'sks, ').",
+            show_default=False,
+            rich_help_panel=SIDECAR_PANEL,
+        ),
+    ] = "",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")] = False,
     checkpoint: Checkpoint = None,
     model: ModelName = DEFAULT_MODEL,
@@ -215,6 +292,7 @@ def tag(
     """Tag images with a vocabulary and write one row per input: [bold]key, source, tags, error[/bold]."""
     from ramtag.engine import dist
     from ramtag.engine.preflight import preflight_tag
+    from ramtag.engine.sidecars import SidecarOptions, parse_sidecar_kinds
     from ramtag.engine.tag import TagOptions, run_tag
 
     options = TagOptions(
@@ -224,6 +302,10 @@ def tag(
         keep_columns=[c.strip() for c in keep_columns.split(",") if c.strip()] if keep_columns else [],
         root=root, max_pixels=max_pixels or None, fast_decode=fast_decode, templates=list(template or []), quiet=quiet,
         save_maps=save_maps, part_rows=part_rows, allow_empty=allow_empty, command_line=command_line(),
+        labels_out=labels_out,
+        sidecars=SidecarOptions(
+            parse_sidecar_kinds(sidecars), sidecar_mode, sidecar_dir, exclude_tags, replace_underscores, prefix
+        ),
     )
     info = dist.setup(device)
     try:

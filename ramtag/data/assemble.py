@@ -1,6 +1,12 @@
 """Final assembly of a plain run's parts: one row per key (a good row over an error row, else the newest).
 
 Row order in the final table follows the parts (run, rank, chunk); sort by ``key`` for a canonical order.
+
+Beside every output goes its vocabulary, ``OUT.labels.txt`` (``tags.parquet.labels.txt``; ``out.labels.txt``
+for a dataset folder ``out/``, outside it: polars refuses a folder that mixes file extensions): one label per
+line in the order of the ``scores`` column, readable back as ``--labels``. It outlives the Parquet schema
+metadata, which pandas, polars and DuckDB drop when they rewrite a table. It is written atomically before the
+table, so a finished table always has it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ramtag.atomic import atomic_path, write_json
+from ramtag.atomic import atomic_path, write_json, write_text
 from ramtag.data.layout import (
     SUCCESS_FILE,
     OutputLayout,
@@ -27,8 +33,34 @@ from ramtag.data.layout import (
     _unlock_output,
 )
 from ramtag.data.ledger import LedgerEntry
-from ramtag.data.rows import rows_to_jsonl, schema_with_metadata, table_schema
+from ramtag.data.rows import METADATA_KEY, rows_to_jsonl, schema_with_metadata, table_schema
 from ramtag.errors import OutputError
+
+LABEL_FILE_SUFFIX = ".labels.txt"
+
+# ---------------------------------------------------------------------------------------------
+# The vocabulary beside the table
+
+
+def label_file_path(output: str | os.PathLike) -> Path:
+    """Where the vocabulary of ``output`` goes: ``OUT.labels.txt`` beside it (a dataset folder's beside the folder)."""
+    path = Path(output)  # Path("out/") is "out"
+    if path.name in ("", "..", "."):  # -o ./ names the folder by its full path
+        path = Path(os.path.abspath(path))
+    return path.with_name(path.name + LABEL_FILE_SUFFIX)
+
+
+def write_label_file(path: str | os.PathLike, labels: Sequence[str]) -> None:
+    """One label per line (labels hold no line breaks: they are lines of a label file), atomically."""
+    write_text(path, "".join(f"{label}\n" for label in labels))
+
+
+def _write_labels_of(output: Path, schema: pa.Schema) -> None:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    labels = json.loads(raw).get("vocabulary") if raw else None
+    if labels is not None:
+        write_label_file(label_file_path(output), labels)
+
 
 # ---------------------------------------------------------------------------------------------
 # Final assembly
@@ -118,6 +150,7 @@ def finalize_output(
             f"{layout.work_dir}: rerun with --resume"
         )
     schema = schema_with_metadata(table_schema(extra_schema, all_scores), metadata)
+    _write_labels_of(layout.output, schema)
     sources = layout._sources()
     masks = _winner_masks(sources)
     if layout.kind == "dataset":
@@ -227,7 +260,9 @@ def assemble_units(
     A ``.parquet`` or ``.jsonl`` file is written aside and renamed into place. A dataset folder gets the
     parts themselves (hard links, or filtered copies where the ledger drops rows), named by unit, and
     ``_SUCCESS`` last: while it is missing the folder is being updated; parts no unit lists any more go.
+    The vocabulary goes to :func:`label_file_path` first.
     """
+    _write_labels_of(output, schema)
     if kind == "dataset":
         _sync_dataset(output, work_dir, entries, schema)
         return

@@ -5,12 +5,14 @@ libraries (digiKam, Lightroom, exiftool) read keywords from an ``image.xmp`` sid
 image files themselves are never rewritten.
 
 Where a sidecar goes: beside an image file (same name, the sidecar's suffix), or, for images that are not files
-of their own (shard members, rows of a Parquet file) or when a folder is given, under that folder by key. Keys
-can come from archives, so they are never trusted as paths: every component is made harmless first.
+of their own (shard members, rows of a Parquet file) or when a folder is given, under that folder by key (an
+image file's key loses its image extension there too: ``sub/a.jpg`` -> ``DIR/sub/a.txt``). Keys can come from
+archives, so they are never trusted as paths: every component is made harmless first.
 
 An existing sidecar is kept (``skip``) unless asked otherwise: ``overwrite`` replaces a caption file, or the
 keywords of an XMP file (its other metadata, edits a photo library made, stays); ``append`` adds the tags a
-sidecar does not have yet, in order.
+sidecar does not have yet, in order, so appending the same tags twice (a resumed run redoing the rows it was
+writing when it stopped) changes nothing the second time.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ramtag.atomic import write_text
-from ramtag.errors import OutputError
+from ramtag.data.sources import IMAGE_EXTENSIONS
+from ramtag.errors import OutputError, UsageError
 
 SIDECAR_KINDS = ("txt", "xmp")
 SIDECAR_MODES = ("skip", "overwrite", "append")
@@ -56,7 +59,8 @@ class CaptionStyle:
     separator: str = ", "
 
     def tags(self, tags: Sequence[str]) -> list[str]:
-        kept = [tag for tag in tags if tag not in self.exclude]
+        """The tags written, in order: an excluded tag is left out in either spelling (``long_hair``, ``long hair``)."""
+        kept = [tag for tag in tags if tag not in self.exclude and tag.replace("_", " ") not in self.exclude]
         return [tag.replace("_", " ") for tag in kept] if self.replace_underscores else kept
 
     def caption(self, tags: Sequence[str]) -> str:
@@ -79,10 +83,35 @@ def sidecar_path(kind: str, key: str, image_path: str | None, folder: str | Path
         raise ValueError(f"unknown sidecar kind {kind!r} ({', '.join(SIDECAR_KINDS)})")
     if folder is not None:
         relative = safe_relative_path(key)
+        if relative.suffix.lower() in IMAGE_EXTENSIONS:
+            relative = relative.with_suffix("")
         return Path(folder) / relative.parent / f"{relative.name}.{kind}"
     if image_path is None:
         raise SidecarError(f"{key}: not an image file of its own; sidecars for it need --sidecar-dir DIR")
     return Path(image_path).with_suffix(f".{kind}")
+
+
+def read_exclude_tags(path: str | Path) -> frozenset[str]:
+    """Tags never written to a sidecar: one per line or comma-separated (a WD14 exclude list), ``#`` comments.
+
+    Each is kept as written and with underscores as spaces, so either spelling excludes both."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise UsageError(f"--exclude-tags {path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"--exclude-tags {path}: a folder, not a file of tags") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
+        raise UsageError(f"--exclude-tags {path}: cannot read ({reason})") from exc
+    tags: set[str] = set()
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            continue
+        for tag in line.split(","):
+            if tag.strip():
+                tags.update({tag.strip(), tag.strip().replace("_", " ")})
+    return frozenset(tags)
 
 
 def _caption_tags(text: str) -> list[str]:

@@ -14,11 +14,13 @@ from typing import Sequence
 from ramtag.data.layout import check_output
 from ramtag.data.vocab import is_vocab_features_file, read_labels
 from ramtag.engine.runtime import check_model_choice
+from ramtag.engine.sidecars import check_sidecar_options
 from ramtag.errors import DataError, OutputError, UsageError, VocabularyError
 
 __all__ = [
     "check_inputs",
     "check_label_source",
+    "check_labels_out",
     "check_maps_folder",
     "check_model_choice",
     "preflight_explain",
@@ -82,6 +84,24 @@ def preflight_tag(options, *, checkpoint=None, model: str | None = None, pretrai
     if options.save_maps and Path(options.save_maps).exists() and not Path(options.save_maps).is_dir():
         raise OutputError(f"--save-maps {options.save_maps} exists and is not a folder")
     check_inputs(options.inputs)
+    sidecars = getattr(options, "sidecars", None)
+    if sidecars is not None:
+        check_sidecar_options(
+            sidecars, options.inputs, image_column=getattr(options, "image_column", None), output=options.output
+        )
+    labels_out = getattr(options, "labels_out", None)
+    if labels_out is not None:
+        check_labels_out(labels_out, options.output)
+
+
+def check_labels_out(path: str, output: str) -> None:
+    """``--labels-out FILE``: a file to (re)write, not a folder, not stdout, not the table itself."""
+    if path == "-":
+        raise UsageError("--labels-out needs a file name; stdout carries the rows")
+    if Path(path).is_dir():
+        raise UsageError(f"--labels-out {path} is a folder; name the file to write")
+    if output != "-" and Path(path).absolute() == Path(output).absolute():
+        raise UsageError(f"--labels-out {path} is the output itself; choose another file")
 
 
 def preflight_explain(images: Sequence[str], labels: str, output: str, *, overwrite: bool = False, checkpoint=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -12,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ramtag import __version__
+from ramtag.data.assemble import write_label_file
 from ramtag.data.images import PIL_LIMIT
 from ramtag.data.layout import output_kind
 from ramtag.data.rows import TagBatch
@@ -23,9 +25,10 @@ from ramtag.engine.output import InputOptions, RunOutput
 from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
+from ramtag.engine.sidecars import SidecarOptions, SidecarStage, describe_counts
 from ramtag.engine.signals import interrupted_run, worker_ignores_sigterm
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
-from ramtag.errors import PartialFailure, UsageError
+from ramtag.errors import OutputError, PartialFailure, UsageError
 from ramtag.messages import one_line
 from ramtag.selection import select_tags
 
@@ -70,6 +73,10 @@ class TagOptions:
     allow_empty: bool = False
     """Write an empty table when the inputs hold no image, instead of refusing the run."""
     command_line: str = ""
+    sidecars: SidecarOptions = field(default_factory=SidecarOptions)
+    """Caption .txt / XMP files written beside the images (or under a folder by key) as rows are tagged."""
+    labels_out: str | None = None
+    """Also write the vocabulary, one label per line in ``scores`` order, to this file (for ``-o -``)."""
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
@@ -91,6 +98,8 @@ class TagSummary:
     seconds: float
     output: str | None
     skipped_done: int = 0
+    sidecars: dict = field(default_factory=dict)
+    """What happened to the sidecars: written, appended, kept, failed (empty without --sidecars)."""
 
     @property
     def images_per_second(self) -> float:
@@ -147,6 +156,11 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         thresholds = read_thresholds(options.thresholds_file).for_vocabulary(
             vocabulary.labels, vocabulary.fingerprint, runtime.fingerprint
         )
+    if options.labels_out and info.is_main:  # before any row: a consumer of stdout can read it first
+        try:
+            write_label_file(options.labels_out, vocabulary.labels)
+        except OSError as error:
+            raise OutputError(f"--labels-out {options.labels_out}: {error.strerror or error}") from None
     workers = default_workers() if options.workers is None else options.workers
     batch_size = options.batch_size or default_batch_size(runtime.device)
     _share_cores_with_workers(runtime, workers)
@@ -206,6 +220,9 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     progress = Progress(total, "tagging", quiet=options.quiet or not info.is_main)
     autocast = autocast_dtype(options.precision, runtime.device)
     label_features = vocabulary.features.to(runtime.device)
+    sidecars = None
+    if options.sidecars.enabled:
+        sidecars = SidecarStage(options.sidecars, warn=progress.log if info.is_main else log)
     tagged = failed = 0
     started = time.perf_counter()
     interrupted = False
@@ -241,6 +258,8 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
                 )
                 if map_writer is not None:
                     map_writer.write(batch.keys, batch.images, scored, selection)
+                if sidecars is not None:  # before the unit commits: see ramtag.engine.sidecars on resuming
+                    sidecars.write_selection(batch.keys, batch.sources, selection, vocabulary.labels)
                 tagged += len(batch.keys)
             for end in batch.ended:  # after its rows: the writer commits a unit once they are written
                 writer.commit(end)
@@ -257,8 +276,9 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     if interrupted:
         raise interrupted_run(output.kind != "stdout", output.done_rows + writer.rows_written)
     dist.barrier()
-    counts = dist.all_gather_objects((tagged, failed))
+    counts = dist.all_gather_objects((tagged, failed, sidecars.counts() if sidecars else None))
     tagged, failed = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    sidecar_counts = sum((c[2] for c in counts if c[2] is not None), Counter())
     final, problem = None, None
     if info.is_main:
         try:
@@ -268,7 +288,10 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     final, problem = dist.broadcast_object((final, problem))
     if problem is not None:
         raise problem
-    summary = TagSummary(tagged, failed, time.perf_counter() - started, final.path, skipped_done=output.done_rows)
+    summary = TagSummary(
+        tagged, failed, time.perf_counter() - started, final.path, skipped_done=output.done_rows,
+        sidecars=dict(sidecar_counts),
+    )
     if info.is_main and not options.quiet:
         where = f" -> {summary.output}" if summary.output else ""
         resumed = f", {summary.skipped_done} already done" if summary.skipped_done else ""
@@ -276,11 +299,19 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             f"ramtag: tagged {summary.tagged} images, {summary.failed} failed{resumed}, "
             f"{summary.images_per_second:.1f} img/s{where}"
         )
+        if sidecars is not None:
+            log(f"ramtag: {describe_counts(sidecar_counts)}")
+    unwritten = f"; {sidecar_counts['failed']} sidecar(s) could not be written" if sidecar_counts.get("failed") else ""
     if failed:
-        raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output")
+        raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output{unwritten}")
     if final.errors:  # the exit status reports the final table, whichever run wrote its error rows
         raise PartialFailure(
             f"{final.errors} input(s) in {summary.output} failed in an earlier run; "
             "--resume --retry-errors tries them again"
+        )
+    if sidecar_counts.get("failed"):
+        first = f" (first: {sidecars.first_failure})" if sidecars is not None and sidecars.first_failure else ""
+        raise PartialFailure(
+            f"{sidecar_counts['failed']} sidecar(s) could not be written{first}; the table is complete"
         )
     return summary
