@@ -69,6 +69,10 @@ class TagOptions:
     """Rows of the file listing per work unit (fewer for short listings, so that every worker gets units)."""
     allow_empty: bool = False
     """Write an empty table when the inputs hold no image, instead of refusing the run."""
+    image_column: str | None = None
+    """Parquet/Arrow inputs hold their images in this column (binary or the Hugging Face image struct)."""
+    key_column: str | None = None
+    """The row key column of those tables (default: the struct's path, else FILE:ROW)."""
     command_line: str = ""
 
     def __post_init__(self) -> None:
@@ -82,6 +86,8 @@ class TagOptions:
             raise UsageError("--threshold and --thresholds exclude each other")
         if self.labels == "-" and "-" in self.inputs:
             raise UsageError("--labels - reads labels from stdin, which the image list '-' already uses")
+        if self.key_column and not self.image_column:
+            raise UsageError("--key-column names the key column of tables read with --image-column")
 
 
 @dataclass
@@ -167,6 +173,8 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             root=options.root,
             unit_rows=options.unit_rows,
             allow_empty=options.allow_empty,
+            image_column=options.image_column,
+            key_column=options.key_column,
         ),
         resume=options.resume,
         overwrite=options.overwrite,
