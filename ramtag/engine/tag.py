@@ -215,11 +215,13 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     autocast = autocast_dtype(options.precision, runtime.device)
     label_features = vocabulary.features.to(runtime.device)
     tagged = failed = 0
+    first_failure = None  # named when every input fails: usually one wrong folder for all of them
     started = time.perf_counter()
     interrupted = False
     try:
         for batch in loader if mine else ():
             if batch.failed_keys:
+                first_failure = first_failure or f"{batch.failed_sources[0]}: {batch.failed_errors[0]}"
                 for key, error in zip(batch.failed_keys, batch.failed_errors):
                     line = one_line(f"ramtag: {key}: {error}")  # a key may hold a newline
                     if info.is_main:
@@ -285,7 +287,8 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             f"{summary.images_per_second:.1f} img/s{where}"
         )
     if failed:
-        raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output")
+        every = f"; none could, the first: {one_line(first_failure)}" if not tagged and first_failure else ""
+        raise PartialFailure(f"{failed} input(s) could not be tagged{every}; see the error column of the output")
     if final.errors:  # the exit status reports the final table, whichever run wrote its error rows
         raise PartialFailure(
             f"{final.errors} input(s) in {summary.output} failed in an earlier run; "
