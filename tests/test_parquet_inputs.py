@@ -4,6 +4,7 @@ img2dataset shards with their metadata, through `ramtag tag --model demo`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -219,3 +220,46 @@ def test_shard_column_no_sample_has_is_refused_before_tagging(tmp_path, vocab, c
     err = capsys.readouterr().err
     assert "json.uid" in err and "JSON fields: caption" in err
     assert not (tmp_path / "t.parquet").exists()
+
+
+# -- relative paths and the first ten minutes ---------------------------------------------------
+
+
+def test_eval_on_the_bundled_examples_from_the_repository_root(monkeypatch, capsys):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert run_cli("eval", "examples/labels.jsonl", "--model", "demo", "--device", "cpu", "--workers", 0, "--json",
+                   "-") == 0
+    assert json.loads(capsys.readouterr().out)
+
+
+def test_synth_manifest_tagged_from_outside_its_folder(tmp_path, monkeypatch, vocab):
+    assert run_cli("data", "synth", tmp_path / "synth", "--n", 4, "--seed", 1, "--format", "jsonl") == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "tags.parquet"
+    assert tag(vocab, tmp_path / "synth" / "manifest.jsonl", "--path-column", "image", "-o", out) == 0
+    assert len(rows_of(out)) == 4
+
+
+def test_every_input_failing_names_the_first(tmp_path, vocab, capsys):
+    manifest = tmp_path / "lists" / "m.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("path\nnot-here/a.png\nnot-here/b.png\n")
+    assert tag(vocab, manifest, "-o", tmp_path / "t.parquet") == 3
+    err = capsys.readouterr().err
+    assert f"the first: {tmp_path / 'lists' / 'not-here' / 'a.png'}: cannot read" in err
+
+
+def test_column_mistakes_are_refused_before_the_model_loads(tmp_path, vocab, capsys, monkeypatch):
+    from ramtag.cli.options import ModelChoice
+
+    def no_model(self):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(ModelChoice, "load", no_model)
+    pq.write_table(img2dataset_table(2), tmp_path / "t.parquet")
+    assert tag(vocab, tmp_path / "t.parquet", "--image-column", "url", "-o", tmp_path / "o.parquet") == 2
+    shard = img2dataset_shard(tmp_path / "000000.tar", 0, 1)
+    assert tag(vocab, shard, "--keep-columns", "json.nope", "-o", tmp_path / "o.parquet") == 2
+    assert "not image bytes" in capsys.readouterr().err

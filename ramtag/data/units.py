@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ramtag.atomic import atomic_path, write_json
+from ramtag.data.image_tables import is_table_input
 from ramtag.data.images import PIL_LIMIT
 from ramtag.data.shard_columns import parse_shard_columns
 from ramtag.data.sources import (
@@ -184,6 +185,22 @@ def plan_units(
     return UnitPlan(units, plan.extra_schema, listing)
 
 
+def check_input_columns(
+    inputs: Sequence[str], *, keep_columns: Sequence[str] = (), image_column: str | None = None,
+    key_column: str | None = None,
+) -> None:
+    """What can be checked of the carried and image columns in a second, before a model loads: the schemas of
+    tables (footers only) and the first sample of the first local shard. Manifests, which must be read whole,
+    and remote shards are checked when the run is planned."""
+    quick = [
+        item for item in inputs
+        if "://" not in item and not item.startswith("pipe:")
+        and ((is_shard_input(item) and keep_columns) or (image_column and is_table_input(item)))
+    ]
+    if quick:
+        plan_inputs(quick, keep_columns=keep_columns, image_column=image_column, key_column=key_column)
+
+
 def listed_inputs(items: Sequence[str]) -> str:
     return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "") if items else "no images"
 
@@ -233,6 +250,9 @@ def _write_units_file(work_dir: Path, spec: dict, shard_inputs: list[str], units
     write_json(work_dir / UNITS_FILE, {"spec": spec, "shard_inputs": shard_inputs, "units": [asdict(u) for u in units]})
 
 
+_FOUND_KINDS = (".tar", ".tar.gz", ".tgz", ".arrow", ".parquet")
+
+
 def describe_empty_inputs(inputs: Sequence[str]) -> str:
     """Why a run found no image: what each folder given holds, and what ramtag expected there."""
     found = []
@@ -244,14 +264,13 @@ def describe_empty_inputs(inputs: Sequence[str]) -> str:
         for _, _, names in os.walk(item):
             for name in names:
                 lowered = name.lower()
-                kind = next(
-                    (suffix for suffix in (".tar", ".tar.gz", ".tgz", ".arrow") if lowered.endswith(suffix)), ""
-                )
+                kind = next((suffix for suffix in _FOUND_KINDS if lowered.endswith(suffix)), "")
                 counts[kind or "other"] = counts.get(kind or "other", 0) + 1
             seen += len(names)
             if seen > 100_000:
                 break
         shards = counts.get(".tar", 0) + counts.get(".tar.gz", 0) + counts.get(".tgz", 0)
+        tables = counts.get(".parquet", 0)
         if shards:
             found.append(
                 f"{item} holds {shards} shard(s): shards go in as '{item.rstrip('/')}/*.tar' or a brace pattern "
@@ -261,6 +280,11 @@ def describe_empty_inputs(inputs: Sequence[str]) -> str:
             found.append(
                 f"{item} holds {counts['.arrow']} .arrow file(s), a Hugging Face save_to_disk folder: tag its "
                 "images with --image-column COL (the image column, e.g. image)"
+            )
+        elif tables:
+            found.append(
+                f"{item} holds {tables} .parquet file(s): tag the images they hold with --image-column COL, or "
+                "name a manifest of paths as a file"
             )
         elif counts:
             found.append(f"{item} holds {sum(counts.values())} file(s), none of them an image")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ramtag.data.layout import check_output
+from ramtag.data.units import check_input_columns
 from ramtag.data.vocab import is_vocab_features_file, read_labels
 from ramtag.engine.runtime import check_model_choice
 from ramtag.errors import DataError, OutputError, UsageError, VocabularyError
@@ -82,6 +83,10 @@ def preflight_tag(options, *, checkpoint=None, model: str | None = None, pretrai
     if options.save_maps and Path(options.save_maps).exists() and not Path(options.save_maps).is_dir():
         raise OutputError(f"--save-maps {options.save_maps} exists and is not a folder")
     check_inputs(options.inputs)
+    check_input_columns(
+        options.inputs, keep_columns=options.keep_columns, image_column=getattr(options, "image_column", None),
+        key_column=getattr(options, "key_column", None),
+    )
 
 
 def preflight_explain(images: Sequence[str], labels: str, output: str, *, overwrite: bool = False, checkpoint=None,
