@@ -249,6 +249,9 @@ def test_every_input_failing_names_the_first(tmp_path, vocab, capsys):
     assert tag(vocab, manifest, "-o", tmp_path / "t.parquet") == 3
     err = capsys.readouterr().err
     assert f"the first: {tmp_path / 'lists' / 'not-here' / 'a.png'}: cannot read" in err
+    assert tag(vocab, manifest, "-o", tmp_path / "t.parquet", "--overwrite", quiet=False) == 3
+    first = next(line for line in capsys.readouterr().err.splitlines() if "not-here/a.png" in line)
+    assert first.startswith("ramtag: not-here/a.png: cannot read") and str(tmp_path / "lists" / "not-here") in first
 
 
 def test_column_mistakes_are_refused_before_the_model_loads(tmp_path, vocab, capsys, monkeypatch):

@@ -222,8 +222,10 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         for batch in loader if mine else ():
             if batch.failed_keys:
                 first_failure = first_failure or f"{batch.failed_sources[0]}: {batch.failed_errors[0]}"
-                for key, error in zip(batch.failed_keys, batch.failed_errors):
-                    line = one_line(f"ramtag: {key}: {error}")  # a key may hold a newline
+                for key, source, error in zip(batch.failed_keys, batch.failed_sources, batch.failed_errors):
+                    # a relative path names its file only with where it was looked for
+                    where = f" ({source})" if source != key and error.startswith("cannot read:") else ""
+                    line = one_line(f"ramtag: {key}: {error}{where}")  # a key may hold a newline
                     if info.is_main:
                         progress.log(line)
                     elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
@@ -287,7 +289,9 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             f"{summary.images_per_second:.1f} img/s{where}"
         )
     if failed:
-        every = f"; none could, the first: {one_line(first_failure)}" if not tagged and first_failure else ""
+        # with --quiet the rows' lines were not printed: name the first, which usually explains them all
+        quiet_first = not tagged and first_failure and options.quiet
+        every = f"; none could, the first: {one_line(first_failure)}" if quiet_first else ""
         raise PartialFailure(f"{failed} input(s) could not be tagged{every}; see the error column of the output")
     if final.errors:  # the exit status reports the final table, whichever run wrote its error rows
         raise PartialFailure(
