@@ -266,3 +266,39 @@ def test_column_mistakes_are_refused_before_the_model_loads(tmp_path, vocab, cap
     shard = img2dataset_shard(tmp_path / "000000.tar", 0, 1)
     assert tag(vocab, shard, "--keep-columns", "json.nope", "-o", tmp_path / "o.parquet") == 2
     assert "not image bytes" in capsys.readouterr().err
+
+
+def test_struct_with_only_a_path_reads_the_file(tmp_path, vocab):
+    """datasets keeps a local image file by path (bytes null) unless its files are embedded."""
+    (tmp_path / "img.jpg").write_bytes(image_bytes(3, "JPEG", (24, 24)))
+    images = pa.array([{"bytes": None, "path": "img.jpg"}, {"bytes": None, "path": None}], HF_IMAGE)
+    pq.write_table(pa.table({"image": images}), tmp_path / "t.parquet")
+    out = tmp_path / "tags.parquet"
+    assert tag(vocab, tmp_path / "t.parquet", "--image-column", "image", "-o", out) == 3
+    rows = rows_of(out)
+    assert rows["img.jpg"]["error"] is None and rows["img.jpg"]["tags"]
+    assert rows[f"{tmp_path / 't.parquet'}:1"]["error"] == "no image bytes in this row"
+
+
+def test_image_column_with_no_table_is_refused(tmp_path, vocab, capsys):
+    (tmp_path / "a.jpg").write_bytes(image_bytes(3, "JPEG", (24, 24)))
+    assert tag(vocab, tmp_path, "--image-column", "image", "-o", tmp_path / "t.parquet") == 2
+    assert "no input is a table" in capsys.readouterr().err
+
+
+def test_dataset_dict_folder_reads_every_split(tmp_path):
+    from ramtag.data.sources import plan_inputs
+
+    for split, rows in (("train", 3), ("test", 2)):
+        folder = tmp_path / "dd" / split
+        folder.mkdir(parents=True)
+        table = hf_table(rows)
+        with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+        (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+        (folder / "dataset_info.json").write_text("{}")
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    plan = plan_inputs([str(tmp_path / "dd")], image_column="image", keep_columns=["label"])
+    assert [Path(path).parent.name for path in plan.tables] == ["train", "test"]
+    assert plan.extra_schema == pa.schema([("label", pa.int64())])

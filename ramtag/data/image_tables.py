@@ -33,6 +33,7 @@ TABLE_SUFFIXES = (".parquet", ".arrow")
 READ_ROWS = 64
 """Rows read from a table at a time: a few images' bytes in memory, not a row group's."""
 
+_PROBE_ENTRIES = 10_000
 RENAMED_COLUMNS = {"key": "source_key"}
 """Carried columns whose names are ramtag's own output columns, and the names they are written under."""
 
@@ -95,10 +96,12 @@ def _folder_tables(folder: str, probe: bool = False) -> list[str]:
             raise DataError(f"{root / 'state.json'}: cannot read ({exc})") from exc
         return [str(root / entry["filename"]) for entry in state.get("_data_files", [])]
     found = []
+    seen = 0
     for directory, subdirectories, names in os.walk(folder):
         subdirectories.sort()
         found.extend(os.path.join(directory, name) for name in sorted(names) if name.lower().endswith(".parquet"))
-        if probe and found:
+        seen += len(names)
+        if probe and (found or seen > _PROBE_ENTRIES):  # a folder of images is not walked whole to say so
             break
     return found
 
@@ -301,7 +304,8 @@ def iter_rows(piece: TablePiece, columns: Sequence[str]) -> Iterator[pa.RecordBa
 
 
 def image_cell(value: Any) -> tuple[bytes | None, str | None]:
-    """A cell of the image column -> (bytes, the struct's path); (None, _) when the row holds no image."""
+    """A cell of the image column -> (bytes, the struct's path); (None, _) when the row holds no bytes (a
+    Hugging Face struct may hold only the path of a local file, which ``datasets`` then reads)."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
         return (bytes(data) if data is not None else None), (path or None)

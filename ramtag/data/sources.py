@@ -246,6 +246,11 @@ def plan_inputs(
                 raise DataError(f"{item}: no such file or directory")
     if key_column and not image_column:
         raise UsageError("--key-column names the key column of tables read with --image-column")
+    if image_column and not tables:
+        raise UsageError(
+            f"--image-column {image_column}: no input is a table that holds images (.parquet, .arrow, a folder of "
+            "them or a Hugging Face save_to_disk folder)"
+        )
     if keep_columns and extra_schema is None and not shards and not tables:
         raise UsageError(
             "--keep-columns carries manifest columns (or table columns, shard members), but no manifest "

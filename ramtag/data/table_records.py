@@ -6,6 +6,7 @@ whose file cannot be read to the end of its rows ends with one error row keyed `
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ def table_records(
                 if key in skip:
                     continue
                 extra = {output_column(name): columns[name][offset] for name in unit.columns}
+                if data is None and struct_path:  # datasets stores local files by path unless embedded
+                    data = _beside(struct_path, unit.url)
                 if data is None:
                     yield Record(key, source, None, "no image bytes in this row", extra)
                     continue
@@ -66,6 +69,14 @@ def table_records(
         if key not in skip:
             where = f" after row {row - 1}" if row > unit.start_row else ""
             yield Record(key, source, None, printable(f"cannot read table rows{where}: {_first_line(exc)}"))
+
+
+def _beside(path: str, table: str) -> str:
+    """A struct's path as written, or beside the table when only that names a file."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(os.path.dirname(table), path)
+    return candidate if os.path.exists(candidate) else path
 
 
 def _row_key(unit: Unit, columns: dict[str, list[Any]], offset: int, struct_path: str | None, row: int) -> str:

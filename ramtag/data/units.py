@@ -197,8 +197,12 @@ def check_input_columns(
         if "://" not in item and not item.startswith("pipe:")
         and ((is_shard_input(item) and keep_columns) or (image_column and is_table_input(item)))
     ]
-    if quick:
-        plan_inputs(quick, keep_columns=keep_columns, image_column=image_column, key_column=key_column)
+    tables = image_column is not None and any(is_table_input(item) for item in quick)
+    if quick:  # (without tables here, --image-column is checked against every input when the run is planned)
+        plan_inputs(
+            quick, keep_columns=keep_columns, image_column=image_column if tables else None,
+            key_column=key_column if tables else None,
+        )
 
 
 def listed_inputs(items: Sequence[str]) -> str:
