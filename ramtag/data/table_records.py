@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ramtag.data.image_tables import TablePiece, image_cell, iter_rows, output_column, table_pieces
 from ramtag.data.sources import Record, Transform, _decode, _first_line, printable
 
-if TYPE_CHECKING:
-    from ramtag.data.units import Unit
+
+class Unit(Protocol):
+    """What a table unit (:class:`ramtag.data.units.Unit`, which imports this module) holds."""
+
+    url: str
+    name: str
+    rows: int
+    columns: tuple[str, ...]
+    image_column: str
+    key_column: str
+    first: int
+    count: int
+    start_row: int
+
+    @property
+    def error_key(self) -> str | None: ...
 
 
 def table_unit_fields(
