@@ -302,3 +302,40 @@ def test_dataset_dict_folder_reads_every_split(tmp_path):
     plan = plan_inputs([str(tmp_path / "dd")], image_column="image", keep_columns=["label"])
     assert [Path(path).parent.name for path in plan.tables] == ["train", "test"]
     assert plan.extra_schema == pa.schema([("label", pa.int64())])
+
+
+def test_shards_killed_mid_run_resume_with_their_columns_once(tmp_path, vocab, monkeypatch):
+    shards = [img2dataset_shard(tmp_path / f"00000{index}.tar", 3 * index, 3) for index in range(2)]
+    out = tmp_path / "tags"
+    from ramtag.data.sources import ShardDataset
+
+    original = ShardDataset.read_shard
+
+    def killed_in_the_second_shard(self, url):
+        for count, record in enumerate(original(self, url)):
+            if url.endswith("000001.tar") and count == 1:
+                raise KeyboardInterrupt
+            yield record
+
+    monkeypatch.setattr(ShardDataset, "read_shard", killed_in_the_second_shard)
+    pattern = str(tmp_path / "00000{0..1}.tar")
+    columns = ("--keep-columns", "__key__,txt")
+    assert tag(vocab, pattern, *columns, "-o", f"{out}/", "--part-rows", 1) == 130
+    monkeypatch.setattr(ShardDataset, "read_shard", original)
+    assert tag(vocab, pattern, *columns, "-o", f"{out}/", "--resume") == 0
+    rows = rows_of(out)
+    assert sorted(rows) == [f"{shards[shard].name}/{key:09d}" for shard in range(2) for key in range(3 * shard, 3 * shard + 3)]
+    assert all(row["txt"] == f"caption {int(row['sample_key'])}" for row in rows.values())
+
+
+def test_table_units_read_by_several_workers(tmp_path, vocab):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for shard in range(2):
+        pq.write_table(hf_table(3, paths=False), hub / f"train-0000{shard}-of-00002.parquet")
+    out = tmp_path / "tags.parquet"
+    code = run_cli("tag", hub, "--image-column", "image", "--keep-columns", "label", "-o", out, "--labels", vocab,
+                   "--model", "demo", "--device", "cpu", "--workers", 2, "-q")
+    assert code == 0
+    rows = rows_of(out)
+    assert len(rows) == 6 and sorted(row["label"] for row in rows.values()) == [0, 0, 1, 1, 2, 2]
