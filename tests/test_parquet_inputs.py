@@ -324,7 +324,8 @@ def test_shards_killed_mid_run_resume_with_their_columns_once(tmp_path, vocab, m
     monkeypatch.setattr(ShardDataset, "read_shard", original)
     assert tag(vocab, pattern, *columns, "-o", f"{out}/", "--resume") == 0
     rows = rows_of(out)
-    assert sorted(rows) == [f"{shards[shard].name}/{key:09d}" for shard in range(2) for key in range(3 * shard, 3 * shard + 3)]
+    expected = [f"{shards[shard].name}/{key:09d}" for shard in range(2) for key in range(3 * shard, 3 * shard + 3)]
+    assert sorted(rows) == expected
     assert all(row["txt"] == f"caption {int(row['sample_key'])}" for row in rows.values())
 
 
