@@ -515,7 +515,7 @@ def _add_manifest(
     renamed = sorted(name for name in keep_columns if output_column(name) in keep_columns and name in RENAMED_COLUMNS)
     if renamed:
         raise UsageError(f"--keep-columns {renamed[0]} is written as {output_column(renamed[0])}, which is kept too")
-    beside = base is None
+    beside = base is None and "://" not in manifest  # (a URL's folder is not a Path)
     if beside:  # relative paths name files beside the manifest
         base = Path(manifest).parent
     columns = [path_column] + [name for name in keep_columns if name != path_column]
