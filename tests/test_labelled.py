@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,18 @@ def test_zsl_set_from_the_gzsl_file_is_the_reference_zsl_file():
     ours = sorted((item.key, tuple(sorted(unseen.intersection(item.labels)))) for _, item in selected)
     theirs = sorted((item.key, tuple(sorted(item.labels))) for item in zsl.items)
     assert ours == theirs
+
+
+def test_relative_paths_name_files_beside_the_annotation_file(tmp_path: Path, monkeypatch):
+    write_image(tmp_path / "set" / "img" / "a.png", seed=7)
+    manifest = tmp_path / "set" / "labels.jsonl"
+    manifest.write_text(json.dumps({"image": "img/a.png", "labels": ["sky"]}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    source = open_labelled_source("set/labels.jsonl")
+    assert source.items == (LabelledItem("img/a.png", os.path.join("set", "img/a.png"), ("sky",)),)
+    found, tally = read_all(labelled_dataset(source, ("sky",), to_tensor))
+    assert list(found) == ["img/a.png"] and not tally.failed
+    elsewhere = open_labelled_source("set/labels.jsonl", root=tmp_path / "other")  # --root still wins
+    assert elsewhere.items[0].path == str(tmp_path / "other" / "img/a.png")
+    _, tally = read_all(labelled_dataset(elsewhere, ("sky",), to_tensor))
+    assert str(tmp_path / "other" / "img/a.png") in tally.failed[0][1]  # the failure says where it looked

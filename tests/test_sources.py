@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ramtag.data.shard_columns import parse_shard_columns
 from ramtag.data.sources import (
     FileDataset,
     ShardDataset,
@@ -439,3 +440,74 @@ def test_a_folder_without_images_is_a_warning(tmp_path):
     plan = plan_inputs([str(tmp_path / "empty")])
     assert plan.files.num_rows == 0
     assert len(plan.warnings) == 1 and "no image files" in plan.warnings[0]
+
+
+# -- relative paths in manifests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_manifest_paths_resolve_beside_the_manifest(fmt, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    table = pa.table({"path": ["b.png", "sub/c.PnG"], "id": [1, 2]})
+    manifest = photos / f"m.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(table, manifest)
+    elif fmt == "csv":
+        manifest.write_text("path,id\nb.png,1\nsub/c.PnG,2\n")
+    else:
+        manifest.write_text('{"path": "b.png", "id": 1}\n{"path": "sub/c.PnG", "id": 2}\n')
+    plan = plan_inputs([str(manifest)])
+    assert keys_of(plan) == ["b.png", "sub/c.PnG"]  # keys stay as written
+    assert plan.files["path"].to_pylist() == [str(photos / "b.png"), str(photos / "sub/c.PnG")]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    overridden = plan_inputs([str(manifest)], root=other)  # --root still wins
+    assert overridden.files["path"].to_pylist() == [str(other / "b.png"), str(other / "sub/c.PnG")]
+
+
+def test_manifest_written_for_the_current_directory_gets_a_hint(photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(photos)
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    manifest = folder / "m.csv"
+    manifest.write_text("path\nb.png\n")
+    warnings: list[str] = []
+    plan_inputs([str(manifest)], on_warning=warnings.append)
+    assert len(warnings) == 1 and "--root ." in warnings[0]
+
+
+def test_keep_columns_key_is_carried_as_source_key(photos):
+    manifest = photos / "m.csv"
+    manifest.write_text("path,key\nb.png,000000001\n")
+    warnings: list[str] = []
+    plan = plan_inputs([str(manifest)], keep_columns=["key"], on_warning=warnings.append)
+    assert plan.extra_schema.names == ["source_key"]
+    assert plan.files["source_key"].to_pylist() == [1]  # as pyarrow's CSV reader types it
+    assert any("source_key" in warning for warning in warnings)
+    with pytest.raises(UsageError, match="kept too"):
+        plan_inputs([str(manifest)], keep_columns=["key", "source_key"])
+
+
+def test_parquet_image_column_named_as_path_column_is_refused_in_one_line(photos):
+    manifest = photos / "m.parquet"
+    pq.write_table(pa.table({"jpg": [b"\xff\xd8"], "url": ["u"]}), manifest)
+    with pytest.raises(UsageError, match="holds image bytes .* pass --image-column jpg"):
+        plan_inputs([str(manifest)], path_column="jpg")
+    with pytest.raises(DataError, match="column jpg holds image bytes: pass --image-column jpg"):
+        plan_inputs([str(manifest)])
+
+
+def test_shard_keep_columns_plan_string_fields(tmp_path):
+    import json as jsonlib
+
+    shard = write_shard(
+        tmp_path / "000000.tar",
+        [("000000000", {"jpg": image_bytes(1), "txt": b"a caption\n", "json": jsonlib.dumps({"url": "u"}).encode()})],
+    )
+    plan = plan_inputs([str(shard)], keep_columns=["__key__", "txt", "json.url"])
+    assert plan.extra_schema == pa.schema([("sample_key", pa.string()), ("txt", pa.string()), ("url", pa.string())])
+    dataset = ShardDataset(plan.shards, as_tensor, columns=parse_shard_columns(["__key__", "txt", "json.url"]))
+    (record,) = list(dataset)
+    assert record.extra == {"sample_key": "000000000", "txt": "a caption", "url": "u"}
+    with pytest.raises(UsageError, match="no such member or JSON field"):
+        plan_inputs([str(shard)], keep_columns=["cls"])

@@ -126,7 +126,33 @@ def tag(
         Optional[str],
         typer.Option(
             "--keep-columns",
-            help="Comma-separated manifest columns to carry into the output.",
+            help=(
+                "Comma-separated columns to carry into the output: manifest or table columns; for shards, members "
+                "(txt), JSON fields (json.url) or __key__ (as sample_key). A column named key is written as source_key."
+            ),
+            rich_help_panel=INPUT_PANEL,
+        ),
+    ] = None,
+    image_column: Annotated[
+        Optional[str],
+        typer.Option(
+            "--image-column",
+            metavar="COLUMN",
+            help=(
+                "Parquet/Arrow inputs (files, folders, Hugging Face save_to_disk folders) hold their images in COLUMN: "
+                "binary (img2dataset's jpg) or struct<bytes, path> (Hugging Face)."
+            ),
+            show_default=False,
+            rich_help_panel=INPUT_PANEL,
+        ),
+    ] = None,
+    key_column: Annotated[
+        Optional[str],
+        typer.Option(
+            "--key-column",
+            metavar="COLUMN",
+            help="With --image-column: the row key column.",
+            show_default="the struct's path, else FILE:ROW",
             rich_help_panel=INPUT_PANEL,
         ),
     ] = None,
@@ -135,6 +161,7 @@ def tag(
         typer.Option(
             "--root",
             help="Resolve relative paths of lists, stdin and manifests against DIR.",
+            show_default="the current directory; a manifest's own folder for its paths",
             rich_help_panel=INPUT_PANEL,
         ),
     ] = None,
@@ -306,6 +333,7 @@ def tag(
         sidecars=SidecarOptions(
             parse_sidecar_kinds(sidecars), sidecar_mode, sidecar_dir, exclude_tags, replace_underscores, prefix
         ),
+        image_column=image_column, key_column=key_column,
     )
     info = dist.setup(device)
     try:

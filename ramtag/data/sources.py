@@ -5,9 +5,14 @@ manifests (``.parquet``, ``.csv``, ``.jsonl``) and shards (local tars, brace pat
 commands, URLs). Row keys: the path relative to its directory for directory finds, the path as
 given for files, lists and manifests, ``shardname/__key__`` for shard samples.
 
-Relative paths in lists, stdin and manifests are opened relative to ``root`` (default: the
-current directory), never relative to the list file, so that ``find photos | ramtag tag -`` and
-``@list.txt`` behave alike.
+Relative paths in lists and stdin are opened relative to ``root`` (default: the current directory),
+never relative to the list file, so that ``find photos | ramtag tag -`` and ``@list.txt`` behave alike.
+Relative paths in manifests are opened relative to ``root`` when given, else relative to the manifest's
+own folder (the way img2dataset and COCO files are used); their keys stay as written.
+
+With ``image_column``, Parquet and Arrow files (and folders of them, and ``datasets`` ``save_to_disk``
+folders) are tables that hold their images (see :mod:`ramtag.data.image_tables`); they are listed in
+``InputPlan.tables`` and read by work unit, never here.
 
 :func:`plan_inputs` only lists; :class:`FileDataset` and :class:`ShardDataset` decode. Neither
 dataset raises for a bad image: it yields a record whose ``error`` says why.
@@ -29,7 +34,24 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ramtag.data.image_tables import (
+    RENAMED_COLUMNS,
+    check_path_column,
+    image_columns_hint,
+    is_table_input,
+    merged_schema,
+    output_column,
+    table_files,
+    tables_carried_schema,
+)
 from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
+from ramtag.data.shard_columns import (
+    ShardColumn,
+    check_sample_has,
+    parse_shard_columns,
+    sample_values,
+    shard_columns_schema,
+)
 from ramtag.errors import DataError, UsageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -66,6 +88,8 @@ class InputPlan:
     shards: list[str]
     extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     warnings: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    """Parquet/Arrow files that hold their images (``image_column``), read by work unit."""
 
     def files_for_rank(self, rank: int, world_size: int) -> pa.Table:
         """This rank's share of files: every ``world_size``-th item from ``rank`` on."""
@@ -80,7 +104,7 @@ class InputPlan:
         if not done or self.files.num_rows == 0:
             return self
         keep = pc.invert(pc.is_in(self.files["key"], value_set=pa.array(done, pa.string())))
-        return InputPlan(self.files.filter(keep), self.shards, self.extra_schema, self.warnings)
+        return InputPlan(self.files.filter(keep), self.shards, self.extra_schema, self.warnings, self.tables)
 
     def shard_split_problem(self, world_size: int, workers: int) -> str | None:
         """A message when shards cannot keep every rank's DataLoader workers busy, else None."""
@@ -167,8 +191,14 @@ def plan_inputs(
     stdin: TextIO | None = None,
     root: str | os.PathLike | None = None,
     on_warning: Warn | None = None,
+    image_column: str | None = None,
+    key_column: str | None = None,
 ) -> InputPlan:
     """List what ``inputs`` name, without decoding any image.
+
+    ``keep_columns`` names manifest columns, columns of image tables and, for shards, members, JSON fields
+    and ``__key__`` (:mod:`ramtag.data.shard_columns`); every input of those kinds must have them. A column
+    named like one of ramtag's own (``key``) is carried under another name (``source_key``), with a warning.
 
     Missing command-line paths, unreadable lists or manifests, unexpanded or empty patterns and
     keys that two different files would share raise :class:`DataError`; missing files named
@@ -187,6 +217,7 @@ def plan_inputs(
     base = Path(root) if root is not None else None
     collector = _Collector()
     shards: list[str] = []
+    tables: list[str] = []
     extra_schema: pa.Schema | None = None
     stdin_used = False
     for raw in inputs:
@@ -199,10 +230,12 @@ def plan_inputs(
                 _add_listed(collector, stream, "-", base, warn)
             elif item.startswith("@"):
                 _add_list_file(collector, item[1:], base, warn)
+            elif image_column and is_table_input(item):
+                tables.extend(table_files(item))
             elif _is_shard(item):
                 shards.append(_checked_shard(item))
             elif _has_suffix(item, MANIFEST_EXTENSIONS):
-                extra_schema = _add_manifest(collector, item, path_column, keep_columns, base, extra_schema)
+                extra_schema = _add_manifest(collector, item, path_column, keep_columns, base, extra_schema, warn)
             elif os.path.isdir(item):
                 _add_directory(collector, item, warn)
             elif os.path.exists(item):
@@ -211,14 +244,47 @@ def plan_inputs(
                 raise DataError(f"{item}: remote inputs must be WebDataset shards (.tar)")
             else:
                 raise DataError(f"{item}: no such file or directory")
-    if keep_columns and extra_schema is None:
-        raise UsageError("--keep-columns carries manifest columns, but no manifest (.parquet, .csv, .jsonl) was given")
-    files = _drop_repeats(_files_table(collector, extra_schema or pa.schema([])), warn)
+    if key_column and not image_column:
+        raise UsageError("--key-column names the key column of tables read with --image-column")
+    if image_column and not tables:
+        raise UsageError(
+            f"--image-column {image_column}: no input is a table that holds images (.parquet, .arrow, a folder of "
+            "them or a Hugging Face save_to_disk folder)"
+        )
+    if keep_columns and extra_schema is None and not shards and not tables:
+        raise UsageError(
+            "--keep-columns carries manifest columns (or table columns, shard members), but no manifest "
+            "(.parquet, .csv, .jsonl), table (--image-column) or shard was given"
+        )
+    unique_tables = list(dict.fromkeys(tables))
     unique_shards = list(dict.fromkeys(shards))
     if len(unique_shards) < len(shards):
         warn(f"{len(shards) - len(unique_shards)} shard(s) named more than once; each is read once")
     _refuse_shared_shard_names(unique_shards)
-    return InputPlan(files, unique_shards, extra_schema or pa.schema([]), warnings)
+    schemas = [extra_schema] if extra_schema is not None else []
+    if unique_tables:
+        schemas.append(tables_carried_schema(unique_tables, image_column or "", key_column, keep_columns))
+    if unique_shards and keep_columns:
+        schemas.append(_shard_schema(unique_shards[0], parse_shard_columns(keep_columns)))
+    carried = merged_schema(schemas)
+    for name in keep_columns:
+        if name in RENAMED_COLUMNS:
+            warn(f"--keep-columns {name}: written as column {output_column(name)} ({name} is ramtag's row key)")
+    files = _drop_repeats(_files_table(collector, carried), warn)
+    return InputPlan(files, unique_shards, carried, warnings, unique_tables)
+
+
+def _shard_schema(url: str, columns: Sequence[ShardColumn]) -> pa.Schema:
+    """The shard columns' fields, after checking the first sample of the first shard has each name."""
+    try:
+        samples = iter_shard_samples(url)
+        first = next(samples, None)
+        samples.close()
+    except Exception:  # an unreadable shard becomes its error row when the run reads it
+        first = None
+    if first is not None:
+        check_sample_has(first, columns, shard_name(url))
+    return shard_columns_schema(columns)
 
 
 def _refuse_shared_shard_names(shards: Sequence[str]) -> None:
@@ -406,7 +472,8 @@ def _read_manifest(path: str, columns: list[str]) -> pa.Table:
         import pyarrow.parquet as pq
 
         schema = pq.read_schema(path)
-        _require_columns(path, columns, schema.names)
+        _require_columns(path, columns, schema.names, image_columns_hint(schema))
+        check_path_column(path, columns[0], schema.field(columns[0]).type)
         return pq.read_table(path, columns=columns)
     if lowered.endswith(".csv"):
         import pyarrow.csv as pacsv
@@ -424,10 +491,10 @@ def _read_manifest(path: str, columns: list[str]) -> pa.Table:
     return table.select(columns)
 
 
-def _require_columns(path: str, wanted: list[str], present: list[str]) -> None:
+def _require_columns(path: str, wanted: list[str], present: list[str], hint: str = "") -> None:
     missing = [name for name in wanted if name not in present]
     if missing:
-        raise DataError(f"{path}: no column(s) {', '.join(missing)} (columns: {', '.join(present)})")
+        raise DataError(f"{path}: no column(s) {', '.join(missing)} (columns: {', '.join(present)}){hint}")
 
 
 def _add_manifest(
@@ -437,21 +504,28 @@ def _add_manifest(
     keep_columns: Sequence[str],
     base: Path | None,
     extra_schema: pa.Schema | None,
+    warn: Warn | None = None,
 ) -> pa.Schema:
     if not os.path.isfile(manifest):
         raise DataError(f"{manifest}: no such manifest")
-    reserved = {"key", "source", "tags", "error", "scores"}
+    reserved = {"key", "source", "tags", "error", "scores"} - set(RENAMED_COLUMNS)
     clashes = sorted(reserved.intersection(keep_columns))
     if clashes:
         raise DataError(f"--keep-columns {', '.join(clashes)}: these names are output columns of ramtag")
+    renamed = sorted(name for name in keep_columns if output_column(name) in keep_columns and name in RENAMED_COLUMNS)
+    if renamed:
+        raise UsageError(f"--keep-columns {renamed[0]} is written as {output_column(renamed[0])}, which is kept too")
+    beside = base is None and "://" not in manifest  # (a URL's folder is not a Path)
+    if beside:  # relative paths name files beside the manifest
+        base = Path(manifest).parent
     columns = [path_column] + [name for name in keep_columns if name != path_column]
     try:
         table = _read_manifest(manifest, columns)
-    except DataError:
+    except (DataError, UsageError):
         raise
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise DataError(f"{manifest}: cannot read manifest ({_first_line(exc)})") from exc
-    extra = table.select(list(keep_columns))
+    extra = table.select(list(keep_columns)).rename_columns([output_column(name) for name in keep_columns])
     if extra_schema is None:
         extra_schema = extra.schema.remove_metadata()
     else:
@@ -462,6 +536,8 @@ def _add_manifest(
                 f"{manifest}: --keep-columns types differ from an earlier manifest ({_first_line(exc)})"
             ) from exc
     paths = table[path_column].cast(pa.string()).to_pylist()
+    if beside and warn is not None:
+        _warn_when_paths_look_cwd_relative(manifest, paths, base, warn)
     start = len(collector.keys)
     for row, path in enumerate(paths, start=1):
         if path is None or not path.strip():
@@ -470,6 +546,18 @@ def _add_manifest(
             collector.add(path, _resolve(path, base), _resolve(path, base))
     collector.extra_tables.append((start, extra))
     return extra_schema
+
+
+def _warn_when_paths_look_cwd_relative(manifest: str, paths: Sequence[str | None], base: Path, warn: Warn) -> None:
+    """One stat, not one per row: the first relative path missing beside the manifest but present from the
+    current directory means the manifest was written for the old rule; say how to get it."""
+    first = next((path for path in paths if path and path.strip() and not os.path.isabs(path)), None)
+    if first is None or os.path.exists(base / first) or not os.path.exists(first):
+        return
+    warn(
+        f"{manifest}: relative paths are read from the manifest's folder ({base}), where {first} is missing; "
+        "it exists from the current directory: pass --root . to read them from there"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -492,6 +580,10 @@ def _files_table(collector: _Collector, extra_schema: pa.Schema) -> pa.Table:
         for start, table in collector.extra_tables:
             if start > cursor:
                 pieces.append(pa.nulls(start - cursor, extra_field.type))
+            if extra_field.name not in table.column_names:  # a column that only tables or shards carry
+                pieces.append(pa.nulls(table.num_rows, extra_field.type))
+                cursor = start + table.num_rows
+                continue
             chunk = table[extra_field.name].combine_chunks()
             pieces.append(chunk.cast(extra_field.type))
             cursor = start + table.num_rows
@@ -682,8 +774,11 @@ class ShardDataset(IterableDataset):
         skip_keys: Iterable[str] = (),
         max_pixels: int | None = PIL_LIMIT,
         draft_size: int | None = None,
+        columns: Sequence[ShardColumn] = (),
     ) -> None:
         check_rank(rank, world_size)
+        self.columns = list(columns)
+        """Carried members, JSON fields or the sample key (:mod:`ramtag.data.shard_columns`)."""
         self.shards = list(shards)
         self.transform = transform
         self.rank = rank
@@ -733,10 +828,10 @@ class ShardDataset(IterableDataset):
                     linked = ", ".join(m for m in sample.get(LINK_MEMBERS, []) if m in SHARD_IMAGE_MEMBERS)
                     reason = (f"image member is a link ({linked}); links in shards are not followed" if linked
                               else f"no image in sample (members: {members})")
-                    yield Record(key, source, None, printable(reason))
+                    yield Record(key, source, None, printable(reason), sample_values(sample, self.columns))
                     continue
                 image, error = _decode(data, self.transform, self.max_pixels, self.draft_size)
-                yield Record(key, source, image, error)
+                yield Record(key, source, image, error, sample_values(sample, self.columns))
         except Exception as exc:  # tar, pipe and network errors: record them, go on to the next shard
             key = f"{name}/"
             if key not in self.skip_keys:

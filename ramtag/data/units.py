@@ -1,6 +1,7 @@
 """Work units: the plan of a run as a small list of units, each read on its own.
 
-A unit is one shard, or one row group of the *listing*: the image files that folders, lists, stdin
+A unit is one shard, a run of row groups of a table that holds its images (``--image-column``,
+:mod:`ramtag.data.image_tables`), or one row group of the *listing*: the image files that folders, lists, stdin
 and manifests name, spilled once by rank 0 into ``listing.parquet`` in the output's work directory
 with one row group per unit. The unit list (``units.json``) is all a rank or DataLoader worker
 receives; each reads its own unit's rows from the listing, so nothing of size O(images) is
@@ -27,7 +28,9 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ramtag.atomic import atomic_path, write_json
+from ramtag.data.image_tables import is_table_input
 from ramtag.data.images import PIL_LIMIT
+from ramtag.data.shard_columns import parse_shard_columns
 from ramtag.data.sources import (
     IMAGE_EXTENSIONS,
     Batch,
@@ -41,6 +44,7 @@ from ramtag.data.sources import (
     printable,
     shard_name,
 )
+from ramtag.data.table_records import table_records, table_unit_fields
 from ramtag.errors import UsageError
 
 LISTING_FILE = "listing.parquet"
@@ -52,7 +56,8 @@ _BASE_COLUMNS = ("key", "source", "path", "error")
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work: a shard (``url``, known by ``name``) or row group ``group`` of the listing."""
+    """One unit of work: a shard (``url``, known by ``name``), row group ``group`` of the listing, or
+    ``count`` row groups (record batches) from ``first`` on of the table ``url`` in format ``name``."""
 
     id: int
     kind: str
@@ -60,10 +65,24 @@ class Unit:
     group: int = -1
     url: str = ""
     name: str = ""
+    columns: tuple[str, ...] = ()
+    """What a shard or table unit carries (``--keep-columns`` as given); the listing holds its own."""
+    image_column: str = ""
+    key_column: str = ""
+    first: int = 0
+    count: int = 0
+    start_row: int = 0
+    """A table unit's first row in its file (row keys count rows of the file)."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Unit:
+        return cls(**{**values, "columns": tuple(values.get("columns", ()))})
 
     @property
     def error_key(self) -> str | None:
-        """The key of the row that records a shard that could not be read to its end."""
+        """The key of the row that records a shard or table unit that could not be read to its end."""
+        if self.kind == "table":
+            return f"{printable(self.url)}:{self.start_row}-{self.start_row + self.rows - 1}"
         return f"{printable(self.name)}/" if self.kind == "shard" else None
 
 
@@ -98,13 +117,19 @@ class UnitPlan:
     listing: Path
 
 
-def _listing_spec(inputs: Sequence[str], path_column: str, keep_columns: Sequence[str], root: Any) -> dict:
-    return {
+def _listing_spec(
+    inputs: Sequence[str], path_column: str, keep_columns: Sequence[str], root: Any, image_column: str | None,
+    key_column: str | None,
+) -> dict:
+    spec = {
         "file_inputs": [item for item in inputs if not is_shard_input(item)],
         "path_column": path_column,
         "keep_columns": list(keep_columns),
         "root": None if root is None else os.fspath(root),
     }
+    if image_column:  # only when given, so that runs frozen by an older ramtag still match
+        spec.update(image_column=image_column, key_column=key_column)
+    return spec
 
 
 def plan_units(
@@ -119,6 +144,8 @@ def plan_units(
     on_warning: Callable[[str], None] | None = None,
     allow_empty: bool = False,
     spread_over: int = 1,
+    image_column: str | None = None,
+    key_column: str | None = None,
 ) -> UnitPlan:
     """The units of a run (rank 0): from ``units.json`` when an earlier run of this output froze them, else
     listed now, the listing written to the work directory. Refuses a run that finds no image at all.
@@ -126,7 +153,7 @@ def plan_units(
     A unit of the listing holds ``unit_rows`` rows, or fewer (down to ``MIN_UNIT_ROWS``) so that a short
     listing still makes ``spread_over`` units: one DataLoader worker reads a unit, and every worker of
     every rank should have one."""
-    spec = _listing_spec(inputs, path_column, keep_columns, root)
+    spec = _listing_spec(inputs, path_column, keep_columns, root, image_column, key_column)
     frozen = _read_units_file(work_dir)
     listing = work_dir / LISTING_FILE
     if frozen is not None:
@@ -135,30 +162,54 @@ def plan_units(
                 f"the run in {work_dir} listed {listed_inputs(frozen['spec']['file_inputs'])} with its options; "
                 "resume with the same image inputs (only shards may change), or pass --overwrite to start over"
             )
-        units = [Unit(**unit) for unit in frozen["units"]]
+        units = [Unit.from_dict(unit) for unit in frozen["units"]]
         shard_inputs = [item for item in inputs if is_shard_input(item)]
         if shard_inputs != frozen["shard_inputs"]:
-            units = _merge_shards(units, plan_inputs(shard_inputs, on_warning=on_warning).shards)
+            shards = plan_inputs(shard_inputs, keep_columns=keep_columns, on_warning=on_warning).shards
+            units = _merge_shards(units, shards, keep_columns)
             _write_units_file(work_dir, spec, shard_inputs, units)
         return UnitPlan(units, _extra_schema(listing), listing)
     plan = plan_inputs(
-        inputs, path_column=path_column, keep_columns=keep_columns, stdin=stdin, root=root, on_warning=on_warning
+        inputs, path_column=path_column, keep_columns=keep_columns, stdin=stdin, root=root, on_warning=on_warning,
+        image_column=image_column, key_column=key_column,
     )
-    if plan.files.num_rows == 0 and not plan.shards and not allow_empty:
+    if plan.files.num_rows == 0 and not plan.shards and not plan.tables and not allow_empty:
         raise UsageError(describe_empty_inputs(inputs))
     rows_per_unit = max(1, min(unit_rows, max(MIN_UNIT_ROWS, -(-plan.files.num_rows // max(1, spread_over)))))
     groups = _write_listing(listing, plan.files, rows_per_unit)
     units = [Unit(index, "rows", rows=rows, group=index) for index, rows in enumerate(groups)]
-    units = _merge_shards(units, plan.shards)
+    tables = table_unit_fields(plan.tables, unit_rows, image_column or "", key_column, keep_columns)
+    units += [Unit(len(units) + index, **fields) for index, fields in enumerate(tables)]
+    units = _merge_shards(units, plan.shards, keep_columns)
     _write_units_file(work_dir, spec, [item for item in inputs if is_shard_input(item)], units)
     return UnitPlan(units, plan.extra_schema, listing)
+
+
+def check_input_columns(
+    inputs: Sequence[str], *, keep_columns: Sequence[str] = (), image_column: str | None = None,
+    key_column: str | None = None,
+) -> None:
+    """What can be checked of the carried and image columns in a second, before a model loads: the schemas of
+    tables (footers only) and the first sample of the first local shard. Manifests, which must be read whole,
+    and remote shards are checked when the run is planned."""
+    quick = [
+        item for item in inputs
+        if "://" not in item and not item.startswith("pipe:")
+        and ((is_shard_input(item) and keep_columns) or (image_column and is_table_input(item)))
+    ]
+    tables = image_column is not None and any(is_table_input(item) for item in quick)
+    if quick:  # (without tables here, --image-column is checked against every input when the run is planned)
+        plan_inputs(
+            quick, keep_columns=keep_columns, image_column=image_column if tables else None,
+            key_column=key_column if tables else None,
+        )
 
 
 def listed_inputs(items: Sequence[str]) -> str:
     return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "") if items else "no images"
 
 
-def _merge_shards(units: list[Unit], shards: Sequence[str]) -> list[Unit]:
+def _merge_shards(units: list[Unit], shards: Sequence[str], columns: Sequence[str] = ()) -> list[Unit]:
     """Shards by name: a known name keeps its unit (and takes the new URL), a new one gets the next unit id."""
     by_name = {unit.name: index for index, unit in enumerate(units) if unit.kind == "shard"}
     merged = list(units)
@@ -167,10 +218,10 @@ def _merge_shards(units: list[Unit], shards: Sequence[str]) -> list[Unit]:
         name = shard_name(url)
         if name in by_name:
             old = merged[by_name[name]]
-            merged[by_name[name]] = Unit(old.id, "shard", url=url, name=name)
+            merged[by_name[name]] = Unit(old.id, "shard", url=url, name=name, columns=tuple(columns))
         else:
             by_name[name] = len(merged)
-            merged.append(Unit(next_id, "shard", url=url, name=name))
+            merged.append(Unit(next_id, "shard", url=url, name=name, columns=tuple(columns)))
             next_id += 1
     return merged
 
@@ -203,6 +254,9 @@ def _write_units_file(work_dir: Path, spec: dict, shard_inputs: list[str], units
     write_json(work_dir / UNITS_FILE, {"spec": spec, "shard_inputs": shard_inputs, "units": [asdict(u) for u in units]})
 
 
+_FOUND_KINDS = (".tar", ".tar.gz", ".tgz", ".arrow", ".parquet")
+
+
 def describe_empty_inputs(inputs: Sequence[str]) -> str:
     """Why a run found no image: what each folder given holds, and what ramtag expected there."""
     found = []
@@ -214,14 +268,13 @@ def describe_empty_inputs(inputs: Sequence[str]) -> str:
         for _, _, names in os.walk(item):
             for name in names:
                 lowered = name.lower()
-                kind = next(
-                    (suffix for suffix in (".tar", ".tar.gz", ".tgz", ".arrow") if lowered.endswith(suffix)), ""
-                )
+                kind = next((suffix for suffix in _FOUND_KINDS if lowered.endswith(suffix)), "")
                 counts[kind or "other"] = counts.get(kind or "other", 0) + 1
             seen += len(names)
             if seen > 100_000:
                 break
         shards = counts.get(".tar", 0) + counts.get(".tar.gz", 0) + counts.get(".tgz", 0)
+        tables = counts.get(".parquet", 0)
         if shards:
             found.append(
                 f"{item} holds {shards} shard(s): shards go in as '{item.rstrip('/')}/*.tar' or a brace pattern "
@@ -229,8 +282,13 @@ def describe_empty_inputs(inputs: Sequence[str]) -> str:
             )
         elif counts.get(".arrow"):
             found.append(
-                f"{item} holds {counts['.arrow']} .arrow file(s), a Hugging Face save_to_disk folder: export its "
-                "images to files or WebDataset shards"
+                f"{item} holds {counts['.arrow']} .arrow file(s), a Hugging Face save_to_disk folder: tag its "
+                "images with --image-column COL (the image column, e.g. image)"
+            )
+        elif tables:
+            found.append(
+                f"{item} holds {tables} .parquet file(s): tag the images they hold with --image-column COL, or "
+                "name a manifest of paths as a file"
             )
         elif counts:
             found.append(f"{item} holds {sum(counts.values())} file(s), none of them an image")
@@ -333,9 +391,13 @@ class UnitDataset(IterableDataset):
     def _records(self, unit: Unit, skip: set[str]) -> Iterator[Record]:
         if unit.kind == "shard":
             reader = ShardDataset(
-                [unit.url], self.transform, skip_keys=skip, max_pixels=self.max_pixels, draft_size=self.draft_size
+                [unit.url], self.transform, skip_keys=skip, max_pixels=self.max_pixels, draft_size=self.draft_size,
+                columns=parse_shard_columns(unit.columns),
             )
             yield from reader.read_shard(unit.url)
+            return
+        if unit.kind == "table":
+            yield from table_records(unit, self.transform, skip, self.max_pixels, self.draft_size)
             return
         if self._listing_file is None:  # opened once per worker: its footer is O(units)
             self._listing_file = pq.ParquetFile(self.listing)

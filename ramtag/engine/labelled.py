@@ -118,7 +118,9 @@ def open_labelled_source(
     """Read DATA: one annotation file, or shard paths/patterns (``.tar``, braces, globs, ``pipe:``).
 
     ``prefix_map`` rewrites annotation paths first (``OLD=NEW``), then ``root`` resolves the ones still
-    relative. ``on_error="skip"`` drops bad JSONL lines (listed in ``skipped_lines``) instead of failing.
+    relative; without ``root`` they name files beside the annotation file (as COCO tools read them), and
+    their keys stay as written. ``on_error="skip"`` drops bad JSONL lines (listed in ``skipped_lines``)
+    instead of failing.
     """
     inputs = [data] if isinstance(data, str) else list(data)
     if not inputs:
@@ -135,9 +137,12 @@ def open_labelled_source(
         raise UsageError(f"give one annotation file, not {len(inputs)} (or WebDataset shards)")
     root_text = None if root is None else os.fspath(root)
     annotations = read_annotations(inputs[0], prefix_map=prefix_map, on_error=on_error)  # type: ignore[arg-type]
+    beside = os.path.dirname(os.fspath(inputs[0]))  # without --root, relative paths name files beside the file
     items = []
     for image in annotations.images:
         key, path = _key_and_path(image.path, root_text)
+        if root_text is None and beside and not os.path.isabs(path):
+            path = os.path.join(beside, path)
         items.append(LabelledItem(key, path, image.labels))
     return LabelledSource(
         description=str(inputs[0]),
@@ -435,6 +440,8 @@ class LabelledFiles(Dataset):
         target = _multi_hot(item.labels, self._column, len(self.classes))
         dropped = _outside(item.labels, self._space)
         image, error = _decode(item.path, self.transform, self.max_pixels)
+        if error is not None and item.path != item.key and not os.path.exists(item.path):
+            error = f"{error} ({item.path})"  # where it was looked for: the key is the path as written
         return LabelledSample(image, target, item.key, error, dropped, (order, 0))
 
 

@@ -45,6 +45,9 @@ class InputOptions:
     root: str | None = None
     unit_rows: int = 16_384
     allow_empty: bool = False
+    image_column: str | None = None
+    """Parquet/Arrow inputs hold their images in this column (see :mod:`ramtag.data.image_tables`)."""
+    key_column: str | None = None
 
 
 @dataclass
@@ -235,6 +238,8 @@ def _prepare(output, inputs: InputOptions, resume, overwrite, retry_errors, iden
             root=inputs.root,
             on_warning=lambda message: log(f"ramtag: warning: {message}"),
             allow_empty=inputs.allow_empty,
+            image_column=inputs.image_column,
+            key_column=inputs.key_column,
         )
         entries = latest_entries(work_dir, before_run=run)
         tasks, done_rows, done_errors = _still_to_do(work_dir, plan.units, entries, retry_errors and resume)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ramtag.data.layout import check_output
+from ramtag.data.units import check_input_columns
 from ramtag.data.vocab import is_vocab_features_file, read_labels
 from ramtag.engine.runtime import check_model_choice
 from ramtag.engine.sidecars import check_sidecar_options
@@ -92,6 +93,10 @@ def preflight_tag(options, *, checkpoint=None, model: str | None = None, pretrai
     labels_out = getattr(options, "labels_out", None)
     if labels_out is not None:
         check_labels_out(labels_out, options.output)
+    check_input_columns(
+        options.inputs, keep_columns=options.keep_columns, image_column=getattr(options, "image_column", None),
+        key_column=getattr(options, "key_column", None),
+    )
 
 
 def check_labels_out(path: str, output: str) -> None:

@@ -72,6 +72,10 @@ class TagOptions:
     """Rows of the file listing per work unit (fewer for short listings, so that every worker gets units)."""
     allow_empty: bool = False
     """Write an empty table when the inputs hold no image, instead of refusing the run."""
+    image_column: str | None = None
+    """Parquet/Arrow inputs hold their images in this column (binary or the Hugging Face image struct)."""
+    key_column: str | None = None
+    """The row key column of those tables (default: the struct's path, else FILE:ROW)."""
     command_line: str = ""
     sidecars: SidecarOptions = field(default_factory=SidecarOptions)
     """Caption .txt / XMP files written beside the images (or under a folder by key) as rows are tagged."""
@@ -89,6 +93,8 @@ class TagOptions:
             raise UsageError("--threshold and --thresholds exclude each other")
         if self.labels == "-" and "-" in self.inputs:
             raise UsageError("--labels - reads labels from stdin, which the image list '-' already uses")
+        if self.key_column and not self.image_column:
+            raise UsageError("--key-column names the key column of tables read with --image-column")
 
 
 @dataclass
@@ -181,6 +187,8 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             root=options.root,
             unit_rows=options.unit_rows,
             allow_empty=options.allow_empty,
+            image_column=options.image_column,
+            key_column=options.key_column,
         ),
         resume=options.resume,
         overwrite=options.overwrite,
@@ -224,13 +232,17 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     if options.sidecars.enabled:
         sidecars = SidecarStage(options.sidecars, warn=progress.log if info.is_main else log)
     tagged = failed = 0
+    first_failure = None  # named when every input fails: usually one wrong folder for all of them
     started = time.perf_counter()
     interrupted = False
     try:
         for batch in loader if mine else ():
             if batch.failed_keys:
-                for key, error in zip(batch.failed_keys, batch.failed_errors):
-                    line = one_line(f"ramtag: {key}: {error}")  # a key may hold a newline
+                first_failure = first_failure or f"{batch.failed_sources[0]}: {batch.failed_errors[0]}"
+                for key, source, error in zip(batch.failed_keys, batch.failed_sources, batch.failed_errors):
+                    # a relative path names its file only with where it was looked for
+                    where = f" ({source})" if source != key and error.startswith("cannot read:") else ""
+                    line = one_line(f"ramtag: {key}: {error}{where}")  # a key may hold a newline
                     if info.is_main:
                         progress.log(line)
                     elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
@@ -303,7 +315,12 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             log(f"ramtag: {describe_counts(sidecar_counts)}")
     unwritten = f"; {sidecar_counts['failed']} sidecar(s) could not be written" if sidecar_counts.get("failed") else ""
     if failed:
-        raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output{unwritten}")
+        # with --quiet the rows' lines were not printed: name the first, which usually explains them all
+        quiet_first = not tagged and first_failure and options.quiet
+        every = f"; none could, the first: {one_line(first_failure)}" if quiet_first else ""
+        raise PartialFailure(
+            f"{failed} input(s) could not be tagged{every}; see the error column of the output{unwritten}"
+        )
     if final.errors:  # the exit status reports the final table, whichever run wrote its error rows
         raise PartialFailure(
             f"{final.errors} input(s) in {summary.output} failed in an earlier run; "

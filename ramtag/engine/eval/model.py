@@ -192,7 +192,11 @@ def _check_not_empty(protocol: Protocol, shares: list[dict[str, Any]]) -> None:
     failed = sum(len(share["tally"].failed) for share in shares)
     if images == 0:
         if failed:
-            raise DataError(f"{protocol.title}: all {failed} image(s) failed to load; nothing to evaluate")
+            key, error = next(share["tally"].failed[0] for share in shares if share["tally"].failed)
+            raise DataError(
+                f"{protocol.title}: all {failed} image(s) failed to load; nothing to evaluate "
+                f"(the first: {key}: {error})"
+            )
         wanted = f" with any of the {len(protocol.require_any)} unseen labels" if protocol.require_any else ""
         raise DataError(f"{protocol.title}: no image{wanted}; nothing to evaluate")
     if not any(share["targets"].any() for share in shares):
