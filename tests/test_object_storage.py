@@ -248,3 +248,131 @@ def test_bucket_globs_stay_within_one_level(bucket, s3_endpoint):
     assert storage.glob(f"s3://{bucket}/a/*.tar") == [f"s3://{bucket}/a/x.tar", f"s3://{bucket}/a/y.tar"]
     assert storage.glob(f"s3://{bucket}/**/x.tar") == [f"s3://{bucket}/a/x.tar", f"s3://{bucket}/b/x.tar"]
     assert storage.glob(f"s3://{bucket}/?/x.tar") == [f"s3://{bucket}/a/x.tar", f"s3://{bucket}/b/x.tar"]
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+def bucket_objects(endpoint: str, prefix: str) -> dict[str, bytes]:
+    import pyarrow.fs as pafs
+
+    fs = s3fs_of(endpoint)
+    infos = fs.get_file_info(pafs.FileSelector(prefix.removeprefix("s3://"), recursive=True, allow_not_found=True))
+    return {
+        info.path: fs.open_input_stream(info.path).read() for info in infos if info.type == pafs.FileType.File
+    }
+
+
+def inputs_of(tmp_path: Path) -> list[Path]:
+    photos = tmp_path / "photos"
+    for index in range(5):
+        write_image(photos / f"img{index}.png", index)
+    shard = write_shard(tmp_path / "extra.tar", [(f"x{i}", {"jpg": image_bytes(20 + i, "JPEG")}) for i in range(3)])
+    return [photos, shard]
+
+
+def test_a_dataset_output_in_a_bucket_opens_from_the_bucket(
+    tmp_path, vocab, tiny_checkpoint, bucket, s3_endpoint, monkeypatch, capfd
+):
+    monkeypatch.chdir(tmp_path)
+    inputs = inputs_of(tmp_path)
+    assert tag(inputs, vocab, tiny_checkpoint, tmp_path / "local.parquet") == 0
+    expected = rows_by_key(tmp_path / "local.parquet")
+    out = f"s3://{bucket}/runs/tags/"
+    assert tag(inputs, vocab, tiny_checkpoint, out, "--part-rows", 1) == 0
+    assert not (tmp_path / "s3:").exists()  # never a local folder named after the URL
+
+    fs = s3fs_of(s3_endpoint)
+    table = pads.dataset(f"{bucket}/runs/tags/", filesystem=fs, format="parquet").to_table()
+    assert {row["key"]: row for row in table.drop_columns(["source"]).to_pylist()} == expected
+    objects = bucket_objects(s3_endpoint, f"{bucket}/runs/tags/")
+    names = sorted(name.rsplit("/", 1)[-1] for name in objects)
+    assert names[:2] == ["_SUCCESS", "_manifest.json"] and all(n.startswith("part-u") for n in names[2:])
+    manifest = json.loads(objects[f"{bucket}/runs/tags/_manifest.json"])
+    assert manifest["rows"] == len(expected) and sorted(manifest["files"]) == names[2:]
+
+    import polars as pl
+
+    options = {"aws_endpoint_url": s3_endpoint, "aws_access_key_id": "ramtag-test-key",
+               "aws_secret_access_key": SECRET, "aws_region": "us-east-1", "aws_allow_http": "true"}
+    frame = pl.read_parquet(f"s3://{bucket}/runs/tags/*.parquet", storage_options=options)
+    assert sorted(frame["key"].to_list()) == sorted(expected)
+
+    # Credentials never reach an object of the bucket (outputs, work folder, ledger) nor a message.
+    everything = bucket_objects(s3_endpoint, bucket)
+    assert everything and not [name for name, data in everything.items() if SECRET.encode() in data]
+    metadata = pq.read_schema(fs.open_input_file(f"{bucket}/runs/tags/{names[2]}")).metadata
+    assert b"ramtag" in metadata and SECRET.encode() not in b"".join(metadata.values())
+    captured = capfd.readouterr()
+    assert SECRET not in captured.err and SECRET not in captured.out
+
+    # Done: refused without --resume, then --resume finds everything done, --overwrite rewrites it.
+    assert tag(inputs, vocab, tiny_checkpoint, out) == 2
+    assert "exists; pass --resume" in capfd.readouterr().err
+    assert run_cli("tag", *inputs, "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0,
+                   "--resume") == 0
+    assert "0 failed, 8 already done" in capfd.readouterr().err
+    assert tag(inputs, vocab, tiny_checkpoint, out, "--overwrite") == 0
+    table = pads.dataset(f"{bucket}/runs/tags/", filesystem=fs, format="parquet").to_table()
+    assert sorted(table["key"].to_pylist()) == sorted(expected)
+
+
+@pytest.mark.parametrize("name", ["tags.parquet", "tags.jsonl"])
+def test_a_single_file_output_in_a_bucket(tmp_path, vocab, tiny_checkpoint, bucket, s3_endpoint, name):
+    inputs = inputs_of(tmp_path)
+    local = tmp_path / name
+    assert tag(inputs, vocab, tiny_checkpoint, local) == 0
+    url = f"s3://{bucket}/out/{name}"
+    assert tag(inputs, vocab, tiny_checkpoint, url, "--part-rows", 1) == 0
+    objects = bucket_objects(s3_endpoint, f"{bucket}/out/")
+    if name.endswith(".parquet"):
+        remote = pq.read_table(s3fs_of(s3_endpoint).open_input_file(f"{bucket}/out/{name}"))
+        assert sorted(remote.drop_columns(["source"]).to_pylist(), key=lambda r: r["key"]) == sorted(
+            pq.read_table(local).drop_columns(["source"]).to_pylist(), key=lambda r: r["key"]
+        )
+    else:
+        rows = [json.loads(line) for line in objects[f"{bucket}/out/{name}"].decode().splitlines()]
+        local_keys = [json.loads(line)["key"] for line in local.read_text().splitlines()]
+        assert sorted(row["key"] for row in rows) == sorted(local_keys)
+        assert "vocabulary" in json.loads(objects[f"{bucket}/out/{name}.meta.json"])
+
+
+def test_output_problems_are_one_line(tmp_path, vocab, tiny_checkpoint, bucket, s3_endpoint, capsys):
+    import socket
+    import time
+
+    inputs = inputs_of(tmp_path)
+    capsys.readouterr()
+    assert tag(inputs, vocab, tiny_checkpoint, f"s3://missing-{bucket}/tags/") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert tag(inputs, vocab, tiny_checkpoint, f"s3://{bucket}/tags") == 2  # no format: a folder ends with /
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert tag(inputs, vocab, tiny_checkpoint, f"s3://{bucket}/") == 2
+    assert "inside the bucket" in capsys.readouterr().err
+    lease = {"host": f"not-{socket.gethostname()}", "pid": 1, "started": time.time(), "renewed": time.time()}
+    put(s3_endpoint, f"s3://{bucket}/.tags.parts/lease.json", json.dumps(lease).encode())
+    assert tag(inputs, vocab, tiny_checkpoint, f"s3://{bucket}/tags/") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another ramtag run" in err[0] and "lease" in err[0]
+    assert not bucket_objects(s3_endpoint, f"{bucket}/tags/")
+
+
+def test_duckdb_reads_the_output_from_the_bucket_when_httpfs_is_at_hand(
+    tmp_path, vocab, tiny_checkpoint, bucket, s3_endpoint
+):
+    duckdb = pytest.importorskip("duckdb")
+    connection = duckdb.connect()
+    try:
+        connection.execute("LOAD httpfs")
+    except Exception:
+        pytest.skip("DuckDB's httpfs extension is not installed, and this machine cannot download it")
+    inputs = inputs_of(tmp_path)
+    assert tag(inputs, vocab, tiny_checkpoint, f"s3://{bucket}/tags/") == 0
+    host = s3_endpoint.removeprefix("http://")
+    connection.execute(
+        f"CREATE SECRET (TYPE s3, KEY_ID 'ramtag-test-key', SECRET '{SECRET}', ENDPOINT '{host}', "
+        "URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')"
+    )
+    keys = connection.sql(f"select key from read_parquet('s3://{bucket}/tags/*.parquet')").fetchall()
+    assert len(keys) == 8

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ramtag.atomic import write_json
+from ramtag.data import storage
 from ramtag.data.ledger import LEDGER_RE, UNIT_PART_RE
 from ramtag.data.rows import METADATA_KEY
 from ramtag.errors import OutputError, UsageError
@@ -164,6 +165,10 @@ def check_output(output: str | os.PathLike, *, resume: bool = False, overwrite: 
     """
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if storage.is_remote(output):  # never a local path: `s3://b/x` must not become the folder ./s3:/b/x
+        from ramtag.data import remote_output
+
+        return remote_output.check(os.fspath(output), resume=resume, overwrite=overwrite)
     kind = output_kind(output)
     if kind == "stdout":
         if resume:
@@ -195,6 +200,7 @@ def prepare_output(
     model fingerprints, thresholds, top k, columns): resuming with a different one is refused.
     Returns None for stdout, which has no files.
     """
+    _refuse_remote(output)
     kind = check_output(output, resume=resume, overwrite=overwrite)
     if kind == "stdout":
         return None
@@ -206,6 +212,12 @@ def prepare_output(
     except BaseException:
         _unlock_output(path)
         raise
+
+
+def _refuse_remote(output: str | os.PathLike) -> None:
+    """This layout is local; object-storage outputs go through :class:`ramtag.engine.output.RunOutput`."""
+    if storage.is_remote(output):
+        raise OutputError(f"-o {os.fspath(output)}: this command writes local files only; tag writes to object storage")
 
 
 def _lock_file(output: Path) -> Path:
@@ -314,6 +326,7 @@ def _check_identity(path: Path, stored: Mapping[str, Any] | None, identity: Mapp
 
 def attach_output(output: str | os.PathLike) -> OutputLayout | None:
     """The layout :func:`prepare_output` created (for ranks other than 0, after a barrier)."""
+    _refuse_remote(output)
     kind = output_kind(output)
     if kind == "stdout":
         return None
