@@ -8,6 +8,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -376,3 +379,72 @@ def test_duckdb_reads_the_output_from_the_bucket_when_httpfs_is_at_hand(
     )
     keys = connection.sql(f"select key from read_parquet('s3://{bucket}/tags/*.parquet')").fetchall()
     assert len(keys) == 8
+
+
+KILLED_REMOTE_TAG = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    sys.path.insert(0, {repo!r})
+    import pyarrow.fs as pafs
+    from ramtag.engine.runtime import Runtime, load_runtime
+    from ramtag.engine.tag import TagOptions, run_tag
+
+    fs, ledger = pafs.FileSystem.from_uri({ledger!r})
+    real_score = Runtime.score
+    calls = [0]
+
+    def committed():
+        found = fs.get_file_info(pafs.FileSelector(ledger, allow_not_found=True))
+        return sum(1 for info in found if info.type == pafs.FileType.File)
+
+    def score_then_die(self, images, features, autocast_dtype=None):
+        calls[0] += 1
+        if calls[0] == 8:  # units 0..2 done (2 images each), unit 3 half done
+            deadline = time.time() + 60
+            while committed() < 3 and time.time() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_score(self, images, features, autocast_dtype)
+
+    Runtime.score = score_then_die
+    runtime = load_runtime({checkpoint!r}, device="cpu")
+    options = TagOptions(inputs=[{folder!r}], labels={vocab!r}, output={out!r}, workers=0, batch_size=1,
+                         unit_rows=2, part_rows=1, quiet=True)
+    run_tag(options, runtime)
+    """
+)
+
+
+def test_a_run_killed_mid_way_resumes_to_an_exactly_once_table_in_the_bucket(
+    tmp_path, vocab, tiny_checkpoint, bucket, s3_endpoint
+):
+    from ramtag.data.remote_output import RemoteWork
+
+    photos = tmp_path / "photos"
+    keys = [f"img{i:03d}.png" for i in range(11)]
+    for index, key in enumerate(keys):
+        write_image(photos / key, index)
+    out = f"s3://{bucket}/tags/"
+    script = KILLED_REMOTE_TAG.format(
+        repo=str(REPO), ledger=f"s3://{bucket}/.tags.parts/ledger", checkpoint=str(tiny_checkpoint),
+        folder=str(photos), vocab=str(vocab), out=out,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300, env=env)
+    assert result.returncode == -9, result.stderr.decode()[-3000:]
+    assert not bucket_objects(s3_endpoint, f"{bucket}/tags/")  # readers see nothing uncommitted
+    work = bucket_objects(s3_endpoint, f"{bucket}/.tags.parts/")
+    assert f"{bucket}/.tags.parts/lease.json" in work  # left by the killed run; this host takes it over
+    remote = RemoteWork(out, "dataset", str(tmp_path / "unused"))
+    done = remote.latest()
+    assert 3 <= len(done) < 6
+
+    assert tag(photos, vocab, tiny_checkpoint, out, "--resume", "--batch-size", 1) == 0
+    table = pads.dataset(f"{bucket}/tags/", filesystem=s3fs_of(s3_endpoint), format="parquet").to_table()
+    found = table["key"].to_pylist()
+    assert sorted(found) == keys and len(found) == len(set(found))
+    after = remote.latest()
+    assert all(after[unit].run == 0 for unit in done)  # committed units were not redone
+    assert f"{bucket}/.tags.parts/lease.json" not in bucket_objects(s3_endpoint, f"{bucket}/.tags.parts/")
+    parts = {name.rsplit("/", 1)[-1] for name in bucket_objects(s3_endpoint, f"{bucket}/tags/")}
+    assert parts - {"_SUCCESS", "_manifest.json"} == {name for e in after.values() for name in e.parts}
