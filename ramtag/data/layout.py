@@ -36,6 +36,8 @@ from ramtag.messages import listed
 OutputKind = Literal["parquet", "jsonl", "stdout", "dataset"]
 
 RUN_FILE = "run.json"
+REMOTE_LEDGER_DIR = "ledger"
+"""The folder of ledger objects in an object-storage work folder (:mod:`ramtag.data.remote_output`)."""
 SUCCESS_FILE = "_SUCCESS"
 _PART_RE = re.compile(r"^part-(\d+)-r(\d+)-c(\d+)\.parquet$")
 _RUN_NUMBERED = (
@@ -166,9 +168,7 @@ def check_output(output: str | os.PathLike, *, resume: bool = False, overwrite: 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     if storage.is_remote(output):  # never a local path: `s3://b/x` must not become the folder ./s3:/b/x
-        from ramtag.data import remote_output
-
-        return remote_output.check(os.fspath(output), resume=resume, overwrite=overwrite)
+        return check_remote_output(os.fspath(output), resume=resume, overwrite=overwrite)
     kind = output_kind(output)
     if kind == "stdout":
         if resume:
@@ -182,6 +182,40 @@ def check_output(output: str | os.PathLike, *, resume: bool = False, overwrite: 
         if _part_files(work_dir) or _has_unit_work(work_dir):
             raise OutputError(
                 f"an interrupted run left finished parts in {work_dir}; pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+    return kind
+
+
+def remote_work_url(output: str) -> str:
+    """The work folder beside an object-storage output: ``s3://b/tags/`` -> ``s3://b/.tags.parts``
+    (what it holds: :mod:`ramtag.data.remote_output`)."""
+    base = output.rstrip("/")
+    return storage.join(storage.parent(base), f".{storage.basename(base)}.parts")
+
+
+def remote_output_exists(output: str, kind: str) -> bool:
+    if kind == "dataset":
+        return bool(storage.list_files(output.rstrip("/") + "/"))
+    return storage.file_type(output) == "file"
+
+
+def check_remote_output(output: str, *, resume: bool = False, overwrite: bool = False) -> OutputKind:
+    """:func:`check_output` for an object-storage output: reads the bucket, writes nothing."""
+    kind = output_kind(output)
+    if "/" not in storage.split(output)[1].strip("/"):
+        raise UsageError(f"-o {output}: name a folder or file inside the bucket (such as {output.rstrip('/')}/tags/)")
+    storage.check_bucket(output)
+    if not (resume or overwrite):
+        if remote_output_exists(output, kind):
+            raise OutputError(
+                f"{output} exists; pass --resume to tag only what is missing or --overwrite to replace it"
+            )
+        work = remote_work_url(output)
+        names = storage.names_below(work)
+        if any(UNIT_PART_RE.match(name) for name in names) or storage.list_files(storage.join(work, REMOTE_LEDGER_DIR)):
+            raise OutputError(
+                f"an interrupted run left finished parts in {work}; pass --resume to continue it "
                 "or --overwrite to start over"
             )
     return kind

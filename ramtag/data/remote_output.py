@@ -45,13 +45,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ramtag.data import storage
-from ramtag.data.layout import RUN_FILE, SUCCESS_FILE, OutputKind, output_kind
+from ramtag.data.layout import REMOTE_LEDGER_DIR as LEDGER_DIR
+from ramtag.data.layout import RUN_FILE, SUCCESS_FILE, remote_output_exists, remote_work_url
+from ramtag.data.layout import check_remote_output as check
 from ramtag.data.ledger import UNIT_PART_RE, LedgerEntry
 from ramtag.data.rows import rows_to_jsonl
 from ramtag.errors import DataError, OutputError, UsageError
 
 LEASE_FILE = "lease.json"
-LEDGER_DIR = "ledger"
 MANIFEST_FILE = "_manifest.json"
 ASSEMBLED_FILE = "assembled.json"
 LEASE_SECONDS = 600
@@ -61,51 +62,6 @@ _FROZEN_FILES = (RUN_FILE, UNITS, "listing.parquet")
 _ENTRY_RE = re.compile(r"^r(\d+)-rank(\d+)-u(\d+)\.json$")
 _COMPACT_RE = re.compile(r"^compact-r(\d+)\.jsonl$")
 _OUTPUT_FILES = (SUCCESS_FILE, MANIFEST_FILE, "_common_metadata", "_metadata")
-
-
-def work_url(output: str) -> str:
-    """The work folder beside an output: ``s3://b/tags/`` -> ``s3://b/.tags.parts``."""
-    base = output.rstrip("/")
-    return storage.join(storage.parent(base), f".{storage.basename(base)}.parts")
-
-
-def _refuse_bucket_root(output: str) -> None:
-    if "/" not in storage.split(output)[1].strip("/"):
-        raise UsageError(
-            f"-o {output}: name a folder or file inside the bucket (such as {output.rstrip('/')}/tags/): "
-            "the work folder goes beside it"
-        )
-
-
-def _output_exists(output: str, kind: str) -> bool:
-    if kind == "dataset":
-        return bool(storage.list_files(output.rstrip("/") + "/"))
-    return storage.file_type(output) == "file"
-
-
-def _has_work(work: str) -> bool:
-    names = storage.names_below(work)
-    return any(UNIT_PART_RE.match(name) for name in names) or bool(storage.list_files(storage.join(work, LEDGER_DIR)))
-
-
-def check(output: str, *, resume: bool = False, overwrite: bool = False) -> OutputKind:
-    """What :func:`ramtag.data.layout.check_output` checks, for an object-storage output (touching nothing)."""
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    kind = output_kind(output)
-    _refuse_bucket_root(output)
-    storage.check_bucket(output)
-    if not (resume or overwrite):
-        if _output_exists(output, kind):
-            raise OutputError(
-                f"{output} exists; pass --resume to tag only what is missing or --overwrite to replace it"
-            )
-        if _has_work(work_url(output)):
-            raise OutputError(
-                f"an interrupted run left finished parts in {work_url(output)}; pass --resume to continue it "
-                "or --overwrite to start over"
-            )
-    return kind
 
 
 def _not_in(table: pa.Table, keys: Sequence[str]) -> pa.Array:
@@ -134,7 +90,7 @@ class RemoteWork:
 
     @property
     def work(self) -> str:
-        return work_url(self.output)
+        return remote_work_url(self.output)
 
     @property
     def local_output(self) -> Path:
@@ -151,6 +107,8 @@ class RemoteWork:
     @classmethod
     def begin(cls, output: str, *, resume: bool, overwrite: bool) -> RemoteWork:
         """Check the output, take its lease, and mirror the bucket's run state into a new local folder."""
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
         kind = check(output, resume=resume, overwrite=overwrite)
         remote = cls(output, kind, tempfile.mkdtemp(prefix="ramtag-remote-"))
         try:
@@ -161,7 +119,7 @@ class RemoteWork:
                 for url, _ in storage.list_files(remote.work):
                     if storage.basename(url) != LEASE_FILE:
                         storage.delete(url)
-            elif resume and _output_exists(output, kind) and not storage.exists(storage.join(remote.work, UNITS)):
+            elif resume and remote_output_exists(output, kind) and not storage.exists(storage.join(remote.work, UNITS)):
                 raise OutputError(
                     f"{output} has no ledger in {remote.work} (its work folder was removed), so --resume cannot "
                     "tell what is done; pass --overwrite to tag everything again"
@@ -336,7 +294,7 @@ class RemoteWork:
             done = json.loads(storage.read_text(marker)).get("stamp") == stamp
         except (DataError, ValueError):
             done = False
-        if not (done and _output_exists(self.output, self.kind)):
+        if not (done and remote_output_exists(self.output, self.kind)):
             if self.kind == "dataset":
                 self._assemble_dataset(ordered)
             else:

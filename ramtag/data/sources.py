@@ -15,7 +15,6 @@ dataset raises for a bad image: it yields a record whose ``error`` says why.
 
 from __future__ import annotations
 
-import functools
 import glob
 import os
 import re
@@ -264,7 +263,7 @@ def _checked_shard(url: str) -> str:
             raise DataError(f"{url!r}: empty pipe command")
         return url
     if storage.is_remote(url):  # one request per bucket, not per shard: a missing shard becomes its error row
-        _checked_bucket(storage.split(url)[0], storage.bucket(url))
+        storage.check_bucket_once(url)
         return url
     if "://" in url and not url.startswith("file://"):
         return url
@@ -274,26 +273,12 @@ def _checked_shard(url: str) -> str:
     return url
 
 
-@functools.lru_cache(maxsize=64)
-def _checked_bucket(scheme: str, bucket: str) -> None:
-    storage.check_bucket(f"{scheme}://{bucket}/", DataError)
-
-
 def _add_remote(collector: _Collector, url: str, warn: Warn) -> None:
     """An image object, or every image below a prefix (keys relative to it, as for a local folder)."""
-    kind = storage.file_type(url)
-    if kind == "missing":
-        storage.check_bucket(url, DataError)
-        raise DataError(f"{url}: no such object or prefix")
-    if kind == "file":
-        collector.add(url, url, url)
-        return
-    prefix = url.rstrip("/") + "/"
     found = 0
-    for child, _ in storage.list_files(prefix):
-        if os.path.splitext(child)[1].lower() in IMAGE_EXTENSIONS:
-            collector.add(child[len(prefix) :], child, child)
-            found += 1
+    for key, child in storage.list_images(url, IMAGE_EXTENSIONS):
+        collector.add(key, child, child)
+        found += 1
     if not found:
         warn(f"{url}: no image objects below this prefix ({' '.join(sorted(IMAGE_EXTENSIONS))})")
 
@@ -633,26 +618,13 @@ class FileDataset(Dataset):
             return Record(row["key"], row["source"], None, row["error"] or "no path", extra)
         path = filesystem_path(row["path"])
         if storage.scheme(path) is not None and not path.startswith("file://"):
-            data, error = _read_remote(path)
+            data, error = storage.read_listed_image(path)
             if error is not None:
                 return Record(row["key"], row["source"], None, error, extra)
         else:
             data = path
         image, error = _decode(data, self.transform, self.max_pixels, self.draft_size)
         return Record(row["key"], row["source"], image, error, extra)
-
-
-def _read_remote(url: str) -> tuple[bytes | None, str | None]:
-    """The bytes of an image a list or manifest names by URL, or the reason they cannot be read."""
-    if not storage.is_remote(url):  # http(s): lists name object storage or local files
-        return None, f"{storage.scheme(url)}:// URLs in lists and manifests are not read; use object storage or files"
-    try:
-        return storage.read_bytes(url), None
-    except storage.MissingSupport as exc:
-        return None, f"remote URLs in lists are read through the object-storage extra, which is missing ({exc})"
-    except Exception as exc:
-        return None, f"cannot read: {storage.describe(url, exc)}"
-
 
 
 def shard_name(url: str) -> str:

@@ -21,7 +21,7 @@ import fnmatch
 import functools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ramtag.errors import DataError, OutputError
@@ -257,6 +257,35 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(pieces), re.S)
 
 
+def list_images(url: str, extensions: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(key, url)`` of an image object (its key: the URL), or of every image below a prefix (keys relative to
+    it, as for a local folder), sorted; a URL that names nothing is refused in one line."""
+    kind = file_type(url)
+    if kind == "missing":
+        check_bucket(url, DataError)
+        raise DataError(f"{url}: no such object or prefix")
+    if kind == "file":
+        yield url, url
+        return
+    prefix = url.rstrip("/") + "/"
+    wanted = frozenset(extensions)
+    for child, _ in list_files(prefix):
+        if os.path.splitext(child)[1].lower() in wanted:
+            yield child[len(prefix) :], child
+
+
+def read_listed_image(url: str) -> tuple[bytes | None, str | None]:
+    """The bytes of an image that a list or manifest names by URL, or the reason (for its error row) why not."""
+    if not is_remote(url):  # http(s)
+        return None, f"{scheme(url)}:// URLs in lists and manifests are not read; use object storage or files"
+    try:
+        return read_bytes(url), None
+    except MissingSupport as exc:
+        return None, f"remote URLs in lists are read through the object-storage extra, which is missing ({exc})"
+    except Exception as exc:
+        return None, f"cannot read: {describe(url, exc)}"
+
+
 def iter_lines(url: str) -> Iterator[str]:
     """The lines of a text object (a list of images), decoded as UTF-8."""
     yield from read_text(url).splitlines()
@@ -326,6 +355,16 @@ def delete_below(prefix: str) -> None:
     """Remove every object below ``prefix``."""
     for url, _ in list_files(prefix):
         delete(url)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_checked(scheme_name: str, bucket_name: str) -> None:
+    check_bucket(f"{scheme_name}://{bucket_name}/", DataError)
+
+
+def check_bucket_once(url: str) -> None:
+    """:func:`check_bucket` for inputs, one request per bucket however many shards name it."""
+    _bucket_checked(split(url)[0], bucket(url))
 
 
 def check_bucket(url: str, error: type[Exception] = OutputError) -> None:
