@@ -237,6 +237,11 @@ def test_missing_object_storage_support_names_the_extra(monkeypatch, tmp_path):
     storage._filesystem_for.cache_clear()
     with pytest.raises(storage.MissingSupport, match=r"pip install 'ramtag\[remote\]'"):
         plan_inputs(["memory-store://bucket/shards/000000.tar"])
+    import pyarrow.fs
+
+    monkeypatch.delattr(pyarrow.fs, "S3FileSystem")  # a pyarrow built without S3
+    with pytest.raises(storage.MissingSupport, match=r"^s3:// URLs need .*pip install 'ramtag\[remote\]'"):
+        plan_inputs(["s3://bucket/shards/000000.tar"])
     listing = tmp_path / "list.txt"
     listing.write_text("memory-store://bucket/a.png\n")
     files = plan_inputs([f"@{listing}"]).files
@@ -448,3 +453,30 @@ def test_a_run_killed_mid_way_resumes_to_an_exactly_once_table_in_the_bucket(
     assert f"{bucket}/.tags.parts/lease.json" not in bucket_objects(s3_endpoint, f"{bucket}/.tags.parts/")
     parts = {name.rsplit("/", 1)[-1] for name in bucket_objects(s3_endpoint, f"{bucket}/tags/")}
     assert parts - {"_SUCCESS", "_manifest.json"} == {name for e in after.values() for name in e.parts}
+
+
+def test_retried_errors_heal_in_a_bucket_output(tmp_path, vocab, tiny_checkpoint, bucket, s3_endpoint):
+    photos = tmp_path / "photos"
+    for index in range(4):
+        write_image(photos / f"img{index}.png", index)
+    (photos / "broken.png").write_bytes(b"not a png")
+    out = f"s3://{bucket}/tags/"
+    assert tag(photos, vocab, tiny_checkpoint, out) == 3
+    write_image(photos / "broken.png", 99)  # whole again
+    assert tag(photos, vocab, tiny_checkpoint, out, "--resume") == 3  # not retried without --retry-errors
+    assert tag(photos, vocab, tiny_checkpoint, out, "--resume", "--retry-errors") == 0
+    table = pads.dataset(f"{bucket}/tags/", filesystem=s3fs_of(s3_endpoint), format="parquet").to_table()
+    rows = table.to_pylist()
+    assert sorted(row["key"] for row in rows) == ["broken.png"] + [f"img{i}.png" for i in range(4)]
+    assert all(row["error"] is None and row["tags"] for row in rows)
+
+
+def test_resume_refuses_a_bucket_folder_that_ramtag_did_not_write(tmp_path, vocab, tiny_checkpoint, bucket,
+                                                                 s3_endpoint, capsys):
+    put(s3_endpoint, f"s3://{bucket}/photos/holiday.jpg", b"someone's photo")
+    capsys.readouterr()
+    assert tag(inputs_of(tmp_path), vocab, tiny_checkpoint, f"s3://{bucket}/photos/", "--resume") == 2
+    assert "did not write (holiday.jpg)" in capsys.readouterr().err
+    assert tag(inputs_of(tmp_path), vocab, tiny_checkpoint, f"s3://{bucket}/photos/", "--overwrite") == 2
+    assert "did not write (holiday.jpg)" in capsys.readouterr().err
+    assert set(bucket_objects(s3_endpoint, f"{bucket}/photos/")) == {f"{bucket}/photos/holiday.jpg"}

@@ -113,7 +113,7 @@ class RemoteWork:
         remote = cls(output, kind, tempfile.mkdtemp(prefix="ramtag-remote-"))
         try:
             remote._take_lease()
-            if resume and kind == "dataset":
+            if (resume or overwrite) and kind == "dataset":  # `-o s3://b/photos/ --overwrite` must not delete photos
                 remote._refuse_foreign_output()
             if overwrite:
                 for url, _ in storage.list_files(remote.work):

@@ -309,15 +309,28 @@ def write_text(url: str, text: str) -> None:
 
 
 def upload(local: str | os.PathLike, url: str) -> None:
-    """Copy a local file to ``url``; the object appears when the copy is complete."""
+    """Copy a local file to ``url``; the object appears when the copy is complete. A copy that fails part-way is
+    deleted (closing a stream completes the upload, so a broken copy would otherwise stay as a short object)."""
     import shutil
 
     fs, path = filesystem(url)
+    failure: BaseException | None = None
     try:
         with open(local, "rb") as source, fs.open_output_stream(path) as target:
-            shutil.copyfileobj(source, target, 8 << 20)
+            try:
+                shutil.copyfileobj(source, target, 8 << 20)
+            except BaseException as exc:
+                failure = exc
     except Exception as exc:
-        raise _wrapped(url, exc, OutputError) from exc
+        failure = failure or exc
+    if failure is not None:
+        try:
+            fs.delete_file(path)
+        except Exception:
+            pass
+        if isinstance(failure, Exception):
+            raise _wrapped(url, failure, OutputError) from failure
+        raise failure
 
 
 def download(url: str, local: str | os.PathLike) -> None:
