@@ -480,3 +480,33 @@ def test_resume_refuses_a_bucket_folder_that_ramtag_did_not_write(tmp_path, voca
     assert tag(inputs_of(tmp_path), vocab, tiny_checkpoint, f"s3://{bucket}/photos/", "--overwrite") == 2
     assert "did not write (holiday.jpg)" in capsys.readouterr().err
     assert set(bucket_objects(s3_endpoint, f"{bucket}/photos/")) == {f"{bucket}/photos/holiday.jpg"}
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_table_to_a_bucket(tmp_path, vocab, tiny_checkpoint, bucket, s3_endpoint):
+    import socket
+
+    inputs = inputs_of(tmp_path)
+    assert tag(inputs, vocab, tiny_checkpoint, tmp_path / "one.parquet") == 0
+    expected = rows_by_key(tmp_path / "one.parquet")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                "-m", "ramtag"]
+    command = ["tag", *map(str, inputs), "--labels", str(vocab), "-c", str(tiny_checkpoint), "--workers", "0",
+               "--device", "cpu", "-q", "-o", f"s3://{bucket}/tags/"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(torchrun + command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert SECRET not in result.stderr and SECRET not in result.stdout
+    table = pads.dataset(f"{bucket}/tags/", filesystem=s3fs_of(s3_endpoint), format="parquet").to_table()
+    found = table["key"].to_pylist()
+    assert sorted(found) == sorted(expected) and len(found) == len(set(found))
+    # Which images share a batch changes scores in the last digits (another matter): compare what was chosen.
+    for row in table.to_pylist():
+        assert {t["label"] for t in row["tags"]} == {t["label"] for t in expected[row["key"]]["tags"]}
+    from ramtag.data.remote_output import RemoteWork
+
+    ranks = {entry.rank for entry in RemoteWork(f"s3://{bucket}/tags/", "dataset", str(tmp_path)).latest().values()}
+    assert ranks == {0, 1}  # both ranks committed units to the bucket's ledger

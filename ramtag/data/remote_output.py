@@ -335,39 +335,33 @@ class RemoteWork:
         storage.delete(prefix + SUCCESS_FILE)  # while it is missing, the folder is being updated
         present = dict(storage.list_files(prefix, recursive=False))
         sizes = dict(storage.list_files(self.work, recursive=False))
-        wanted: dict[str, int] = {}
+        copies, filtered = [], []
+        wanted: set[str] = set()
         for entry in entries:
             for name in entry.parts:
+                wanted.add(name)
                 source, target = storage.join(self.work, name), prefix + name
-                dropped = entry.drop.get(name)
-                if dropped:
-                    wanted[name] = self._filtered_copy(source, target, dropped)
-                    continue
-                if present.get(target) != sizes.get(source):
-                    storage.copy(source, target)
-                wanted[name] = pq.ParquetFile(storage.open_random_access(target)).metadata.num_rows
-        for url in present:
-            if storage.basename(url) not in wanted:
-                storage.delete(url)
-        storage.write_text(
-            prefix + MANIFEST_FILE,
-            json.dumps({"files": sorted(wanted), "rows": sum(wanted.values())}, indent=2) + "\n",
-        )
+                if entry.drop.get(name):
+                    filtered.append((source, target, entry.drop[name]))
+                elif present.get(target) != sizes.get(source):  # parts never change: the same size is the same part
+                    copies.append((source, target))
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda pair: storage.copy(*pair), copies))
+            list(pool.map(lambda job: self._filtered_copy(*job), filtered))
+            list(pool.map(storage.delete, [url for url in present if storage.basename(url) not in wanted]))
+        rows = sum(entry.rows for entry in entries)
+        storage.write_text(prefix + MANIFEST_FILE, json.dumps({"files": sorted(wanted), "rows": rows}, indent=2) + "\n")
         storage.write_bytes(prefix + SUCCESS_FILE, b"")
 
-    def _filtered_copy(self, source: str, target: str, dropped: Sequence[str]) -> int:
+    def _filtered_copy(self, source: str, target: str, dropped: Sequence[str]) -> None:
         local = Path(self.mirror) / f"filtered-{storage.basename(target)}"
         parquet = pq.ParquetFile(storage.open_random_access(source))
-        rows = 0
         with pq.ParquetWriter(local, parquet.schema_arrow) as writer:
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group)
-                table = table.filter(_not_in(table, dropped))
-                writer.write_table(table)
-                rows += table.num_rows
+                writer.write_table(table.filter(_not_in(table, dropped)))
         storage.upload(local, target)
         local.unlink(missing_ok=True)
-        return rows
 
     def release(self) -> None:
         """Give the output up: the lease goes (if it is still ours) and the local mirror with it."""
