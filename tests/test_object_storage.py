@@ -221,6 +221,14 @@ def test_no_credentials_is_one_line(tmp_path, vocab, tiny_checkpoint, bucket, mo
     assert len(err) == 1 and "AWS_ACCESS_KEY_ID" in err[0]
 
 
+def test_credentials_in_a_url_are_refused_without_repeating_them(tmp_path, vocab, tiny_checkpoint, bucket, capsys):
+    capsys.readouterr()
+    url = f"s3://ramtag-test-key:{SECRET}@{bucket}/shards/*.tar"
+    assert tag(url, vocab, tiny_checkpoint, tmp_path / "tags.parquet") == 2
+    err = capsys.readouterr().err
+    assert "credentials in URLs are not accepted" in err and SECRET not in err
+
+
 def test_missing_object_storage_support_names_the_extra(monkeypatch, tmp_path):
     import builtins
 

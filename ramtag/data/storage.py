@@ -132,6 +132,11 @@ def _check_credentials(scheme_name: str) -> None:
 def filesystem(url: str) -> tuple[Any, str]:
     """``(pyarrow filesystem, path inside it)`` for an object store URL; one filesystem per bucket, reused."""
     scheme_name, path = split(url)
+    if "@" in path.split("/", 1)[0]:  # s3://KEY:SECRET@bucket/: it would land in messages and the source column
+        raise DataError(
+            f"{scheme_name}://…@{path.split('@', 1)[1].split('/', 1)[0]}: credentials in URLs are not accepted; "
+            "set them in the environment"
+        )
     return _filesystem_for(scheme_name, path.split("/", 1)[0]), path
 
 
