@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ramtag.atomic import write_json
+from ramtag.data import storage
 from ramtag.data.ledger import LEDGER_RE, UNIT_PART_RE
 from ramtag.data.rows import METADATA_KEY
 from ramtag.errors import OutputError, UsageError
@@ -35,6 +36,8 @@ from ramtag.messages import listed
 OutputKind = Literal["parquet", "jsonl", "stdout", "dataset"]
 
 RUN_FILE = "run.json"
+REMOTE_LEDGER_DIR = "ledger"
+"""The folder of ledger objects in an object-storage work folder (:mod:`ramtag.data.remote_output`)."""
 SUCCESS_FILE = "_SUCCESS"
 _PART_RE = re.compile(r"^part-(\d+)-r(\d+)-c(\d+)\.parquet$")
 _RUN_NUMBERED = (
@@ -164,6 +167,8 @@ def check_output(output: str | os.PathLike, *, resume: bool = False, overwrite: 
     """
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if storage.is_remote(output):  # never a local path: `s3://b/x` must not become the folder ./s3:/b/x
+        return check_remote_output(os.fspath(output), resume=resume, overwrite=overwrite)
     kind = output_kind(output)
     if kind == "stdout":
         if resume:
@@ -182,6 +187,40 @@ def check_output(output: str | os.PathLike, *, resume: bool = False, overwrite: 
     return kind
 
 
+def remote_work_url(output: str) -> str:
+    """The work folder beside an object-storage output: ``s3://b/tags/`` -> ``s3://b/.tags.parts``
+    (what it holds: :mod:`ramtag.data.remote_output`)."""
+    base = output.rstrip("/")
+    return storage.join(storage.parent(base), f".{storage.basename(base)}.parts")
+
+
+def remote_output_exists(output: str, kind: str) -> bool:
+    if kind == "dataset":
+        return bool(storage.list_files(output.rstrip("/") + "/"))
+    return storage.file_type(output) == "file"
+
+
+def check_remote_output(output: str, *, resume: bool = False, overwrite: bool = False) -> OutputKind:
+    """:func:`check_output` for an object-storage output: reads the bucket, writes nothing."""
+    kind = output_kind(output)
+    if "/" not in storage.split(output)[1].strip("/"):
+        raise UsageError(f"-o {output}: name a folder or file inside the bucket (such as {output.rstrip('/')}/tags/)")
+    storage.check_bucket(output)
+    if not (resume or overwrite):
+        if remote_output_exists(output, kind):
+            raise OutputError(
+                f"{output} exists; pass --resume to tag only what is missing or --overwrite to replace it"
+            )
+        work = remote_work_url(output)
+        names = storage.names_below(work)
+        if any(UNIT_PART_RE.match(name) for name in names) or storage.list_files(storage.join(work, REMOTE_LEDGER_DIR)):
+            raise OutputError(
+                f"an interrupted run left finished parts in {work}; pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+    return kind
+
+
 def prepare_output(
     output: str | os.PathLike,
     *,
@@ -195,6 +234,7 @@ def prepare_output(
     model fingerprints, thresholds, top k, columns): resuming with a different one is refused.
     Returns None for stdout, which has no files.
     """
+    _refuse_remote(output)
     kind = check_output(output, resume=resume, overwrite=overwrite)
     if kind == "stdout":
         return None
@@ -206,6 +246,12 @@ def prepare_output(
     except BaseException:
         _unlock_output(path)
         raise
+
+
+def _refuse_remote(output: str | os.PathLike) -> None:
+    """This layout is local; object-storage outputs go through :class:`ramtag.engine.output.RunOutput`."""
+    if storage.is_remote(output):
+        raise OutputError(f"-o {os.fspath(output)}: this command writes local files only; tag writes to object storage")
 
 
 def _lock_file(output: Path) -> Path:
@@ -314,6 +360,7 @@ def _check_identity(path: Path, stored: Mapping[str, Any] | None, identity: Mapp
 
 def attach_output(output: str | os.PathLike) -> OutputLayout | None:
     """The layout :func:`prepare_output` created (for ranks other than 0, after a barrier)."""
+    _refuse_remote(output)
     kind = output_kind(output)
     if kind == "stdout":
         return None

@@ -71,8 +71,11 @@ class UnitPartWriter:
         part_seconds: float = 60.0,
         queue_batches: int = 64,
         stdout: TextIO | None = None,
+        publish: Any = None,
     ) -> None:
         self.work_dir = work_dir
+        self.publish = publish
+        """Object storage (:class:`ramtag.data.remote_output.RemoteWork`): gets each committed part and unit."""
         self.schema = schema
         self.labels = pa.array(list(labels), pa.string())
         self.run = run
@@ -199,18 +202,19 @@ class UnitPartWriter:
         self._flush(state)
         self._close_part(state)
         assert self._ledger is not None
-        self._ledger.append(
-            LedgerEntry(
-                unit=end.unit,
-                run=self.run,
-                rank=self.rank,
-                parts=list(end.kept_parts) + state.parts,
-                rows=end.kept_rows + state.rows,
-                errors=end.kept_errors + state.errors,
-                unit_error=end.unit_error,
-                drop=end.drop,
-            )
+        entry = LedgerEntry(
+            unit=end.unit,
+            run=self.run,
+            rank=self.rank,
+            parts=list(end.kept_parts) + state.parts,
+            rows=end.kept_rows + state.rows,
+            errors=end.kept_errors + state.errors,
+            unit_error=end.unit_error,
+            drop=end.drop,
         )
+        self._ledger.append(entry)
+        if self.publish is not None:  # after its parts: the bucket's ledger entry commits the unit there
+            self.publish.unit(entry)
         self.units_committed += 1
 
     def _save_old_parts(self) -> None:
@@ -257,6 +261,8 @@ class UnitPartWriter:
         temporary = self.work_dir / f".tmp-{name}"
         _fsync(temporary)
         os.replace(temporary, self.work_dir / name)
+        if self.publish is not None:
+            self.publish.part(self.work_dir / name)
         state.writer = None
         state.unsaved_since = None
         state.parts.append(name)

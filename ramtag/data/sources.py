@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ramtag.data import storage
 from ramtag.data.image_tables import (
     RENAMED_COLUMNS,
     check_path_column,
@@ -236,6 +237,8 @@ def plan_inputs(
                 shards.append(_checked_shard(item))
             elif _has_suffix(item, MANIFEST_EXTENSIONS):
                 extra_schema = _add_manifest(collector, item, path_column, keep_columns, base, extra_schema, warn)
+            elif storage.is_remote(item):
+                _add_remote(collector, item, warn)
             elif os.path.isdir(item):
                 _add_directory(collector, item, warn)
             elif os.path.exists(item):
@@ -325,12 +328,25 @@ def _checked_shard(url: str) -> str:
         if not url[5:].strip():
             raise DataError(f"{url!r}: empty pipe command")
         return url
+    if storage.is_remote(url):  # one request per bucket, not per shard: a missing shard becomes its error row
+        storage.check_bucket_once(url)
+        return url
     if "://" in url and not url.startswith("file://"):
         return url
     path = url[len("file://") :] if url.startswith("file://") else url
     if not os.path.isfile(path):
         raise DataError(f"{url}: no such shard")
     return url
+
+
+def _add_remote(collector: _Collector, url: str, warn: Warn) -> None:
+    """An image object, or every image below a prefix (keys relative to it, as for a local folder)."""
+    found = 0
+    for key, child in storage.list_images(url, IMAGE_EXTENSIONS):
+        collector.add(key, child, child)
+        found += 1
+    if not found:
+        warn(f"{url}: no image objects below this prefix ({' '.join(sorted(IMAGE_EXTENSIONS))})")
 
 
 def _expand_pattern(raw: str) -> list[str]:
@@ -357,7 +373,13 @@ def _expand_pattern(raw: str) -> list[str]:
             raise DataError(f"{raw}: pattern was not expanded (check the braces, e.g. shards/{{000000..000009}}.tar)")
     result: list[str] = []
     for item in items:
-        if not item.startswith("pipe:") and "://" not in item and glob.has_magic(item) and not os.path.exists(item):
+        if storage.is_remote(item) and storage.has_magic(item):
+            matches = storage.glob(item)
+            if not matches:
+                storage.check_bucket(item, DataError)
+                raise DataError(f"{item}: pattern matches no object")
+            result.extend(matches)
+        elif not item.startswith("pipe:") and "://" not in item and glob.has_magic(item) and not os.path.exists(item):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise DataError(f"{item}: pattern matches nothing")
@@ -368,7 +390,7 @@ def _expand_pattern(raw: str) -> list[str]:
 
 
 def _resolve(path: str, base: Path | None) -> str:
-    if base is None or os.path.isabs(path):
+    if base is None or os.path.isabs(path) or storage.scheme(path) is not None:  # a URL is never relative
         return path
     return str(base / path)
 
@@ -389,6 +411,15 @@ def _add_listed(collector: _Collector, lines: Iterable[str], origin: str, base: 
 
 
 def _add_list_file(collector: _Collector, list_path: str, base: Path | None, warn: Warn) -> None:
+    if storage.is_remote(list_path):
+        try:
+            lines = list(storage.iter_lines(list_path))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"@{list_path}: cannot read list ({exc})") from exc
+        except DataError as exc:
+            raise DataError(f"@{exc}") from exc
+        _add_listed(collector, lines, f"@{list_path}", base, warn)
+        return
     try:
         with open(list_path, encoding="utf-8") as handle:
             _add_listed(collector, handle, f"@{list_path}", base, warn)
@@ -468,25 +499,26 @@ def _is_file(entry: os.DirEntry) -> bool:
 
 def _read_manifest(path: str, columns: list[str]) -> pa.Table:
     lowered = path.lower()
+    source: Any = storage.open_random_access(path) if storage.is_remote(path) else path
     if lowered.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(source)
         _require_columns(path, columns, schema.names, image_columns_hint(schema))
         check_path_column(path, columns[0], schema.field(columns[0]).type)
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(source, columns=columns)
     if lowered.endswith(".csv"):
         import pyarrow.csv as pacsv
 
         # Paths stay strings even when they look like numbers (e.g. 0001).
         table = pacsv.read_csv(
-            path,
+            source,
             convert_options=pacsv.ConvertOptions(column_types={columns[0]: pa.string()}, strings_can_be_null=True),
         )
     else:
         import pyarrow.json as pajson
 
-        table = pajson.read_json(path)
+        table = pajson.read_json(source)
     _require_columns(path, columns, table.column_names)
     return table.select(columns)
 
@@ -506,7 +538,11 @@ def _add_manifest(
     extra_schema: pa.Schema | None,
     warn: Warn | None = None,
 ) -> pa.Schema:
-    if not os.path.isfile(manifest):
+    if storage.is_remote(manifest):
+        if storage.file_type(manifest) != "file":
+            storage.check_bucket(manifest, DataError)
+            raise DataError(f"{manifest}: no such manifest")
+    elif not os.path.isfile(manifest):
         raise DataError(f"{manifest}: no such manifest")
     reserved = {"key", "source", "tags", "error", "scores"} - set(RENAMED_COLUMNS)
     clashes = sorted(reserved.intersection(keep_columns))
@@ -672,7 +708,14 @@ class FileDataset(Dataset):
         extra = {name: self.files[name][index].as_py() for name in self._extra_names}
         if row["error"] is not None or row["path"] is None:
             return Record(row["key"], row["source"], None, row["error"] or "no path", extra)
-        image, error = _decode(filesystem_path(row["path"]), self.transform, self.max_pixels, self.draft_size)
+        path = filesystem_path(row["path"])
+        if storage.scheme(path) is not None and not path.startswith("file://"):
+            data, error = storage.read_listed_image(path)
+            if error is not None:
+                return Record(row["key"], row["source"], None, error, extra)
+        else:
+            data = path
+        image, error = _decode(data, self.transform, self.max_pixels, self.draft_size)
         return Record(row["key"], row["source"], image, error, extra)
 
 
@@ -708,7 +751,10 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
 
     from ramtag.data.pipes import open_pipe
 
-    stream = open_pipe(url[len("pipe:"):]) if url.startswith("pipe:") else webdataset.gopen(url, "rb")
+    if url.startswith("pipe:"):
+        stream = open_pipe(url[len("pipe:"):])
+    else:
+        stream = storage.open_input(url) if storage.is_remote(url) else webdataset.gopen(url, "rb")
     try:
         current: dict[str, Any] | None = None
         with tarfile.open(fileobj=stream, mode="r|*") as archive:

@@ -23,14 +23,16 @@ from typing import Any, TextIO
 import pyarrow as pa
 
 from ramtag.atomic import write_json
+from ramtag.data import storage
 from ramtag.data.assemble import assemble_units
 from ramtag.data.layout import _has_unit_work, _unlock_output, output_kind, prepare_output
 from ramtag.data.ledger import LedgerEntry, latest_entries, parts_on_disk
 from ramtag.data.parts import UnitPartWriter
+from ramtag.data.remote_output import RemoteWork
 from ramtag.data.rows import schema_with_metadata, table_schema
 from ramtag.data.units import UNITS_FILE, Unit, UnitTask, plan_units
 from ramtag.engine import dist
-from ramtag.errors import OutputError
+from ramtag.errors import OutputError, UsageError
 
 ASSEMBLED_FILE = "assembled.json"
 
@@ -79,6 +81,7 @@ class RunOutput:
         unit_ids: list[int],
         done_rows: int,
         done_errors: int,
+        remote: RemoteWork | None = None,
     ) -> None:
         self.output = output
         self.kind = kind
@@ -91,6 +94,8 @@ class RunOutput:
         self.done_rows = done_rows
         """Rows of units that earlier runs finished and this run skips."""
         self.done_errors = done_errors
+        self.remote = remote
+        """The bucket's work folder when the output is on object storage (``work_dir`` is then its local mirror)."""
         self._writer: UnitPartWriter | None = None
 
     @classmethod
@@ -118,6 +123,10 @@ class RunOutput:
         state, problem = dist.broadcast_object((state, problem))
         if problem is not None:
             raise problem
+        remote = state.get("remote")
+        if remote is not None and not info.is_main:  # a rank on another host has no mirror yet
+            remote.fetch_plan()
+            remote.fetch_parts(name for task in state["tasks"] for name in task.parts)
         return cls(**state)
 
     @property
@@ -149,6 +158,7 @@ class RunOutput:
             part_rows=part_rows,
             row_group_rows=min(16_384, part_rows),
             stdout=sys.stdout if self.is_stdout else None,
+            publish=self.remote,
         )
         return self._writer
 
@@ -157,6 +167,12 @@ class RunOutput:
         if self.is_stdout:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             return FinalTable(None, 0, failed_now)
+        if self.remote is not None:
+            stored = dict(metadata)
+            stored.setdefault("identity", _run_identity(self.work_dir))
+            _unlock_output(self.remote.local_output)
+            url, rows, errors = self.remote.finalize(self.unit_ids, self.schema(stored, all_scores), stored)
+            return FinalTable(url, rows, errors)
         path = Path(self.output)
         entries = latest_entries(self.work_dir)
         missing = [unit for unit in self.unit_ids if unit not in entries]
@@ -182,6 +198,9 @@ class RunOutput:
         """Give up the output without finalising (an interrupted or failed run): rank 0's lock goes."""
         if self.is_stdout:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+        elif dist.info().is_main and self.remote is not None:
+            _unlock_output(self.remote.local_output)
+            self.remote.release()
         elif dist.info().is_main:
             _unlock_output(Path(self.output))
 
@@ -207,7 +226,28 @@ def _read_stamp(marker: Path) -> str | None:
         return None
 
 
+def _prepare_remote(output, inputs: InputOptions, resume, overwrite, retry_errors, identity, stdin, workers, log):
+    """An object-storage output: the bucket's run state mirrored locally, prepared by the local code, then the
+    plan uploaded (see :mod:`ramtag.data.remote_output`)."""
+    remote = RemoteWork.begin(output, resume=resume, overwrite=overwrite)
+    stand_in = os.fspath(remote.local_output) + ("/" if remote.kind == "dataset" else "")
+    try:
+        state = _prepare(stand_in, inputs, resume, overwrite, retry_errors, identity, stdin, workers, log)
+        entries = latest_entries(state["work_dir"], before_run=state["run"])
+        remote.after_plan(state["run"], entries, [name for task in state["tasks"] for name in task.parts])
+    except BaseException as error:
+        _unlock_output(remote.local_output)
+        remote.release()
+        if isinstance(error, OutputError | UsageError):  # name the bucket's paths, not the mirror's
+            message = str(error).replace(os.fspath(remote.local_work), remote.work)
+            raise type(error)(message.replace(os.fspath(remote.local_output), output.rstrip("/"))) from None
+        raise
+    return {**state, "output": output, "remote": remote}
+
+
 def _prepare(output, inputs: InputOptions, resume, overwrite, retry_errors, identity, stdin, workers, log) -> dict:
+    if storage.is_remote(output):
+        return _prepare_remote(output, inputs, resume, overwrite, retry_errors, identity, stdin, workers, log)
     kind = output_kind(output)
     info = dist.info()
     if kind == "stdout":
