@@ -23,7 +23,6 @@ paths, as torchrun nodes must: a shared filesystem (NFS, FSx, a Kubernetes volum
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
@@ -34,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 
 from ramtag.data.rows import TagBatch
-from ramtag.data.sources import shard_split_problem
 from ramtag.data.thresholds import read_thresholds
 from ramtag.engine.output import InputOptions, RunOutput
 from ramtag.engine.preflight import preflight_tag
@@ -132,12 +130,18 @@ def _actor_device(spec: RuntimeSpec, gpus_per_actor: float) -> RuntimeSpec:
                        dict(spec.overrides))
 
 
+def _decode_task_memory(image_size: int) -> int:
+    """Bytes a decoding task holds at most: two tables of decoded float32 images, and a worker process with
+    torch imported (~400 MiB; Ray's memory check measures the whole worker)."""
+    return 2 * DECODE_BLOCK_ROWS * 3 * image_size * image_size * 4 + 512 * 2**20
+
+
 def _quiet_ray_data(context) -> None:
     """ramtag reports progress itself; Ray's bars would interleave with it (Ray still logs to its session folder)."""
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    context.execution_options.preserve_order = True  # the same row order as one process writes
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 class _UnitCollector:
@@ -239,10 +243,6 @@ def run_ray_tag(options: TagOptions, runtime: Runtime, ray_options: RayOptions, 
             workers=decoders,
             log=log,
         )
-        shard_units = sum(1 for task in output.tasks if task.unit.kind == "shard")
-        problem = shard_split_problem(shard_units, 1, decoders)
-        if problem:
-            log(f"ramtag: warning: {problem}")
         gpus_per_actor, actors = _pool(ray_options, resources)
         metadata = _metadata(runtime, vocabulary, options, thresholds)
         writer = output.writer(vocabulary.labels, metadata, all_scores=options.all_scores, rank=0,
@@ -263,9 +263,10 @@ def run_ray_tag(options: TagOptions, runtime: Runtime, ray_options: RayOptions, 
                     batch_size=1,
                     batch_format="pyarrow",
                     num_cpus=ray_options.cpus_per_task,
-                    # a remote-args function keeps Ray from fusing decoding into the actors (it fuses stages
-                    # with equal resources, e.g. CPU-only actors): decoding stays in tasks of its own
-                    ray_remote_args_fn=functools.partial(dict, num_cpus=ray_options.cpus_per_task),
+                    # what a task holds: a table being filled and one waiting (Ray's backpressure bounds the
+                    # rest); a stated memory also keeps Ray from fusing decoding into the actors, as it fuses
+                    # stages of equal resources (CPU-only actors): decoding stays in CPU tasks of its own
+                    memory=_decode_task_memory(runtime.config.preprocessing.image_size),
                     fn_kwargs={
                         "work_dir": str(output.work_dir),
                         "listing": str(output.listing),
