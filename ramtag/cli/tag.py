@@ -45,7 +45,7 @@ MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
         "  find /data -name '*.jpg' | ramtag tag - --labels vocab.txt -o tags.jsonl\n\n"
         "  ramtag tag 'shards/{000..099}.tar' -l vocab.rtv -c ram.safetensors -o out/\n\n"
         "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{00..99}.tar' -l vocab.txt\n\n"
-        "  ramtag tag 'shards/{00..99}.tar' -l vocab.txt -o out/ --ray auto --ray-actors 1:8\n\n"
+        "  ramtag tag 'shards/{00..99}.tar' -l vocab.txt --ray auto --ray-actors 1:8\n\n"
         + exit_status_help()
     )
 )
