@@ -170,6 +170,30 @@ def test_a_killed_actor_is_restarted_and_every_input_is_written_once(local_ray, 
     assert not set(killed) & set(scorer_pids())  # the killed actor's work went on in a new one
 
 
+def test_a_stopped_driver_resumes_to_exactly_once(local_ray, gated, vocab, tmp_path):
+    inputs, gate, expected = gated
+    out = tmp_path / "tags.parquet"
+    work_dir = out.with_name(f".{out.name}.parts")
+
+    def stop_at_the_gate():
+        try:
+            wait_for_units(work_dir, 1)
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's pre-emption, while the shard's unit is in flight
+            time.sleep(60)  # never a hang: were the stop lost, the run finishes and the asserts say so
+        finally:
+            gate.touch()
+
+    helper = threading.Thread(target=stop_at_the_gate, daemon=True)
+    helper.start()
+    args = tag_args(vocab, out, *inputs, "--ray", "local")
+    assert run_cli(*args) == 130
+    gate.touch()  # lets a shard reader that Ray did not stop finish
+    assert not out.exists() and 1 <= len(latest_entries(work_dir)) < UNITS
+    assert run_cli(*args, "--resume") == 0
+    helper.join(70)
+    assert_same_table(rows_by_key(out), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Without Ray's machinery
 
