@@ -28,10 +28,11 @@ from ramtag.cli.options import (
     command_line,
     say_when_stdin_is_a_terminal,
 )
-from ramtag.errors import exit_status_help
+from ramtag.errors import UsageError, exit_status_help
 
 OUTPUT_PANEL = "Output"
 SIDECAR_PANEL = "Sidecars"
+RAY_PANEL = "Ray"
 MAX_PIXELS = 89_478_485
 """Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), the default cap."""
 MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
@@ -47,6 +48,7 @@ MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
         "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{00..99}.tar' -l vocab.txt\n\n"
         "  ramtag tag ./lora -l tags.txt --sidecars txt --prefix 'sks, '\n\n"
         "  ramtag tag 'shards/{0..9}.tar' -l tags.txt --sidecars txt --sidecar-dir c/\n\n"
+        "  ramtag tag 'shards/{00..99}.tar' -l vocab.txt --ray auto --ray-actors 1:8\n\n"
         + exit_status_help()
     )
 )
@@ -305,6 +307,39 @@ def tag(
             rich_help_panel=SIDECAR_PANEL,
         ),
     ] = "",
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Run on Ray Data: auto (join the cluster `ray start` made), local (start one here) or an address.",
+            show_default=False,
+            rich_help_panel=RAY_PANEL,
+        ),
+    ] = None,
+    ray_cpus_per_task: Annotated[
+        float,
+        typer.Option("--ray-cpus-per-task", help="CPUs of each decoding task.", rich_help_panel=RAY_PANEL),
+    ] = 1.0,
+    ray_gpus_per_actor: Annotated[
+        Optional[float],
+        typer.Option(
+            "--ray-gpus-per-actor",
+            help="GPUs of each model actor (fractions share a GPU).",
+            show_default="1 where the cluster has GPUs, else 0",
+            rich_help_panel=RAY_PANEL,
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray-actors",
+            metavar="MIN:MAX",
+            help="Model actors: N, or MIN:MAX for a pool Ray scales between them.",
+            show_default="1:(cluster GPUs / GPUs per actor)",
+            rich_help_panel=RAY_PANEL,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")] = False,
     checkpoint: Checkpoint = None,
     model: ModelName = DEFAULT_MODEL,
@@ -335,13 +370,15 @@ def tag(
         ),
         image_column=image_column, key_column=key_column,
     )
+    ray_options = _ray_options(ray, ray_cpus_per_task, ray_gpus_per_actor, ray_actors)  # before any model loads
     info = dist.setup(device)
     try:
         choice = ModelChoice(
             checkpoint,
             model,
             pretrained,
-            dist.device_for(info, device),
+            # with --ray the driver only encodes the vocabulary: the head node's GPU is left to the actors
+            ("cpu" if device == "auto" else device) if ray_options else dist.device_for(info, device),
             scale_local_temperature,
             ot_reg,
             ot_max_iter,
@@ -355,6 +392,37 @@ def tag(
                 say_when_stdin_is_a_terminal("labels")
             if "-" in options.inputs:
                 say_when_stdin_is_a_terminal("image paths")
+        if ray_options is not None:
+            from ramtag.engine.ray_run import run_ray_tag
+
+            run_ray_tag(options, choice.load(), ray_options, _runtime_spec(choice, device))
+            return
         run_tag(options, choice.load())
     finally:
         dist.teardown()
+
+
+def _ray_options(address, cpus_per_task, gpus_per_actor, actors):
+    """--ray's settings, checked (and Ray's presence) before a model loads; None without --ray."""
+    if address is None:
+        for name, value in (("--ray-gpus-per-actor", gpus_per_actor), ("--ray-actors", actors)):
+            if value is not None:
+                raise UsageError(f"{name} needs --ray")
+        return None
+    from ramtag.engine.ray_run import RayOptions, parse_actors, require_ray
+
+    options = RayOptions(address, cpus_per_task, gpus_per_actor, parse_actors(actors) if actors else None)
+    require_ray()
+    return options
+
+
+def _runtime_spec(choice, device: str):
+    """What each Ray actor loads: the model the options name, on the device the actor is given."""
+    from ramtag.engine.ray_stages import RuntimeSpec
+    from ramtag.engine.runtime import model_overrides
+
+    overrides = model_overrides(
+        scale_local_temperature=choice.scale_local_temperature,
+        ot_reg=choice.ot_reg, ot_max_iter=choice.ot_max_iter, ot_tol=choice.ot_tol, ot_stop=choice.ot_stop,
+    )
+    return RuntimeSpec(choice.checkpoint, choice.model, choice.pretrained, device, overrides)
