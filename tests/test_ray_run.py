@@ -240,7 +240,7 @@ def test_the_driver_writes_a_row_that_a_retried_task_sends_twice_once(tmp_path):
 
 def test_ray_options_are_checked_before_a_model_loads(vocab, tmp_path, capsys):
     for bad in (["--ray-actors", "0:2"], ["--ray-actors", "3:1"], ["--ray-actors", "x"],
-                ["--ray-cpus-per-task", "0"]):
+                ["--ray-cpus-per-task", "0"], ["--sidecars", "txt"], ["--labels-out", str(tmp_path / "l.txt")]):
         assert run_cli(*tag_args(vocab, tmp_path / "t.parquet", tmp_path, "--ray", "local", *bad)) == 2
         assert "loading" not in capsys.readouterr().err
     assert run_cli(*tag_args(vocab, tmp_path / "t.parquet", tmp_path, "--ray-actors", "2")) == 2

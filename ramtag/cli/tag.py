@@ -371,6 +371,8 @@ def tag(
         image_column=image_column, key_column=key_column,
     )
     ray_options = _ray_options(ray, ray_cpus_per_task, ray_gpus_per_actor, ray_actors)  # before any model loads
+    if ray_options is not None and (sidecars or labels_out):  # the Ray driver writes neither yet
+        raise UsageError("--sidecars and --labels-out work without --ray only (the table's OUT.labels.txt is written)")
     info = dist.setup(device)
     try:
         choice = ModelChoice(
