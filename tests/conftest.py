@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The evaluation modules' shared bench, model and evaluation (session-scoped: built once, when first asked for).
+from tests.eval_fixtures import bench, evaluated, runtime  # noqa: F401
+
 # Tiny models are dominated by thread hand-offs: one thread is faster, and steady on a shared machine.
 torch.set_num_threads(1)
 

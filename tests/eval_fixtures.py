@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ramtag.cli import main
@@ -158,3 +159,23 @@ def write_table(
     writer.finalize()
     return path
 
+
+
+# One bench, one model and one evaluation with the baselines for every evaluation test module (they import these
+# fixtures): each module built and evaluated its own before, the same work five times over.
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory) -> Bench:
+    return make_bench(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="session")
+def runtime(bench: Bench):
+    from ramtag.engine.runtime import load_runtime
+
+    return load_runtime(bench.checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def evaluated(bench: Bench, runtime) -> EvalResult:
+    """ZSL and GZSL with the baselines, as `ramtag eval --unseen ... --baseline` runs them."""
+    return evaluate_with_baselines(runtime, bench)

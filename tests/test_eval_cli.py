@@ -12,18 +12,7 @@ import pytest
 from ramtag.calibration import fit_thresholds
 from ramtag.data.thresholds import read_thresholds
 from ramtag.engine.eval.types import GZSL, MODEL_ARM, MULTILABEL, ZSL
-from ramtag.engine.runtime import load_runtime
-from tests.eval_fixtures import GOOD, LABELS, Bench, direct_scores, make_bench, multi_hot, run_cli
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Bench:
-    return make_bench(tmp_path_factory.mktemp("eval"))
-
-
-@pytest.fixture(scope="module")
-def runtime(bench: Bench):
-    return load_runtime(bench.checkpoint, device="cpu")
+from tests.eval_fixtures import GOOD, LABELS, Bench, direct_scores, multi_hot, run_cli
 
 
 def test_cli_reports_calibration_round_trip(bench: Bench, runtime, tmp_path: Path, capsys):

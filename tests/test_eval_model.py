@@ -22,27 +22,8 @@ from tests.eval_fixtures import (
     UNSEEN,
     Bench,
     direct_scores,
-    evaluate_with_baselines,
-    make_bench,
     multi_hot,
 )
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Bench:
-    return make_bench(tmp_path_factory.mktemp("eval"))
-
-
-@pytest.fixture(scope="module")
-def runtime(bench: Bench):
-    return load_runtime(bench.checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def evaluated(bench: Bench, runtime):
-    """ZSL and GZSL with the baselines, as `ramtag eval --unseen ... --baseline` runs them."""
-    return evaluate_with_baselines(runtime, bench)
-
 
 # ---------------------------------------------------------------------------------------------
 # Protocols

@@ -9,25 +9,7 @@ import pytest
 
 from ramtag.engine.eval.render import markdown_summary
 from ramtag.engine.eval.types import GZSL, ZSL
-from ramtag.engine.runtime import load_runtime
 from ramtag.errors import UsageError
-from tests.eval_fixtures import Bench, evaluate_with_baselines, make_bench
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Bench:
-    return make_bench(tmp_path_factory.mktemp("eval"))
-
-
-@pytest.fixture(scope="module")
-def runtime(bench: Bench):
-    return load_runtime(bench.checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def evaluated(bench: Bench, runtime):
-    """ZSL and GZSL with the baselines, as `ramtag eval --unseen ... --baseline` runs them."""
-    return evaluate_with_baselines(runtime, bench)
 
 
 def test_plots_when_matplotlib_is_installed(evaluated, tmp_path: Path):

@@ -4,28 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from ramtag.engine.eval.render import report_dict, results_table
 from ramtag.engine.eval.types import GZSL, MODEL_ARM, ZSL
-from ramtag.engine.runtime import load_runtime
-from tests.eval_fixtures import Bench, evaluate_with_baselines, make_bench
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Bench:
-    return make_bench(tmp_path_factory.mktemp("eval"))
-
-
-@pytest.fixture(scope="module")
-def runtime(bench: Bench):
-    return load_runtime(bench.checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def evaluated(bench: Bench, runtime):
-    """ZSL and GZSL with the baselines, as `ramtag eval --unseen ... --baseline` runs them."""
-    return evaluate_with_baselines(runtime, bench)
 
 
 def test_report_renderers_agree_with_the_metrics(evaluated):

@@ -12,7 +12,6 @@ import pytest
 from ramtag.data.thresholds import read_thresholds
 from ramtag.engine.eval.table import evaluate_score_table
 from ramtag.engine.eval.types import GZSL, MODEL_ARM, MULTILABEL, ZSL, EvalSettings
-from ramtag.engine.runtime import load_runtime
 from ramtag.errors import DataError, UsageError, VocabularyError
 from ramtag.metrics import evaluate_scores
 from tests.eval_fixtures import (
@@ -21,28 +20,10 @@ from tests.eval_fixtures import (
     LABELS,
     UNSEEN,
     Bench,
-    evaluate_with_baselines,
-    make_bench,
     multi_hot,
     run_cli,
     write_table,
 )
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Bench:
-    return make_bench(tmp_path_factory.mktemp("eval"))
-
-
-@pytest.fixture(scope="module")
-def runtime(bench: Bench):
-    return load_runtime(bench.checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def evaluated(bench: Bench, runtime):
-    """ZSL and GZSL with the baselines, as `ramtag eval --unseen ... --baseline` runs them."""
-    return evaluate_with_baselines(runtime, bench)
 
 
 def test_score_table_with_prefix_mapping_and_unmatched_keys(bench: Bench, tmp_path: Path):
