@@ -28,8 +28,10 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ramtag.data.annotations import PrefixMapping, read_annotations
 from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
+from ramtag.data.records import check_rank
 from ramtag.data.shard_labels import shard_labels
-from ramtag.data.sources import SHARD_EXTENSIONS, check_rank, iter_shard_samples, plan_inputs, shard_name
+from ramtag.data.shards import SHARD_EXTENSIONS, iter_shard_samples, shard_name
+from ramtag.data.sources import plan_inputs
 from ramtag.errors import DataError, UsageError, VocabularyError
 from ramtag.messages import listed
 
