@@ -1,4 +1,4 @@
-"""ramtag.engine.labelled: every DATA format to (image, multi-hot, key), label spaces, ZSL/GZSL sets."""
+"""ramtag.data.labelled: every DATA format to (image, multi-hot, key), label spaces, ZSL/GZSL sets."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ramtag.engine.labelled import (
-    LabelledItem,
-    LabelTally,
-    collate_labelled,
-    labelled_dataset,
-    open_labelled_source,
-    resolve_label_space,
-    sample_key,
-    select_items,
-)
+from ramtag.data.labelled import LabelledItem, open_labelled_source, resolve_label_space, sample_key
+from ramtag.data.labelled_samples import LabelTally, collate_labelled, labelled_dataset, select_items
 from ramtag.errors import DataError, UsageError, VocabularyError
 from tests.io_fixtures import image_bytes, write_image, write_shard
 

@@ -19,6 +19,7 @@ MODEL_MODULES = [
 ]
 DATA_MODULES = [
     "ramtag.data.sources",
+    "ramtag.data.labelled_samples",
     "ramtag.data.writers",
     "ramtag.data.vocab",
     "ramtag.data.annotations",

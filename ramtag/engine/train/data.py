@@ -29,15 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ramtag.data.augment import TrainAugment, sample_seed
-from ramtag.engine.labelled import (
-    LabelledBatch,
-    LabelledFiles,
-    LabelledItem,
-    LabelledShards,
-    LabelledSource,
-    collate_labelled,
-    resolve_label_space,
-)
+from ramtag.data.labelled import LabelledItem, LabelledSource, resolve_label_space
+from ramtag.data.labelled_samples import LabelledBatch, LabelledFiles, LabelledShards, collate_labelled
 from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.errors import DataError
 from ramtag.messages import listed
@@ -285,11 +278,10 @@ class TrainBatches:
             size = self.samples_per_epoch or len(self.items)
         else:
             size = len(self.items)
-            self.files = LabelledFiles(
-                list(enumerate(self.items)), self.classes, transform=None, label_space=self.classes
-            )
             self._augment = _SeededAugment(self.augment)
-            self.files.transform = self._augment
+            self.files = LabelledFiles(
+                list(enumerate(self.items)), self.classes, transform=self._augment, label_space=self.classes
+            )
             self.sampler = GlobalBatchSampler(size, self.global_batch, self.rank, self.world_size, self.seed)
         self.size = size
         if size < self.global_batch:
