@@ -24,6 +24,7 @@ DATA_MODULES = [
     "ramtag.data.vocab",
     "ramtag.data.annotations",
     "ramtag.data.synth",
+    "ramtag.data.synth_files",
     "ramtag.data.augment",
 ]
 
