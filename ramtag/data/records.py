@@ -3,7 +3,7 @@ path to a transformed tensor, or the reason it failed), :class:`FileDataset` ove
 :func:`collate_records`, which stacks good images and keeps failed items aside. Nothing here raises for a bad
 image: the record's ``error`` says why.
 
-Training and evaluation use the same stages, with labels added by :mod:`ramtag.data.labelled`.
+Training and evaluation use the same stages, with labels added (:mod:`ramtag.data.labelled_samples`).
 """
 
 from __future__ import annotations
