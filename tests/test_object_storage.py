@@ -232,7 +232,8 @@ def test_credentials_in_a_url_are_refused_without_repeating_them(tmp_path, vocab
 def test_missing_object_storage_support_names_the_extra(monkeypatch, tmp_path):
     import builtins
 
-    from ramtag.data.sources import FileDataset, plan_inputs
+    from ramtag.data.records import FileDataset
+    from ramtag.data.sources import plan_inputs
 
     real_import = builtins.__import__
 

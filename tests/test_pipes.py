@@ -82,7 +82,7 @@ def test_a_pipe_reads_its_command_and_reports_a_failed_one():
     assert stream.read() == b"abc"
     stream.close()
     failing = open_pipe("exit 3")
-    with pytest.raises(OSError, match=r": exit 3 \("):  # the status sources.py turns into the shard's error row
+    with pytest.raises(OSError, match=r": exit 3 \("):  # the status shards.py turns into the shard's error row
         failing.read()
     failing.close()
 

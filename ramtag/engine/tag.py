@@ -17,7 +17,7 @@ from ramtag.data.assemble import write_label_file
 from ramtag.data.images import PIL_LIMIT
 from ramtag.data.layout import output_kind
 from ramtag.data.rows import TagBatch
-from ramtag.data.sources import shard_split_problem
+from ramtag.data.shards import shard_split_problem
 from ramtag.data.thresholds import read_thresholds
 from ramtag.data.units import UNIT_ROWS, UnitDataset, collate_unit_records
 from ramtag.engine import dist

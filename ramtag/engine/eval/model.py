@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ramtag.data.labelled import LabelledSource, LabelSpace, resolve_label_space
+from ramtag.data.labelled_samples import LabelledShards, LabelTally, collate_labelled, labelled_dataset
 from ramtag.engine import dist
 from ramtag.engine.eval.calibrate import attach_calibration, calibration_protocol
 from ramtag.engine.eval.protocol import arm_result, open_eval_source, plan_protocols, protocol_warnings
@@ -37,15 +39,6 @@ from ramtag.engine.eval.types import (
     Protocol,
     ProtocolResult,
     ignore_log,
-)
-from ramtag.engine.labelled import (
-    LabelledShards,
-    LabelledSource,
-    LabelSpace,
-    LabelTally,
-    collate_labelled,
-    labelled_dataset,
-    resolve_label_space,
 )
 from ramtag.engine.signals import worker_ignores_sigterm
 from ramtag.errors import DataError, RamtagError

@@ -17,8 +17,9 @@ import torch
 
 from ramtag.atomic import write_json, write_text
 from ramtag.data.augment import TrainAugment
+from ramtag.data.labelled import open_labelled_source
+from ramtag.data.labelled_samples import LabelledBatch
 from ramtag.engine import dist
-from ramtag.engine.labelled import LabelledBatch, open_labelled_source
 from ramtag.engine.runtime import resolve_device
 from ramtag.engine.train import state as files
 from ramtag.engine.train.batchnorm import synchronise_batchnorms
