@@ -18,7 +18,7 @@ with its worker. One process outside torchrun has no store, so with several work
 (port chosen by the system); with one worker or none it reads the units in order, as before.
 
 ``RAMTAG_STATIC_UNITS=1`` restores the static split; it exists for benchmarks/scale_skew.py, which measures
-what the dynamic claim gains, and is not a user option.
+what the dynamic claim gains, and for tests that need every rank to take units. It is not a user option.
 """
 
 from __future__ import annotations
