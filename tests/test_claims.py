@@ -176,7 +176,13 @@ def test_a_rank_killed_under_max_restarts_heals_to_every_input_once(tmp_path, vo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [*TORCHRUN, "--max-restarts", "2", script,
                *map(str, common), "-o", str(double)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    log = tmp_path / "torchrun.log"  # a file, so that a run past its time limit still shows where it was
+    with log.open("w") as sink:
+        try:  # about 30 s on 2 cores; the limit leaves room for a loaded machine, and catches a hung restart
+            result = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env, timeout=150)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"torchrun did not finish in 150 s:\n{log.read_text()[-3000:]}")
+    result.stderr = log.read_text()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ramtag: torchrun restart 1: resuming" in result.stderr, result.stderr[-3000:]
     assert_same_scores(rows_by_key(single), rows_by_key(double))
