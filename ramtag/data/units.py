@@ -315,8 +315,10 @@ def _kept_rows(work_dir: Path, task: UnitTask) -> tuple[dict[str, tuple[str, boo
 
 
 class UnitDataset(IterableDataset):
-    """The records of each task's unit, then its :class:`UnitEnd`; DataLoader worker ``w`` of ``n`` takes
-    every ``n``-th task. A unit being redone skips the keys it keeps, so its rows end up exactly once."""
+    """The records of each task's unit, then its :class:`UnitEnd`. With ``claim``, each process reading the
+    dataset (a DataLoader worker, or the caller's) asks it for the index of its next task until it returns None;
+    without, DataLoader worker ``w`` of ``n`` takes every ``n``-th task. A unit being redone skips the keys it
+    keeps, so its rows end up exactly once."""
 
     def __init__(
         self,
@@ -327,8 +329,10 @@ class UnitDataset(IterableDataset):
         *,
         max_pixels: int | None = PIL_LIMIT,
         draft_size: int | None = None,
+        claim: Callable[[], int | None] | None = None,
     ) -> None:
         self.tasks = list(tasks)
+        self.claim = claim
         self.work_dir = Path(work_dir)
         self.listing = Path(listing)
         self.transform = transform
@@ -340,8 +344,12 @@ class UnitDataset(IterableDataset):
         return split_by_node_and_worker(self.tasks)
 
     def __iter__(self) -> Iterator[Record | UnitEnd]:
-        for task in self.assigned_tasks():
-            yield from self.read_unit(task)
+        if self.claim is None:
+            for task in self.assigned_tasks():
+                yield from self.read_unit(task)
+            return
+        while (index := self.claim()) is not None:
+            yield from self.read_unit(self.tasks[index])
 
     def read_unit(self, task: UnitTask) -> Iterator[Record | UnitEnd]:
         unit = task.unit

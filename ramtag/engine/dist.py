@@ -33,6 +33,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def restart_count() -> int:
+    """How often torchrun (``--max-restarts``) restarted this worker group: 0 on its first start and outside
+    torchrun. A restarted group continues the run its predecessor started (see ramtag.engine.tag)."""
+    try:
+        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    except ValueError:
+        return 0
+
+
 def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a no-op otherwise."""
     if not launched_by_torchrun():
