@@ -51,7 +51,18 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         use_cuda = torch.cuda.is_available() and device != "cpu"
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        backend = "nccl" if use_cuda else "gloo"
+        if restart_count() == 0:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A restarted group may meet the store of the group it replaces (torchrun --standalone keeps its
+            # agent's store across restarts), where gloo finds the dead ranks' addresses under the same keys,
+            # connects to them, and fails with "Connection refused", costing a restart. Keys of its own attempt
+            # keep each group to its own addresses.
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"ramtag/attempt-{restart_count()}/", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
