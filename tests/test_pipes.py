@@ -93,3 +93,44 @@ def test_closing_a_pipe_early_ends_its_command(tmp_path):
     assert _wait_for(lambda: _running(f"sleep {marker}"), 10)
     stream.close()
     assert _wait_for(lambda: not _running(f"sleep {marker}"), 2)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_killed_run_leaves_its_output_lock_free_while_its_worker_lingers(tmp_path):
+    from ramtag.data.layout import _lock_output, _unlock_output
+
+    marker = f"602.{os.getpid() % 1000:03d}"
+    vocabulary = tmp_path / "vocab.txt"
+    vocabulary.write_text("cat\ndog\n")
+    out = tmp_path / "t.parquet"
+    command = [
+        sys.executable, "-m", "ramtag", "tag", f"pipe:sleep {marker}", "-l", str(vocabulary), "--model", "demo",
+        "-o", str(out), "--workers", "1", "--quiet",
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    try:
+        assert _wait_for(lambda: _running(f"sleep {marker}"), 120), "the run never started its pipe command"
+        workers = _children(process.pid)
+        assert workers
+        process.kill()  # as torchrun's agent or the OOM killer does: no handler runs
+        process.wait(timeout=10)
+        assert any(Path(f"/proc/{pid}").exists() for pid in workers)  # the worker outlives its run for a while
+        _lock_output(out)  # the run that replaces it (a torchrun restart) gets the lock at once
+        _unlock_output(out)
+    finally:
+        process.kill()
+        for pid in _running(f"sleep {marker}"):  # ending the pipe ends the worker reading it
+            os.kill(pid, signal.SIGKILL)

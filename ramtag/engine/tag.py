@@ -26,7 +26,7 @@ from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
 from ramtag.engine.sidecars import SidecarOptions, SidecarStage, describe_counts
-from ramtag.engine.signals import interrupted_run, worker_ignores_sigterm
+from ramtag.engine.signals import decode_worker_init, interrupted_run
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import OutputError, PartialFailure, UsageError
 from ramtag.messages import one_line
@@ -236,7 +236,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         num_workers=min(workers, len(mine)),
         collate_fn=collate_unit_records,
         pin_memory=runtime.device.type == "cuda",
-        worker_init_fn=worker_ignores_sigterm,
+        worker_init_fn=decode_worker_init,
         # batches as workers finish them: in order, a worker on a big unit would stall the others' batches
         # (and so their claims) behind it. Each worker's batches still come in its order, so a unit's end
         # follows its rows.

@@ -40,7 +40,7 @@ from ramtag.engine.eval.types import (
     ProtocolResult,
     ignore_log,
 )
-from ramtag.engine.signals import worker_ignores_sigterm
+from ramtag.engine.signals import decode_worker_init
 from ramtag.errors import DataError, RamtagError
 from ramtag.fingerprint import fingerprint
 
@@ -133,7 +133,7 @@ def _score_pass(
         num_workers=_workers(settings, dataset),
         collate_fn=collate_labelled,
         pin_memory=device.type == "cuda",
-        worker_init_fn=worker_ignores_sigterm,
+        worker_init_fn=decode_worker_init,
     )
     total = len(dataset) if hasattr(dataset, "__len__") else None
     tally = LabelTally()

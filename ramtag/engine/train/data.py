@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from ramtag.data.augment import TrainAugment, sample_seed
 from ramtag.data.labelled import LabelledItem, LabelledSource, resolve_label_space
 from ramtag.data.labelled_samples import LabelledBatch, LabelledFiles, LabelledShards, collate_labelled, strict_error
-from ramtag.engine.signals import worker_ignores_sigterm
+from ramtag.engine.signals import decode_worker_init
 from ramtag.errors import DataError
 from ramtag.messages import listed
 
@@ -303,7 +303,7 @@ class TrainBatches:
             num_workers=self.num_workers,
             collate_fn=collate_labelled,
             pin_memory=self.pin_memory,
-            worker_init_fn=worker_ignores_sigterm,
+            worker_init_fn=decode_worker_init,
         )
         yield from loader
 
@@ -330,7 +330,7 @@ class TrainBatches:
             num_workers=min(self.num_workers, mine),
             collate_fn=collate_labelled,
             pin_memory=self.pin_memory,
-            worker_init_fn=worker_ignores_sigterm,
+            worker_init_fn=decode_worker_init,
         )
 
     def _shard_batches(self, count: int) -> Iterator[LabelledBatch]:
