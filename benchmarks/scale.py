@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 
 import torch
+from scale_state import generate_state, write_manifest
 
 import common
 from common import log
-from scale_state import generate_state, write_manifest
 
 _SUFFIXES = {"k": 1_000, "M": 1_000_000, "G": 1_000_000_000}
 STATE_BYTES_PER_ROW = 120
@@ -106,7 +106,8 @@ def child_resume(state: dict) -> dict:
         dataset = UnitDataset(output.tasks, output.work_dir, output.listing, lambda image: image)
         items = list(dataset.read_unit(output.tasks[0]))
         unit_seconds = time.perf_counter() - start
-        assert items[-1].kept_rows == state["unit_rows"] // 2 and len(items) - 1 == state["unit_rows"] - items[-1].kept_rows
+        kept = items[-1].kept_rows
+        assert kept == state["unit_rows"] // 2 and len(items) - 1 == state["unit_rows"] - kept  # the rest is read
     finally:
         output.release()
     return {
@@ -239,18 +240,22 @@ def measure_manifest(args, root: Path, rows: int) -> dict:
 
 
 def old_extrapolation(rows: list[dict]) -> dict | None:
-    """Bytes and seconds per key of the old design from its largest measured state, scaled to 100M keys."""
-    measured = [row for row in rows if row.get("old_design_plan_peak_mib")]
+    """The old design's bytes and seconds per key, from the slope between its two largest measured states (or
+    the largest alone), scaled to 100M keys: its set grows linearly with the keys."""
+    measured = sorted((row for row in rows if row.get("old_design_plan_peak_mib")), key=lambda row: row["rows"])
     if not measured:
         return None
-    top = max(measured, key=lambda row: row["rows"])
-    above = top["old_design_plan_peak_mib"] - top["old_design_import_peak_mib"]
-    per_key = above * 2**20 / top["old_design"][0]["keys"]
-    seconds = top["old_design_plan_seconds"] / top["old_design"][0]["keys"]
+    top = measured[-1]
+    low = measured[-2] if len(measured) > 1 else {"old_design_plan_peak_mib": top["old_design_import_peak_mib"],
+                                                   "old_design_plan_seconds": 0.0, "old_design": [{"keys": 0}]}
+    keys = top["old_design"][0]["keys"] - low["old_design"][0]["keys"]
+    per_key = (top["old_design_plan_peak_mib"] - low["old_design_plan_peak_mib"]) * 2**20 / keys
+    seconds = (top["old_design_plan_seconds"] - low["old_design_plan_seconds"]) / keys
+    rest = 1e8 - top["old_design"][0]["keys"]
     return {
-        "from_rows": top["rows"], "bytes_per_key": per_key, "seconds_per_key": seconds,
-        "peak_gib_at_100M": (top["old_design_import_peak_mib"] * 2**20 + per_key * 1e8) / 2**30,
-        "seconds_at_100M": seconds * 1e8,
+        "from_rows": [row["rows"] for row in measured[-2:]], "bytes_per_key": per_key, "seconds_per_key": seconds,
+        "peak_gib_at_100M": (top["old_design_plan_peak_mib"] * 2**20 + per_key * rest) / 2**30,
+        "seconds_at_100M": top["old_design_plan_seconds"] + seconds * rest,
     }
 
 

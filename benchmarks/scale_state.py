@@ -5,7 +5,7 @@ Written in ramtag's own formats, through its own code where that code can stream
 
 * ``run.json`` by :func:`~ramtag.data.layout.prepare_output`, ``units.json`` by ``_write_units_file`` with the
   spec ``plan_units`` freezes, so a resumed run takes the frozen path a real one takes;
-* ``listing.parquet`` with the listing's schema, one row group per unit, as ``_write_listing`` writes it (that
+* ``listing.arrow`` with the listing's schema, one record batch per unit, as ``_write_listing`` writes it (that
   function takes the whole table, so its loop is repeated here unit by unit);
 * parts named by :func:`~ramtag.data.ledger.part_name`, rows built by :func:`~ramtag.data.rows.batch_to_arrow`
   (5 tags of the 80 COCO labels a row), the schema and metadata a run writes; a template unit is built once
@@ -33,7 +33,7 @@ from ramtag.data.layout import _unlock_output, prepare_output
 from ramtag.data.ledger import LedgerEntry, LedgerWriter, part_name
 from ramtag.data.rows import TagBatch, batch_to_arrow, schema_with_metadata, table_schema
 from ramtag.data.sources import _BASE_FIELDS
-from ramtag.data.units import LISTING_FILE, Unit, _listing_spec, _write_units_file
+from ramtag.data.units import LISTING_FILE, LISTING_OPTIONS, Unit, _listing_spec, _write_units_file
 
 RANKS = 8
 OLD_PART_ROWS = 262_144
@@ -102,14 +102,12 @@ def generate_state(
     old = _OldParts(root / "old" / ".tags.parts", schema) if old_design else None
     listing_schema = pa.schema(_BASE_FIELDS)
     done_rows = 0
-    with pq.ParquetWriter(work / LISTING_FILE, listing_schema) as listing:
+    with pa.ipc.new_file(work / LISTING_FILE, listing_schema, options=LISTING_OPTIONS) as listing:
         for unit in range(units):
             keys = row_keys(unit * per_unit, per_unit, per_unit)
             sources = pc.binary_join_element_wise(base, keys, "")
-            listing.write_table(
-                pa.table([keys, sources, sources, pa.nulls(per_unit, pa.string())], schema=listing_schema),
-                row_group_size=per_unit,
-            )
+            columns = [keys, sources, sources, pa.nulls(per_unit, pa.string())]
+            listing.write_batch(pa.record_batch(columns, listing_schema))
             rows_of_unit = template.set_column(key_at, schema.field(key_at), keys).set_column(
                 source_at, schema.field(source_at), sources
             )
