@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--manifest-rows", default="10M")
     parser.add_argument("--dir", default=None, help="where states are generated (default: the temp folder)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--label", default=None, help="suffix of the results file (scale.LABEL.cpu.json)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", choices=["resume", "old", "plan"], help=argparse.SUPPRESS)
     parser.add_argument("--state", help=argparse.SUPPRESS)
@@ -271,19 +272,22 @@ def main(argv=None) -> None:
     base = Path(args.dir or tempfile.gettempdir())
     work = Path(tempfile.mkdtemp(prefix="ramtag-scale-", dir=base))
     parts = args.parts.split(",")
+    name = f"scale.{args.label}" if args.label else "scale"
     payload: dict = {"settings": vars(args), "machine": common.machine_info(torch.device("cpu"))}
     try:
         if "resume" in parts:
             payload["resume"] = []
             for rows in map(count, args.rows.split(",")):
                 payload["resume"].append(measure_resume(args, work / f"resume-{rows}", rows))
+                log(json.dumps({k: v for k, v in payload["resume"][-1].items() if k not in ("ramtag", "old_design")}))
+                common.write_results(name, payload, torch.device("cpu"), quick=args.quick)  # a size at a time
             payload["old_design_extrapolated"] = old_extrapolation(payload["resume"])
         if "manifest" in parts:
             payload["manifest"] = measure_manifest(args, work / "manifest", count(args.manifest_rows))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    path = common.write_results("scale", payload, torch.device("cpu"), quick=args.quick)
+    path = common.write_results(name, payload, torch.device("cpu"), quick=args.quick)
     columns = ["rows", "rows_per_unit", "ramtag_plan_seconds", "ramtag_plan_peak_mib", "ramtag_import_peak_mib",
                "ramtag_first_unit_peak_mib", "old_design_plan_seconds", "old_design_plan_peak_mib"]
     common.print_table("Resume planning (medians)", payload.get("resume", []), columns)
