@@ -206,6 +206,24 @@ def test_resume_planning_reads_no_part_of_a_done_unit(tmp_path, vocab, tiny_chec
         output.release()
 
 
+def test_a_worker_opens_one_unit_of_the_listing_through_a_footer_of_bytes_per_unit(tmp_path):
+    """A Parquet listing of one row group per unit made every worker parse ~4 KB of footer a unit (400 MB at
+    100,000 units, benchmarks/scale.py); the Arrow IPC listing's footer is 24 bytes a unit."""
+    from ramtag.data.units import UnitDataset, UnitTask, plan_units
+
+    names = [f"img{index:05d}.png" for index in range(3_000)]
+    (tmp_path / "list.txt").write_text("".join(f"{tmp_path / name}\n" for name in names))
+    plan = plan_units([f"@{tmp_path / 'list.txt'}"], tmp_path / "work", unit_rows=1)
+    assert len(plan.units) == len(names)
+    data = plan.listing.read_bytes()
+    assert data.endswith(b"ARROW1")
+    footer = int.from_bytes(data[-10:-6], "little")  # the footer's length precedes the closing magic
+    assert footer / len(plan.units) < 64
+    dataset = UnitDataset([UnitTask(plan.units[1234])], tmp_path / "work", plan.listing, lambda image: image)
+    items = list(dataset)
+    assert [item.key for item in items[:-1]] == [str(tmp_path / names[1234])] and items[-1].unit == 1234
+
+
 # -- error rows heal --------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 The bucket holds the run's state, so a run killed on one machine resumes on another. Beside the output
 ``s3://b/tags/`` its work folder ``s3://b/.tags.parts/`` holds, as a local output's work directory does:
 
-- ``run.json``, ``units.json``, ``listing.parquet``: the run and its frozen plan (:mod:`ramtag.data.units`);
+- ``run.json``, ``units.json``, ``listing.arrow``: the run and its frozen plan (:mod:`ramtag.data.units`);
 - ``part-u{unit}-r{run}-c{chunk}.parquet``: committed parts. Unique names (unit, run, chunk; the run number
   is the attempt), each uploaded whole: an object appears when its upload completes, never in part;
 - ``ledger/r{run}-rank{rank}-u{unit}.json``: the record of what is committed, one object per unit, uploaded
@@ -58,7 +58,7 @@ ASSEMBLED_FILE = "assembled.json"
 LEASE_SECONDS = 600
 _RENEW_SECONDS = 60
 UNITS = "units.json"
-_FROZEN_FILES = (RUN_FILE, UNITS, "listing.parquet")
+_FROZEN_FILES = (RUN_FILE, UNITS, "listing.arrow")
 _ENTRY_RE = re.compile(r"^r(\d+)-rank(\d+)-u(\d+)\.json$")
 _COMPACT_RE = re.compile(r"^compact-r(\d+)\.jsonl$")
 _OUTPUT_FILES = (SUCCESS_FILE, MANIFEST_FILE, "_common_metadata", "_metadata")
@@ -239,7 +239,7 @@ class RemoteWork:
         for name in _FROZEN_FILES:
             local = self.local_work / name
             url = storage.join(self.work, name)
-            if local.exists() and (name != "listing.parquet" or storage.file_type(url) != "file"):
+            if local.exists() and (name != "listing.arrow" or storage.file_type(url) != "file"):
                 storage.upload(local, url)
         self._compact(run, latest)
         committed = {name for entry in latest.values() for name in entry.parts}

@@ -2,8 +2,8 @@
 
 A unit is one shard, a run of row groups of a table that holds its images (``--image-column``,
 :mod:`ramtag.data.image_tables`), or one row group of the *listing*: the image files that folders, lists, stdin
-and manifests name, spilled once by rank 0 into ``listing.parquet`` in the output's work directory
-with one row group per unit. The unit list (``units.json``) is all a rank or DataLoader worker
+and manifests name, spilled once by rank 0 into ``listing.arrow`` in the output's work directory
+with one record batch per unit. The unit list (``units.json``) is all a rank or DataLoader worker
 receives; each reads its own unit's rows from the listing, so nothing of size O(images) is
 broadcast or pickled. Both files are frozen at the first run: a resumed run reuses them (stdin
 cannot be read twice), and only the shard inputs may change (a shard is known by its name, the
@@ -38,8 +38,12 @@ from ramtag.data.sources import plan_inputs
 from ramtag.data.table_records import table_records, table_unit_fields
 from ramtag.errors import UsageError
 
-LISTING_FILE = "listing.parquet"
+LISTING_FILE = "listing.arrow"
+"""An Arrow IPC file, not Parquet: a reader opens one unit's batch through a footer of 24 bytes a unit, where a
+Parquet footer of one row group per unit costs every process that opens it ~4 KB of memory a unit (400 MB at
+100,000 units, in each DataLoader worker; benchmarks/scale.py)."""
 UNITS_FILE = "units.json"
+LISTING_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 UNIT_ROWS = 16_384
 MIN_UNIT_ROWS = 64
 
@@ -217,19 +221,24 @@ def _merge_shards(units: list[Unit], shards: Sequence[str], columns: Sequence[st
 
 
 def _write_listing(path: Path, files: pa.Table, unit_rows: int) -> list[int]:
-    """Spill the listing, one row group per unit; returns the rows of each group."""
+    """Spill the listing, one record batch per unit (zstd-compressed); returns the rows of each batch."""
     groups = []
     with atomic_path(path) as temporary:
-        with pq.ParquetWriter(temporary, files.schema) as writer:
+        with pa.ipc.new_file(temporary, files.schema, options=LISTING_OPTIONS) as writer:
             for start in range(0, files.num_rows, unit_rows):
                 piece = files.slice(start, unit_rows)
-                writer.write_table(piece, row_group_size=unit_rows)
+                writer.write_batch(pa.record_batch([column.combine_chunks() for column in piece.columns], files.schema))
                 groups.append(piece.num_rows)
     return groups
 
 
+def open_listing(listing: Path) -> pa.ipc.RecordBatchFileReader:
+    """The listing, memory-mapped: batch ``unit.group`` holds that unit's rows."""
+    return pa.ipc.open_file(pa.memory_map(str(listing)))
+
+
 def _extra_schema(listing: Path) -> pa.Schema:
-    schema = pq.read_schema(listing)
+    schema = open_listing(listing).schema
     return pa.schema([field for field in schema if field.name not in BASE_COLUMNS])
 
 
@@ -338,7 +347,7 @@ class UnitDataset(IterableDataset):
         self.transform = transform
         self.max_pixels = max_pixels
         self.draft_size = draft_size
-        self._listing_file: pq.ParquetFile | None = None
+        self._listing_file: pa.ipc.RecordBatchFileReader | None = None
 
     def assigned_tasks(self) -> list[UnitTask]:
         return split_by_node_and_worker(self.tasks)
@@ -394,9 +403,9 @@ class UnitDataset(IterableDataset):
         if unit.kind == "table":
             yield from table_records(unit, self.transform, skip, self.max_pixels, self.draft_size)
             return
-        if self._listing_file is None:  # opened once per worker: its footer is O(units)
-            self._listing_file = pq.ParquetFile(self.listing)
-        rows = self._listing_file.read_row_group(unit.group)
+        if self._listing_file is None:  # opened once per worker: its footer is O(units), 24 bytes a unit
+            self._listing_file = open_listing(self.listing)
+        rows = pa.Table.from_batches([self._listing_file.get_batch(unit.group)])
         if skip:
             rows = rows.filter(pc.invert(pc.is_in(rows["key"], value_set=pa.array(list(skip), pa.string()))))
         files = FileDataset(rows, self.transform, max_pixels=self.max_pixels, draft_size=self.draft_size)
