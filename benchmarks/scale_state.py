@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 
 from ramtag.data.layout import _unlock_output, prepare_output
 from ramtag.data.ledger import LedgerEntry, LedgerWriter, part_name
+from ramtag.data.listing import _BASE_FIELDS
 from ramtag.data.rows import TagBatch, batch_to_arrow, schema_with_metadata, table_schema
-from ramtag.data.sources import _BASE_FIELDS
 from ramtag.data.units import LISTING_FILE, LISTING_OPTIONS, Unit, _listing_spec, _write_units_file
 
 RANKS = 8
