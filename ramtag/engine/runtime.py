@@ -177,7 +177,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 KCOT_OPTIONS = {"ot_reg": "reg", "ot_max_iter": "max_iter", "ot_tol": "tol", "ot_stop": "stop"}
 """The CLI's KCOT option names (and the Python API's keywords) -> fields of the model's KCOT settings."""
-MODEL_OPTIONS = ("scale_local_temperature", "template", "temperature_loc")
+MODEL_OPTIONS = ("scale_local_temperature", "local_temperature", "template", "temperature_loc")
 
 
 def model_overrides(**options) -> dict:
