@@ -141,19 +141,24 @@ class ModelChoice:
     def load(self):
         """The runtime these options describe (errors become one line in ramtag.cli.main)."""
         from ramtag.engine import dist
-        from ramtag.engine.runtime import load_runtime, model_overrides
+        from ramtag.engine.runtime import load_runtime
         from ramtag.errors import UsageError
 
         if not self.quiet and dist.info().is_main:  # a model takes seconds to a minute to load: say what it is
             say(f"loading {self.describe()} …")
-        overrides = model_overrides(
+        try:
+            return load_runtime(self.checkpoint, self.model, self.pretrained, self.device, self.overrides())
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+    def overrides(self) -> dict:
+        """`load_runtime`'s overrides from these options (what Ray's actors load, too)."""
+        from ramtag.engine.runtime import model_overrides
+
+        return model_overrides(
             scale_local_temperature=self.scale_local_temperature,
             ot_reg=self.ot_reg, ot_max_iter=self.ot_max_iter, ot_tol=self.ot_tol, ot_stop=self.ot_stop,
         )
-        try:
-            return load_runtime(self.checkpoint, self.model, self.pretrained, self.device, overrides)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
 
 
 def command_line() -> str:
