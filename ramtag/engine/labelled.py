@@ -30,7 +30,7 @@ from ramtag.data.annotations import PrefixMapping, read_annotations
 from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
 from ramtag.data.shard_labels import shard_labels
 from ramtag.data.sources import SHARD_EXTENSIONS, check_rank, iter_shard_samples, plan_inputs, shard_name
-from ramtag.errors import DataError, UsageError, VocabularyError
+from ramtag.errors import DataError, RamtagError, UsageError, VocabularyError
 from ramtag.messages import listed
 
 Transform = Callable[[Any], torch.Tensor]
@@ -270,6 +270,9 @@ class LabelledSample(NamedTuple):
     """Labels of this image outside the label space (dropped from ``target``)."""
     order: tuple[int, int]
     """Position in the whole set (item index, or shard index and sample number), for merging ranks."""
+    fatal: RamtagError | None = None
+    """An error that ends the pass (--strict-labels, a refused shard), carried rather than raised: a DataLoader
+    worker that raised would hand the main process the error's type with a traceback as its message."""
 
 
 @dataclass
@@ -282,6 +285,8 @@ class LabelledBatch:
     orders: list[tuple[int, int]]
     failed: list[tuple[str, str]]
     dropped: Counter[str]
+    fatal: RamtagError | None = None
+    """The first sample's error that ends the pass; :func:`checked_batches` raises it."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -299,9 +304,23 @@ def collate_labelled(samples: Sequence[LabelledSample]) -> LabelledBatch:
         targets=torch.stack([sample.target for sample in good]) if good else torch.zeros((0, width)),
         keys=[sample.key for sample in good],
         orders=[sample.order for sample in good],
-        failed=[(sample.key, sample.error or "cannot decode") for sample in samples if sample.image is None],
+        failed=[
+            (sample.key, sample.error or "cannot decode")
+            for sample in samples
+            if sample.image is None and sample.fatal is None
+        ],
         dropped=dropped,
+        fatal=next((sample.fatal for sample in samples if sample.fatal is not None), None),
     )
+
+
+def checked_batches(batches: Iterable[LabelledBatch]) -> Iterator[LabelledBatch]:
+    """The batches of a DataLoader over a labelled dataset; the error a sample carries is raised here, in the
+    main process, with its own type and message."""
+    for batch in batches:
+        if batch.fatal is not None:
+            raise batch.fatal
+        yield batch
 
 
 @dataclass
@@ -513,8 +532,10 @@ class LabelledShards(IterableDataset):
                         image, error = _decode(data, self.transform, self.max_pixels)
                     target = _multi_hot(labels, column, width)
                     yield LabelledSample(image, target, key, error, dropped, (shard_index, count))
-            except (DataError, UsageError):
-                raise
+            except (DataError, UsageError) as error:  # ends the pass: carried, not raised (LabelledSample.fatal)
+                yield LabelledSample(None, torch.zeros(width), sample_key(url, ""), None, (), (shard_index, count),
+                                     fatal=error)
+                return
             except Exception as exc:  # a broken shard is one failure, not the end of the run
                 yield LabelledSample(
                     None,
@@ -581,6 +602,7 @@ __all__ = [
     "LabelledShards",
     "LabelledSource",
     "check_strict_labels",
+    "checked_batches",
     "collate_labelled",
     "labelled_dataset",
     "normalise_key",

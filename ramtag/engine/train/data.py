@@ -35,6 +35,7 @@ from ramtag.engine.labelled import (
     LabelledItem,
     LabelledShards,
     LabelledSource,
+    checked_batches,
     collate_labelled,
     resolve_label_space,
 )
@@ -353,7 +354,7 @@ class TrainBatches:
             good: list[tuple[torch.Tensor, torch.Tensor, str, int]] = []
             failed: list[tuple[str, str]] = []
             dropped = None
-            for batch in self._shard_loader(position.pass_index):
+            for batch in checked_batches(self._shard_loader(position.pass_index)):
                 start = raw
                 raw += len(batch) + len(batch.failed)
                 if raw <= position.consumed:
