@@ -26,7 +26,7 @@ from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
 from ramtag.engine.sidecars import SidecarOptions, SidecarStage, describe_counts
-from ramtag.engine.signals import interrupted_run, worker_ignores_sigterm
+from ramtag.engine.signals import init_decode_worker, interrupted_run
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import OutputError, PartialFailure, UsageError
 from ramtag.messages import one_line
@@ -218,7 +218,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         num_workers=min(workers, len(mine)),
         collate_fn=collate_unit_records,
         pin_memory=runtime.device.type == "cuda",
-        worker_init_fn=worker_ignores_sigterm,
+        worker_init_fn=init_decode_worker,
     )
     metadata = _metadata(runtime, vocabulary, options, thresholds)
     writer = output.writer(

@@ -48,7 +48,7 @@ from ramtag.engine.labelled import (
     labelled_dataset,
     resolve_label_space,
 )
-from ramtag.engine.signals import worker_ignores_sigterm
+from ramtag.engine.signals import init_decode_worker
 from ramtag.errors import DataError
 from ramtag.fingerprint import fingerprint
 
@@ -132,7 +132,7 @@ def _score_pass(
         num_workers=_workers(settings, dataset),
         collate_fn=collate_labelled,
         pin_memory=device.type == "cuda",
-        worker_init_fn=worker_ignores_sigterm,
+        worker_init_fn=init_decode_worker,
     )
     total = len(dataset) if hasattr(dataset, "__len__") else None
     tally = LabelTally()

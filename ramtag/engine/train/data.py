@@ -39,7 +39,7 @@ from ramtag.engine.labelled import (
     collate_labelled,
     resolve_label_space,
 )
-from ramtag.engine.signals import worker_ignores_sigterm
+from ramtag.engine.signals import init_decode_worker
 from ramtag.errors import DataError
 from ramtag.messages import listed
 
@@ -315,7 +315,7 @@ class TrainBatches:
             num_workers=self.num_workers,
             collate_fn=collate_labelled,
             pin_memory=self.pin_memory,
-            worker_init_fn=worker_ignores_sigterm,
+            worker_init_fn=init_decode_worker,
         )
         yield from loader
 
@@ -342,7 +342,7 @@ class TrainBatches:
             num_workers=min(self.num_workers, mine),
             collate_fn=collate_labelled,
             pin_memory=self.pin_memory,
-            worker_init_fn=worker_ignores_sigterm,
+            worker_init_fn=init_decode_worker,
         )
 
     def _shard_batches(self, count: int) -> Iterator[LabelledBatch]:
