@@ -71,7 +71,8 @@ def stage_breakdown(runtime, folder: Path, labels: list[str], batches: list[torc
                     out_dir: Path, precision: str, top_k: int = 5) -> dict[str, float]:
     """Seconds per image in each stage of `ramtag tag`, each measured alone in this process (decoding on one
     thread, as a DataLoader worker runs it; the model on this process's threads)."""
-    from ramtag.data.sources import FileDataset, plan_inputs
+    from ramtag.data.records import FileDataset
+    from ramtag.data.sources import plan_inputs
     from ramtag.data.writers import TagBatch, TagTableWriter, prepare_output
     from ramtag.selection import select_tags
 

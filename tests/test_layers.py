@@ -19,10 +19,12 @@ MODEL_MODULES = [
 ]
 DATA_MODULES = [
     "ramtag.data.sources",
+    "ramtag.data.labelled_samples",
     "ramtag.data.writers",
     "ramtag.data.vocab",
     "ramtag.data.annotations",
     "ramtag.data.synth",
+    "ramtag.data.synth_files",
     "ramtag.data.augment",
 ]
 

@@ -391,7 +391,8 @@ def test_loader_batches_flow_into_the_table_with_every_input_once(tmp_path):
     import torch
     from torch.utils.data import DataLoader
 
-    from ramtag.data.sources import FileDataset, collate_records, plan_inputs
+    from ramtag.data.records import FileDataset, collate_records
+    from ramtag.data.sources import plan_inputs
     from tests.io_fixtures import write_image
 
     for index in range(5):

@@ -37,19 +37,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
         allow_pipes()
 
 
-def init_decode_worker(worker_id: int) -> None:
-    """The ``worker_init_fn`` of every decode DataLoader: SIGTERM as below, and what C decoders (libtiff) write
-    to stderr into the debug log rather than the terminal (ramtag.data.images.capture_native_stderr)."""
-    from ramtag.data.images import capture_native_stderr
-
-    worker_ignores_sigterm(worker_id)
-    capture_native_stderr()
-
-
-def worker_ignores_sigterm(worker_id: int) -> None:  # noqa: ARG001
+def decode_worker_init(worker_id: int) -> None:  # noqa: ARG001
     """DataLoader ``worker_init_fn``: leave stopping to the main process (workers still stop when it does); a
-    SIGTERM only ends the worker's ``pipe:`` commands, so that a read blocked on one returns."""
+    SIGTERM only ends the worker's ``pipe:`` commands, so that a read blocked on one returns. The worker lets go
+    of the output lock it inherited, so that the lock ends with the run's own process. What C decoders (libtiff)
+    write to stderr goes to the debug log, not the terminal (ramtag.data.images.capture_native_stderr)."""
+    from ramtag.data.images import capture_native_stderr
+    from ramtag.data.layout import release_inherited_locks
+
     signal.signal(signal.SIGTERM, _worker_sigterm)
+    release_inherited_locks()
+    capture_native_stderr()
 
 
 def _worker_sigterm(signum, frame) -> None:  # noqa: ARG001
