@@ -8,6 +8,7 @@ softmax(cos/τ_g)), `ram_local` (the KCOT-matched local score), `ram` (their mea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,28 +90,36 @@ def zero_shot_report(runtime, data: LabelledImages) -> dict:
     return report
 
 
-def distractor_study(runtime, data: LabelledImages, counts=(0, 10, 100, 1000), seed: int = 0) -> list[dict]:
-    """mAP on the benchmark labels when `count` distractor labels join the vocabulary.
+LOCAL_RULES = {"fixed": ("fixed", False), "scaled": ("fixed", True), "matched": ("matched", False)}
+"""Local temperature rules compared: the stored τ_loc, τ_loc · C_ref / C, and 4·τ_g / C (RamConfig)."""
 
-    Each arm is run with the local temperature as it is and with the vocabulary-scaled temperature
-    τ_loc · C_ref / C, C_ref being the benchmark's own vocabulary size.
-    """
+
+@contextmanager
+def local_rule(runtime, rule: str, reference_size: int = len(ALL_LABELS)):
+    """Score with one of LOCAL_RULES inside the block; the model's own settings are restored after it."""
     config = runtime.model.config
-    saved = (config.scale_local_temperature, config.train_vocabulary_size)
-    rows = []
+    saved = (config.local_temperature, config.scale_local_temperature, config.train_vocabulary_size)
+    config.local_temperature, config.scale_local_temperature = LOCAL_RULES[rule]
+    config.train_vocabulary_size = reference_size
     try:
-        for count in counts:
-            labels = list(ALL_LABELS) + distractor_labels(count, seed, set(ALL_LABELS)) if count else list(ALL_LABELS)
-            for scaled in (False, True):
-                config.scale_local_temperature = scaled
-                config.train_vocabulary_size = len(ALL_LABELS)
-                scores = arm_scores(runtime, data.images, labels)
-                row = {"distractors": count, "scaled_local_temperature": scaled}
-                for arm, values in scores.items():
-                    row[arm] = mean_average_precision(values[:, : len(ALL_LABELS)], data.targets)[0]
-                rows.append(row)
+        yield
     finally:
-        config.scale_local_temperature, config.train_vocabulary_size = saved
+        config.local_temperature, config.scale_local_temperature, config.train_vocabulary_size = saved
+
+
+def distractor_study(runtime, data: LabelledImages, counts=(0, 10, 100, 1000), seed: int = 0) -> list[dict]:
+    """mAP on the benchmark labels when `count` distractor labels join the vocabulary, under each local
+    temperature rule (`scaled` takes the benchmark's own vocabulary size as C_ref)."""
+    rows = []
+    for count in counts:
+        labels = list(ALL_LABELS) + distractor_labels(count, seed, set(ALL_LABELS)) if count else list(ALL_LABELS)
+        for rule in LOCAL_RULES:
+            with local_rule(runtime, rule):
+                scores = arm_scores(runtime, data.images, labels)
+            row = {"distractors": count, "local_temperature": rule}
+            for arm, values in scores.items():
+                row[arm] = mean_average_precision(values[:, : len(ALL_LABELS)], data.targets)[0]
+            rows.append(row)
     return rows
 
 

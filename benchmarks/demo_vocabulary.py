@@ -17,7 +17,7 @@ import torch
 
 from ramtag.engine.runtime import load_runtime
 
-from demo_study import distractor_study, map_peak_hits, synthetic_images, zero_shot_report
+from demo_study import distractor_study, local_rule, map_peak_hits, synthetic_images, zero_shot_report
 
 
 def main() -> None:
@@ -34,8 +34,12 @@ def main() -> None:
     runtime = load_runtime(model="demo", device="auto")
     started = time.perf_counter()
     data = synthetic_images(runtime, args.n, args.seed)
+    with local_rule(runtime, "fixed"):
+        zero_shot_fixed = zero_shot_report(runtime, data)
     result = {
+        "local_temperature": runtime.model.config.local_temperature,
         "zero_shot": zero_shot_report(runtime, data),
+        "zero_shot_fixed_local_temperature": zero_shot_fixed,
         "distractors": distractor_study(runtime, data, args.distractors),
         "map_peaks": map_peak_hits(runtime, data),
         "settings": vars(args),
@@ -44,20 +48,23 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    zs = result["zero_shot"]
+    zs, fixed = result["zero_shot"], result["zero_shot_fixed_local_temperature"]
     print(f"zero-shot mAP on {zs['images']} images ({zs['labels']} labels): all / unseen / shapes / colours")
-    for arm in ("clip_global", "ram_local", "ram", "chance"):
-        print(f"  {arm:12s} " + " / ".join(f"{zs[arm][g]:.3f}" for g in ("all", "unseen", "shapes", "colours")))
+    rule = result["local_temperature"]
+    for name, report, arm in [("clip_global", zs, "clip_global"), (f"ram_local ({rule})", zs, "ram_local"),
+                              (f"ram ({rule})", zs, "ram"), ("ram_local (fixed)", fixed, "ram_local"),
+                              ("ram (fixed)", fixed, "ram"), ("chance", zs, "chance")]:
+        print(f"  {name:20s} " + " / ".join(f"{report[arm][g]:.3f}" for g in ("all", "unseen", "shapes", "colours")))
     for kind, row in result["map_peaks"].items():
         print(
             f"map peaks inside the {kind}'s box: {row['hit_rate']:.2f} (chance {row['chance']:.2f}, "
             f"{row['trials']} labels)"
         )
-    print("distractors  scaled  clip_global  ram_local  ram")
+    print("distractors  local temperature  clip_global  ram_local  ram")
     for row in result["distractors"]:
         print(
-            f"  {row['distractors']:9d}  {str(row['scaled_local_temperature']):6s}  {row['clip_global']:.3f}    "
-            f"    {row['ram_local']:.3f}      {row['ram']:.3f}"
+            f"  {row['distractors']:9d}  {row['local_temperature']:15s}  {row['clip_global']:.3f}        "
+            f"{row['ram_local']:.3f}      {row['ram']:.3f}"
         )
 
 

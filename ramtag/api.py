@@ -15,7 +15,7 @@ def load(
     """Load RAM: a checkpoint (ramtag or reference `.pth`), or training-free RAM over open_clip weights.
 
     ``overrides``, as the CLI options of the same names: ``ot_reg``, ``ot_max_iter``, ``ot_tol``, ``ot_stop``
-    (KCOT), ``scale_local_temperature``, ``template``, ``temperature_loc``.
+    (KCOT), ``scale_local_temperature``, ``local_temperature``, ``template``, ``temperature_loc``.
 
     >>> tagger = ramtag.load(model="demo")
     >>> features = tagger.encode_labels(["red circle", "blue star"])

@@ -81,11 +81,56 @@ def test_readme_first_command_names_the_objects_in_the_examples(capsys):
     assert set(rows) == set(truth) and len(rows) == 12
     top = {key: [tag["label"] for tag in row["tags"]] for key, row in rows.items()}
     # measured: the top tag is true in 10 of 12; a true shape is among the top three in 11 of 12
-    # (img12's white cross is read as an arrow); every image has a true label among its top two.
+    # (img12's white cross is read as a hexagon or a circle); a true label is among the top two in 11 of 12
+    # (img12's white is third). The fixed local temperature had all 12 there, but over 400 scenes the demo's
+    # matched rule puts a true label in the top two more often (0.98 against 0.96; benchmarks/vocab_size.py).
     assert sum(tags[0] in truth[key] for key, tags in top.items()) >= 10
     assert sum(bool(set(tags[:3]) & truth[key] & set(SHAPES)) for key, tags in top.items()) >= 11
+    assert sum(bool(set(tags[:2]) & truth[key]) for tags, key in zip(top.values(), top)) >= 11
     for key, tags in top.items():
-        assert set(tags[:2]) & truth[key], f"{key}: top two {tags[:2]} share nothing with {truth[key]}"
+        assert set(tags[:3]) & truth[key], f"{key}: top three {tags[:3]} share nothing with {truth[key]}"
+
+
+def test_a_small_vocabulary_ranks_the_labels_each_image_shows(tmp_path, capsys):
+    """Issue 16's first experiment: with red, blue and "green circle", the reference's fixed local temperature
+    made the local branch one-hot on "green circle" for almost every image (0.500 everywhere, the red triangle
+    included). Every image showing red or blue, not both, must now put that colour first."""
+    (tmp_path / "vocab.txt").write_text("red\nblue\ngreen circle\n")
+    argv = ["tag", ROOT / "examples", "--labels", tmp_path / "vocab.txt", "--model", "demo", "-o", "-", "-q",
+            "--workers", 0]
+    assert run_cli(*argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    truth = {
+        row["image"]: set(row["labels"])
+        for row in map(json.loads, (ROOT / "examples" / "labels.jsonl").read_text().splitlines())
+    }
+    tops = {row["key"]: row["tags"][0] for row in rows}
+    shown = {key: {"red", "blue"} & labels for key, labels in truth.items()}
+    checked = [key for key, colours in shown.items() if len(colours) == 1]
+    assert len(checked) >= 5
+    for key in checked:
+        assert tops[key]["label"] in shown[key], f"{key}: {tops[key]} first, but it shows {shown[key]}"
+    assert len({top["label"] for top in tops.values()}) == 3  # no label wins everywhere
+
+
+def test_the_fixed_local_temperature_saturates_a_small_vocabulary_and_matched_does_not():
+    """Why: the plan gives each label 1/C of the mass, so the local logit scales with 1/(C·τ_loc)."""
+    import torch
+
+    from ramtag.data.images import decode_image
+
+    images = None
+    for rule in ("fixed", "matched"):
+        runtime = load_runtime(model="demo", device="cpu", overrides={"local_temperature": rule})
+        if images is None:
+            transform = runtime.transform()
+            images = torch.stack([transform(decode_image(p)) for p in sorted((ROOT / "examples").glob("*.png"))])
+        with torch.no_grad():
+            out = runtime.score(images, runtime.encode_labels(["red", "blue", "green circle"]))
+        saturated = (out.local_scores.max(dim=1).values > 0.99).float().mean().item()
+        # measured: fixed 12 of 12 images one-hot; matched, the demo's default, none
+        assert (saturated > 0.9) if rule == "fixed" else (saturated == 0.0), (rule, saturated)
+    assert load_runtime(model="demo", device="cpu").config.local_temperature == "matched"
 
 
 @pytest.mark.slow

@@ -89,3 +89,12 @@ def _command(argv: list[str]):
     for name in argv:
         command = command.commands[name]
     return command
+
+
+def test_local_temperature_rules_are_the_models():
+    """--local-temperature is checked while parsing (no torch), against a copy of the model's own list."""
+    from ramtag.cli.options import LOCAL_TEMPERATURE_RULES
+    from ramtag.engine.runtime import DEMO_LOCAL_TEMPERATURE
+    from ramtag.model.config import LOCAL_TEMPERATURES
+
+    assert LOCAL_TEMPERATURE_RULES == LOCAL_TEMPERATURES and DEMO_LOCAL_TEMPERATURE in LOCAL_TEMPERATURES

@@ -243,3 +243,72 @@ def test_squash_resize_normalize_of_a_flat_colour():
     for channel in range(3):
         expected = (colour[channel] / 255 - mean[channel]) / std[channel]
         torch.testing.assert_close(out[channel], torch.full((8, 8), expected), atol=1e-5, rtol=0)
+
+
+# -- what C decoders write to stderr ------------------------------------------------------------
+
+
+def corrupt_deflate_tiff(seed: int) -> bytes:
+    """A deflate TIFF whose compressed strip is scrambled: Pillow decodes it through libtiff, whose default
+    error handler writes "ZIPDecode: Decoding error ..." to fd 2 (Pillow silences libtiff's warnings only)."""
+    data = bytearray(encode(Image.fromarray(random_pixels(seed, (48, 48))), "TIFF", compression="tiff_deflate"))
+    start = Image.open(io.BytesIO(bytes(data))).tag_v2[273][0]  # StripOffsets: where the compressed data begins
+    data[start + 8 : start + 72] = bytes(b ^ 0x5A for b in data[start + 8 : start + 72])
+    return bytes(data)
+
+
+_NATIVE_STDERR_SCRIPT = """
+import logging, sys
+from ramtag.data.images import ImageDecodeError, capture_native_stderr, decode_image
+logging.basicConfig(stream=sys.stderr, level=logging.DEBUG, format="debug: %(message)s")
+data = open(sys.argv[1], "rb").read()
+for phase in ("plain", "captured"):
+    if phase == "captured":
+        capture_native_stderr()
+    print(f"== {phase}", file=sys.stderr, flush=True)
+    try:
+        decode_image(data)
+    except ImageDecodeError as error:
+        print(f"ramtag: {error.reason}", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_decode_worker_logs_what_libtiff_writes_to_stderr_and_keeps_its_own_lines(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "broken.tif"
+    path.write_bytes(corrupt_deflate_tiff(6))
+    run = subprocess.run([sys.executable, "-c", _NATIVE_STDERR_SCRIPT, str(path)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    plain, captured = run.stderr.split("== captured\n")
+    # The file does make libtiff write to fd 2 (else this test would prove nothing) ...
+    assert any(line.startswith("ZIPDecode") for line in plain.splitlines())
+    lines = captured.splitlines()
+    # ... and once captured, nothing of it reaches stderr as is: it is one debug-log line per message,
+    assert not any(line.startswith("ZIPDecode") for line in lines)
+    assert any(line.startswith("debug: decoder message: ZIPDecode") for line in lines)
+    # while ramtag's own line, written after the decode, still reaches stderr.
+    assert "ramtag: damaged TIFF file: its image data is corrupt" in lines
+
+
+def test_tag_keeps_libtiff_errors_off_the_terminal(tmp_path, capfd):
+    import json
+
+    from ramtag.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "broken.tif").write_bytes(corrupt_deflate_tiff(7))
+    (folder / "good.png").write_bytes(image_bytes(8, "PNG", size=(32, 32)))
+    (tmp_path / "vocab.txt").write_text("red\nblue\n")
+    with pytest.raises(SystemExit):
+        main(["tag", str(folder), "-l", str(tmp_path / "vocab.txt"), "--model", "demo", "--workers", "1", "-o", "-"])
+    out, err = capfd.readouterr()
+    rows = {row["key"]: row for row in map(json.loads, out.splitlines())}
+    assert rows["broken.tif"]["error"] == "damaged TIFF file: its image data is corrupt"
+    assert rows["good.png"]["error"] is None
+    assert "ZIPDecode" not in err  # the decode worker's fd 2 went to the debug log
+    # ramtag's own lines about that image, all from the main process, are all there
+    assert "ramtag: broken.tif: damaged TIFF file: its image data is corrupt" in err
+    assert "ramtag: error: 1 input(s) could not be tagged" in err

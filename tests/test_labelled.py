@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ramtag.data.labelled import LabelledItem, open_labelled_source, resolve_label_space, sample_key
-from ramtag.data.labelled_samples import LabelTally, collate_labelled, labelled_dataset, select_items
+from ramtag.data.labelled_samples import LabelTally, checked_batches, collate_labelled, labelled_dataset, select_items
 from ramtag.errors import DataError, UsageError, VocabularyError
 from tests.io_fixtures import image_bytes, write_image, write_shard
 
@@ -27,7 +27,8 @@ def read_all(dataset, batch_size: int = 3, workers: int = 0):
     """Every good sample as {key: (image, target)}, plus the tally of the pass."""
     tally = LabelTally()
     found = {}
-    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_labelled):
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_labelled)
+    for batch in checked_batches(loader):
         tally.update(batch)
         for index, key in enumerate(batch.keys):
             assert key not in found
@@ -190,10 +191,15 @@ def test_shard_labels_without_decoding_for_score_table_joins(tmp_path: Path):
     ]  # s0/c has no label member, so it cannot be evaluated
 
 
-def test_shard_strict_labels_and_cls_without_label_list(tmp_path: Path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_strict_labels_and_cls_without_label_list(tmp_path: Path, workers: int):
     source = open_labelled_source(_labelled_shards(tmp_path))
-    with pytest.raises(DataError, match="zebra"):
-        read_all(labelled_dataset(source, CLASSES, to_tensor, strict=True))
+    with pytest.raises(DataError, match="zebra") as refused:
+        read_all(labelled_dataset(source, CLASSES, to_tensor, strict=True), workers=workers)
+    # From a DataLoader worker too, the error keeps its type and its one-line message: no worker traceback.
+    assert type(refused.value) is DataError
+    assert "Traceback" not in str(refused.value) and "\n" not in str(refused.value)
+    assert str(refused.value).startswith(K("s0", "b"))
     with pytest.raises(UsageError, match="--labels"):
         resolve_label_space(source)  # the union needs the .cls label list
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ramtag.model.backbone import DualPathVision, UnsupportedBackbone
-from ramtag.model.config import KcotConfig
+from ramtag.model.config import KcotConfig, RamConfig
 from ramtag.model.kcot import kcot_cost, mask_teacher_distribution, region_marginal, sinkhorn
 from ramtag.model.ram import RamModel, ram_loss
 from tests.model_fixtures import (
@@ -302,6 +302,31 @@ def test_vocabulary_scaled_local_temperature():
     with torch.no_grad():
         unrecorded = model(x, features)
     torch.testing.assert_close(unrecorded.local_logits, plain.local_logits)
+
+
+def test_matched_local_temperature_puts_local_logits_on_one_scale_at_any_vocabulary_size():
+    from ramtag.model.ram import MATCHED_LOCAL_FACTOR
+
+    model = tiny_ram(seed=14)
+    x = images(2, seed=15)
+    with torch.no_grad():
+        features = model.encode_labels(tokens())
+        fixed = model(x, features)
+        model.config.local_temperature = "matched"
+        matched = model(x, features)
+        model.config.scale_local_temperature = True  # superseded by `matched`
+        model.config.train_vocabulary_size = 48
+        still = model(x, features)
+    labels = len(LABELS)
+    # Both divide the same plan-weighted similarity Σ_i T·sim (whose label sums are 1/C): fixed by τ_loc,
+    # matched by MATCHED_LOCAL_FACTOR · τ_g / C, so the local logit is C·Σ_i T·sim / (factor · τ_g).
+    evidence = fixed.local_logits * model.temperature_loc
+    torch.testing.assert_close(matched.local_logits, evidence * labels / (MATCHED_LOCAL_FACTOR * model.temperature))
+    torch.testing.assert_close(matched.plan, fixed.plan)
+    torch.testing.assert_close(matched.global_logits, fixed.global_logits)
+    torch.testing.assert_close(still.local_logits, matched.local_logits)
+    with pytest.raises(ValueError, match="local temperature"):
+        RamConfig(local_temperature="sharp")
 
 
 # -- adapter tokens and deep prompts -------------------------------------------------------------------------

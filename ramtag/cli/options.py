@@ -63,6 +63,21 @@ ScaleLocalTemperature = Annotated[
         rich_help_panel=MODEL_PANEL,
     ),
 ]
+LOCAL_TEMPERATURE_RULES = ("fixed", "matched")
+"""ramtag.model.config.LOCAL_TEMPERATURES, written here so that parsing does not import torch (tests/test_help.py)."""
+LocalTemperature = Annotated[
+    Optional[str],
+    typer.Option(
+        "--local-temperature",
+        metavar="RULE",
+        help=(
+            "fixed: the model's own local temperature, as the reference (a few labels saturate the local "
+            "score); matched: 4 x the global temperature / number of labels, one scale at any vocabulary size."
+        ),
+        show_default="matched for the demo model, else fixed",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
 OtReg = Annotated[
     Optional[float],
     typer.Option(
@@ -123,12 +138,21 @@ class ModelChoice:
     pretrained: str | None
     device: str
     scale_local_temperature: bool | None = None
+    local_temperature: str | None = None
     ot_reg: float | None = None
     ot_max_iter: int | None = None
     ot_tol: float | None = None
     ot_stop: str | None = None
     quiet: bool = False
     """No "loading …" line on stderr."""
+
+    def __post_init__(self) -> None:
+        from ramtag.errors import UsageError
+
+        if self.local_temperature is not None and self.local_temperature not in LOCAL_TEMPERATURE_RULES:
+            raise UsageError(
+                f"--local-temperature {self.local_temperature}: not a rule; use {' or '.join(LOCAL_TEMPERATURE_RULES)}"
+            )
 
     def describe(self) -> str:
         """What is loaded, in the words of the options: a checkpoint, the demo, or architecture / weights."""
@@ -141,19 +165,24 @@ class ModelChoice:
     def load(self):
         """The runtime these options describe (errors become one line in ramtag.cli.main)."""
         from ramtag.engine import dist
-        from ramtag.engine.runtime import load_runtime, model_overrides
+        from ramtag.engine.runtime import load_runtime
         from ramtag.errors import UsageError
 
         if not self.quiet and dist.info().is_main:  # a model takes seconds to a minute to load: say what it is
             say(f"loading {self.describe()} …")
-        overrides = model_overrides(
-            scale_local_temperature=self.scale_local_temperature,
-            ot_reg=self.ot_reg, ot_max_iter=self.ot_max_iter, ot_tol=self.ot_tol, ot_stop=self.ot_stop,
-        )
         try:
-            return load_runtime(self.checkpoint, self.model, self.pretrained, self.device, overrides)
+            return load_runtime(self.checkpoint, self.model, self.pretrained, self.device, self.overrides())
         except ValueError as error:
             raise UsageError(str(error)) from None
+
+    def overrides(self) -> dict:
+        """`load_runtime`'s overrides from these options (what Ray's actors load, too)."""
+        from ramtag.engine.runtime import model_overrides
+
+        return model_overrides(
+            scale_local_temperature=self.scale_local_temperature, local_temperature=self.local_temperature,
+            ot_reg=self.ot_reg, ot_max_iter=self.ot_max_iter, ot_tol=self.ot_tol, ot_stop=self.ot_stop,
+        )
 
 
 def command_line() -> str:
@@ -184,6 +213,7 @@ MODEL_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("pretrained", Pretrained, DEFAULT_PRETRAINED),
     ("device", Device, DEFAULT_DEVICE),
     ("scale_local_temperature", ScaleLocalTemperature, None),
+    ("local_temperature", LocalTemperature, None),
     ("ot_reg", OtReg, None),
     ("ot_max_iter", OtMaxIter, None),
     ("ot_tol", OtTol, None),

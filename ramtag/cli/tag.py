@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, List, Optional
 
 import typer
 
 from ramtag.cli.app import app
 from ramtag.cli.options import (
-    DEFAULT_DEVICE,
-    DEFAULT_MODEL,
-    DEFAULT_PRETRAINED,
     INPUT_PANEL,
     SPEED_PANEL,
-    Checkpoint,
-    Device,
     Labels,
     ModelChoice,
-    ModelName,
-    OtMaxIter,
-    OtReg,
-    OtStop,
-    OtTol,
-    Pretrained,
-    ScaleLocalTemperature,
     Template,
     command_line,
+    model_options,
     say_when_stdin_is_a_terminal,
 )
 from ramtag.errors import UsageError, exit_status_help
@@ -52,6 +42,7 @@ MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
         + exit_status_help()
     )
 )
+@model_options
 def tag(
     inputs: Annotated[
         List[str],
@@ -341,15 +332,8 @@ def tag(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")] = False,
-    checkpoint: Checkpoint = None,
-    model: ModelName = DEFAULT_MODEL,
-    pretrained: Pretrained = DEFAULT_PRETRAINED,
-    device: Device = DEFAULT_DEVICE,
-    scale_local_temperature: ScaleLocalTemperature = None,
-    ot_reg: OtReg = None,
-    ot_max_iter: OtMaxIter = None,
-    ot_tol: OtTol = None,
-    ot_stop: OtStop = None,
+    *,
+    choice: ModelChoice,
 ) -> None:
     """Tag images with a vocabulary and write one row per input: [bold]key, source, tags, error[/bold]."""
     from ramtag.engine import dist
@@ -373,23 +357,20 @@ def tag(
     ray_options = _ray_options(ray, ray_cpus_per_task, ray_gpus_per_actor, ray_actors)  # before any model loads
     if ray_options is not None and (sidecars or labels_out):  # the Ray driver writes neither yet
         raise UsageError("--sidecars and --labels-out work without --ray only (the table's OUT.labels.txt is written)")
+    device = choice.device
     info = dist.setup(device)
     try:
-        choice = ModelChoice(
-            checkpoint,
-            model,
-            pretrained,
+        choice = replace(
+            choice,
             # with --ray the driver only encodes the vocabulary: the head node's GPU is left to the actors
-            ("cpu" if device == "auto" else device) if ray_options else dist.device_for(info, device),
-            scale_local_temperature,
-            ot_reg,
-            ot_max_iter,
-            ot_tol,
-            ot_stop,
+            device=("cpu" if device == "auto" else device) if ray_options else dist.device_for(info, device),
             quiet=quiet,
         )
         options = resume_after_restart(options, is_main=info.is_main)  # before preflight refuses the old run's parts
-        preflight_tag(options, checkpoint=checkpoint, model=model, pretrained=pretrained, is_main=info.is_main)
+        preflight_tag(
+            options, checkpoint=choice.checkpoint, model=choice.model, pretrained=choice.pretrained,
+            is_main=info.is_main,
+        )
         if info.is_main and not quiet:
             if labels == "-":
                 say_when_stdin_is_a_terminal("labels")
@@ -422,10 +403,5 @@ def _ray_options(address, cpus_per_task, gpus_per_actor, actors):
 def _runtime_spec(choice, device: str):
     """What each Ray actor loads: the model the options name, on the device the actor is given."""
     from ramtag.engine.ray_stages import RuntimeSpec
-    from ramtag.engine.runtime import model_overrides
 
-    overrides = model_overrides(
-        scale_local_temperature=choice.scale_local_temperature,
-        ot_reg=choice.ot_reg, ot_max_iter=choice.ot_max_iter, ot_tol=choice.ot_tol, ot_stop=choice.ot_stop,
-    )
-    return RuntimeSpec(choice.checkpoint, choice.model, choice.pretrained, device, overrides)
+    return RuntimeSpec(choice.checkpoint, choice.model, choice.pretrained, device, choice.overrides())

@@ -13,9 +13,11 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, BinaryIO, Union
 
 import numpy as np
@@ -38,6 +40,9 @@ _MAX_REASON = 160
 _log = logging.getLogger(__name__)
 """Decoder warnings (corrupt EXIF, odd palettes, truncated TIFF tags) go here at debug level, not to the
 terminal: tagging a folder of odd images printed hundreds of them. RAMTAG_DEBUG=1 shows them."""
+
+_native_stderr: _NativeStderr | None = None
+"""Set in decode worker processes by :func:`capture_native_stderr`; None elsewhere."""
 
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -93,6 +98,52 @@ def _plain_reason(exc: BaseException, image_format: str | None) -> str:
 def _log_warnings(caught: list[warnings.WarningMessage]) -> None:
     for warning in caught:
         _log.debug("decoder warning: %s", " ".join(str(warning.message).split()))
+
+
+class _NativeStderr:
+    """Holds file descriptor 2 on a scratch file while a C decoder runs, and logs what it wrote.
+
+    libtiff reports errors ("ZIPDecode: Decoding error at scanline 0, ...") through its default handler, which
+    writes to the process's stderr; Pillow silences libtiff's warnings but leaves its errors, and offers no
+    way to route either. Swapping fd 2 is only safe in a process that writes nothing else meanwhile: a decode
+    worker. In the main process other threads (the progress display, logging) write ramtag's own lines to fd 2,
+    and those must never be swallowed, so the main process never swaps it.
+    """
+
+    def __init__(self) -> None:
+        import faulthandler
+        import tempfile
+
+        self.terminal = os.dup(2)
+        self.scratch = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the decoder
+        if faulthandler.is_enabled():  # a crash inside a decoder is still reported where stderr goes
+            self._crash_file = os.fdopen(os.dup(self.terminal), "w")
+            faulthandler.enable(file=self._crash_file)
+
+    def __enter__(self) -> None:
+        sys.stderr.flush()
+        os.ftruncate(self.scratch.fileno(), 0)
+        os.lseek(self.scratch.fileno(), 0, os.SEEK_SET)
+        os.dup2(self.scratch.fileno(), 2)
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.dup2(self.terminal, 2)
+        size = os.fstat(self.scratch.fileno()).st_size
+        if size:
+            os.lseek(self.scratch.fileno(), 0, os.SEEK_SET)
+            text = os.read(self.scratch.fileno(), min(size, 16_384)).decode("utf-8", "replace")
+            for line in filter(None, (" ".join(line.split()) for line in text.splitlines())):
+                _log.debug("decoder message: %s", _short_reason(line))
+
+
+def capture_native_stderr() -> None:
+    """From now on, what C decoders write to stderr during :func:`decode_image` goes to the debug log.
+
+    For decode worker processes only (a DataLoader's ``worker_init_fn``): see :class:`_NativeStderr`.
+    """
+    global _native_stderr
+    if _native_stderr is None:
+        _native_stderr = _NativeStderr()
 
 
 def _resolve_cap(max_pixels: int | None) -> int | None:
@@ -218,7 +269,8 @@ def decode_image(
             warnings.simplefilter("always")
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
             try:
-                return _decode_open_stream(stream, cap, draft_size)
+                with _native_stderr or nullcontext():
+                    return _decode_open_stream(stream, cap, draft_size)
             finally:
                 _log_warnings(caught)
     finally:

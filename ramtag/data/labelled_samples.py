@@ -37,7 +37,7 @@ from ramtag.data.records import (
     split_by_node_and_worker,
 )
 from ramtag.data.shards import missing_image, sample_image, shard_samples
-from ramtag.errors import DataError, VocabularyError
+from ramtag.errors import DataError, RamtagError, VocabularyError
 from ramtag.messages import listed
 
 
@@ -51,6 +51,9 @@ class LabelledSample(Record):
     """Labels of this image outside the label space (dropped from ``target``)."""
     order: tuple[int, int] = (0, 0)
     """Position in the whole set (item index, or shard index and sample number), for merging ranks."""
+    fatal: RamtagError | None = None
+    """An error that ends the pass (--strict-labels), carried rather than raised: a DataLoader worker that
+    raised would hand the main process the error's type with a traceback as its message."""
 
 
 @dataclass
@@ -63,6 +66,8 @@ class LabelledBatch:
     orders: list[tuple[int, int]]
     failed: list[tuple[str, str]]
     dropped: Counter[str]
+    fatal: RamtagError | None = None
+    """The first sample's error that ends the pass; :func:`checked_batches` raises it."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -83,7 +88,17 @@ def collate_labelled(samples: Sequence[LabelledSample]) -> LabelledBatch:
         orders=[sample.order for sample in good],
         failed=list(zip(batch.failed_keys, batch.failed_errors)),
         dropped=dropped,
+        fatal=next((sample.fatal for sample in samples if sample.fatal is not None), None),
     )
+
+
+def checked_batches(batches: Iterable[LabelledBatch]) -> Iterator[LabelledBatch]:
+    """The batches of a DataLoader over a labelled dataset; the error a sample carries is raised here, in the
+    main process, with its own type and message."""
+    for batch in batches:
+        if batch.fatal is not None:
+            raise batch.fatal
+        yield batch
 
 
 @dataclass
@@ -284,8 +299,10 @@ class LabelledShards(IterableDataset):
                     yield LabelledSample(item.key, url, None, error, target=torch.zeros(width), order=order)
                     continue
                 dropped = _outside(labels, space)
-                if dropped and self.strict:
-                    raise strict_error(item.key, Counter(dropped))
+                if dropped and self.strict:  # ends the pass: carried to the main process (LabelledSample.fatal)
+                    fatal = strict_error(item.key, Counter(dropped))
+                    yield LabelledSample(item.key, url, None, None, target=torch.zeros(width), order=order, fatal=fatal)
+                    return
                 if self.require_any is not None and not self.require_any.intersection(labels):
                     continue
                 data = sample_image(item.sample)

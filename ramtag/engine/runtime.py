@@ -177,7 +177,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 KCOT_OPTIONS = {"ot_reg": "reg", "ot_max_iter": "max_iter", "ot_tol": "tol", "ot_stop": "stop"}
 """The CLI's KCOT option names (and the Python API's keywords) -> fields of the model's KCOT settings."""
-MODEL_OPTIONS = ("scale_local_temperature", "template", "temperature_loc")
+MODEL_OPTIONS = ("scale_local_temperature", "local_temperature", "template", "temperature_loc")
+DEMO_LOCAL_TEMPERATURE = "matched"
+"""The demo model's local temperature rule (RamConfig.local_temperature); `fixed` everywhere else."""
 
 
 def model_overrides(**options) -> dict:
@@ -232,6 +234,10 @@ def load_runtime(
         backbone_id = {"backbone": ram.config.backbone, "pretrained": ram.config.pretrained}
     elif model == DEMO_NAME:
         clip, meta = load_demo_clip()
+        # The demo's own rule: the reference's fixed τ_loc saturates its local branch on a few labels (one label
+        # scored 1 on every image) and flattens it on a thousand; `matched` did better at every vocabulary size
+        # measured (benchmarks/vocab_size.py). Other backbones keep the reference's rule unless asked.
+        overrides.setdefault("local_temperature", DEMO_LOCAL_TEMPERATURE)
         config = RamConfig(
             backbone=DEMO_NAME,
             pretrained=None,

@@ -40,11 +40,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def decode_worker_init(worker_id: int) -> None:  # noqa: ARG001
     """DataLoader ``worker_init_fn``: leave stopping to the main process (workers still stop when it does); a
     SIGTERM only ends the worker's ``pipe:`` commands, so that a read blocked on one returns. The worker lets go
-    of the output lock it inherited, so that the lock ends with the run's own process."""
+    of the output lock it inherited, so that the lock ends with the run's own process. What C decoders (libtiff)
+    write to stderr goes to the debug log, not the terminal (ramtag.data.images.capture_native_stderr)."""
+    from ramtag.data.images import capture_native_stderr
     from ramtag.data.layout import release_inherited_locks
 
     signal.signal(signal.SIGTERM, _worker_sigterm)
     release_inherited_locks()
+    capture_native_stderr()
 
 
 def _worker_sigterm(signum, frame) -> None:  # noqa: ARG001

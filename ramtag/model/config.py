@@ -7,6 +7,9 @@ from typing import Any
 
 from ramtag.model.kcot import STOP_RULES, STOP_SCOPES
 
+LOCAL_TEMPERATURES = ("fixed", "matched")
+"""Rules for the local branch's temperature (RamConfig.local_temperature)."""
+
 
 @dataclass
 class KcotConfig:
@@ -68,6 +71,11 @@ class RamConfig:
     """Number of labels the adapter was trained on; used by the vocabulary-scaled local temperature."""
     scale_local_temperature: bool = False
     """Use τ_loc · C_train / C (off by default: the reference does not)."""
+    local_temperature: str = "fixed"
+    """`fixed`: τ_loc as stored (the reference; the local logits scale with 1/(C·τ_loc), so a few labels saturate
+    the local softmax and a thousand flatten it); `matched`: 4·τ_g / C, so that the local logit, the
+    transport-weighted mean cosine over 4·τ_g, keeps one scale tied to the global branch's whatever the vocabulary
+    size C (ramtag.model.ram.MATCHED_LOCAL_FACTOR). `matched` supersedes `scale_local_temperature`."""
     template: str = "A photo of a {}."
     trained: bool = False
     """False: training-free RAM (value-value path and KCOT, no adapter, tokens or prompts are used)."""
@@ -86,6 +94,10 @@ class RamConfig:
             self.preprocessing = Preprocessing(**pre)
         if "{}" not in self.template:
             raise ValueError(f"prompt template {self.template!r} has no {{}} for the label")
+        if self.local_temperature not in LOCAL_TEMPERATURES:
+            raise ValueError(
+                f"local temperature must be one of {', '.join(LOCAL_TEMPERATURES)}, not {self.local_temperature!r}"
+            )
         if self.adapter_tokens < 0 or self.prompt_tokens < 0:
             raise ValueError("token counts cannot be negative")
 

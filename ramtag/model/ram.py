@@ -41,6 +41,11 @@ class RamOutput:
     """[B] Sinkhorn iterations of each image."""
 
 
+MATCHED_LOCAL_FACTOR = 4.0
+"""`matched` local temperature = MATCHED_LOCAL_FACTOR · τ_g / C. At factor 1 the local logits sit on the global
+branch's scale, which over-weights the local branch at 100 and 1,000 labels; 4 was chosen on synthetic stream 7
+and checked on the held-out stream 11 (benchmarks/vocab_size.py, figures in benchmarks/README.md)."""
+
 BatchMinimum = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -90,6 +95,11 @@ class RamModel(nn.Module):
         return self.text(tokens, use_prompts=use_prompts)
 
     def local_temperature(self, num_labels: int) -> torch.Tensor:
+        """τ_loc for a vocabulary of `num_labels`: as stored, vocabulary-scaled, or matched to τ_g / C."""
+        if self.config.local_temperature == "matched":
+            # The plan gives every label 1/C of the mass, so τ_g / C would put the local logits exactly on the
+            # global branch's scale; MATCHED_LOCAL_FACTOR keeps them a few times flatter than that.
+            return self.temperature * (MATCHED_LOCAL_FACTOR / num_labels)
         train_size = self.config.train_vocabulary_size
         if self.config.scale_local_temperature and train_size:
             return self.temperature_loc * (train_size / num_labels)

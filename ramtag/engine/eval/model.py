@@ -25,7 +25,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from ramtag.data.labelled import LabelledSource, LabelSpace, resolve_label_space
-from ramtag.data.labelled_samples import LabelledShards, LabelTally, collate_labelled, labelled_dataset
+from ramtag.data.labelled_samples import (
+    LabelledShards,
+    LabelTally,
+    checked_batches,
+    collate_labelled,
+    labelled_dataset,
+)
 from ramtag.engine import dist
 from ramtag.engine.eval.calibrate import attach_calibration, calibration_protocol
 from ramtag.engine.eval.protocol import arm_result, open_eval_source, plan_protocols, protocol_warnings
@@ -41,7 +47,7 @@ from ramtag.engine.eval.types import (
     ignore_log,
 )
 from ramtag.engine.signals import decode_worker_init
-from ramtag.errors import DataError, RamtagError
+from ramtag.errors import DataError
 from ramtag.fingerprint import fingerprint
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -95,15 +101,6 @@ def _workers(settings: EvalSettings, dataset: Any) -> int:
     return workers
 
 
-def _unwrap_worker_error(exc: BaseException) -> BaseException:
-    """DataLoader workers re-raise our errors with a traceback in the message: keep the last line."""
-    if isinstance(exc, RamtagError) and "Traceback" in str(exc):
-        last = str(exc).strip().splitlines()[-1]
-        _, _, message = last.partition(": ")
-        return type(exc)(message or last)
-    return exc
-
-
 def _score_pass(
     protocol: Protocol,
     source: LabelledSource,
@@ -142,7 +139,7 @@ def _score_pass(
     targets: list[np.ndarray] = []
     scores: dict[str, list[np.ndarray]] = {arm: [] for scorer in scorers for arm in scorer.arms}
     done = 0
-    for batch in loader:
+    for batch in checked_batches(loader):
         tally.update(batch)
         done += len(batch) + len(batch.failed)
         if batch.images is not None:
@@ -241,7 +238,7 @@ def evaluate_model(
         try:
             local = _score_pass(protocol, source, space, scorers, settings, info, progress)
         except Exception as exc:  # reach the gather anyway, so no other rank waits forever
-            error = _unwrap_worker_error(exc)
+            error = exc
         shares = _gather(local, error)
         _check_not_empty(protocol, shares)  # on every rank, so that all stop together
         if not info.is_main:

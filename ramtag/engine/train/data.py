@@ -30,7 +30,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ramtag.data.augment import TrainAugment, sample_seed
 from ramtag.data.labelled import LabelledItem, LabelledSource, resolve_label_space
-from ramtag.data.labelled_samples import LabelledBatch, LabelledFiles, LabelledShards, collate_labelled, strict_error
+from ramtag.data.labelled_samples import (
+    LabelledBatch,
+    LabelledFiles,
+    LabelledShards,
+    checked_batches,
+    collate_labelled,
+    strict_error,
+)
 from ramtag.engine.signals import decode_worker_init
 from ramtag.errors import DataError
 from ramtag.messages import listed
@@ -342,7 +349,7 @@ class TrainBatches:
             good: list[tuple[torch.Tensor, torch.Tensor, str, int]] = []
             failed: list[tuple[str, str]] = []
             dropped = None
-            for batch in self._shard_loader(position.pass_index):
+            for batch in checked_batches(self._shard_loader(position.pass_index)):
                 start = raw
                 raw += len(batch) + len(batch.failed)
                 if raw <= position.consumed:
