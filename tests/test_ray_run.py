@@ -125,6 +125,19 @@ def test_sidecars_and_labels_out_on_ray_are_those_of_one_process(local_ray, voca
     assert {key: ([t["label"] for t in row["tags"]], row["error"]) for key, row in rows_by_key(on_ray).items()} == tags
 
 
+def test_a_table_of_images_on_ray_gives_the_rows_of_one_process(local_ray, vocab, tmp_path):
+    """--image-column inputs are planned as table units on Ray too (every row, a corrupt image as an error)."""
+    images = [image_bytes(seed, "JPEG") for seed in range(5)] + [b"\xff\xd8 corrupt"]
+    pq.write_table(pa.table({"jpg": images, "key": [f"k{index}" for index in range(6)]}), tmp_path / "t.parquet")
+    plain, on_ray = tmp_path / "plain.parquet", tmp_path / "ray.parquet"
+    table = ("--image-column", "jpg", "--key-column", "key")
+    assert run_cli(*tag_args(vocab, plain, tmp_path / "t.parquet", *table)) == 3
+    assert run_cli(*tag_args(vocab, on_ray, tmp_path / "t.parquet", *table, "--ray", "local")) == 3
+    expected = rows_by_key(plain)
+    assert sorted(expected) == [f"k{index}" for index in range(6)] and expected["k5"]["error"]
+    assert_same_table(rows_by_key(on_ray), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kills. The last unit is a shard read through a pipe that waits for a gate file, so the run is reliably in
 # flight, its earlier units committed, when the test kills or interrupts something; then the test opens the gate.
