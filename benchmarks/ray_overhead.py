@@ -14,8 +14,10 @@ run (never an absolute time as the claim), at the larger size: the command's wal
 planning, tagging, assembly) and its tagging time (the command's own summary line: from its first batch to the
 assembled table, so without Python start, model load and, for Ray, `ray.init`; it prints img/s to 0.1, which
 bounds its precision). The cost of each further image is the difference of the two sizes' tagging times, again
-as a ratio to one process's. The fixed overhead is also counted in images: how many images the one-process run
-tags in the extra wall time, which says from what size Ray's start-up stops dominating.
+as a ratio to one process's: it needs sizes far enough apart that the difference outgrows the run-to-run noise
+of Ray's fixed cost (at 25 and 50 demo images on 2 shared cores it does not; `--sizes 50,2000`). The fixed
+overhead is also counted in images: how many images the one-process run tags in the extra wall time, which
+says from what size Ray's start-up stops dominating.
 
     python benchmarks/ray_overhead.py              # 25 and 50 images, 3 rounds: about 10 min on 2 shared cores
     python benchmarks/ray_overhead.py --quick      # 6 and 12 images, 1 round

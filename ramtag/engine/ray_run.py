@@ -8,8 +8,9 @@ dataset of the pending units' descriptors (``ray.data.from_items``, one block pe
    reader, so every input keeps its row and a bad image becomes an error row (Ray's own readers would drop it).
 2. ``map_batches(Scorer, compute=ActorPoolStrategy(MIN, MAX), num_gpus=…)``: an autoscaling actor pool that loads the
    model once per actor and scores the decoded rows.
-3. The driver consumes the result stream, writes each row to its unit's part files, and commits a unit to
-   the ledger once all of its rows (counted by the unit's end marker) are written.
+3. The driver consumes the result stream, writes each row to its unit's part files (and, with ``--sidecars``,
+   the row's sidecars), and commits a unit to the ledger once all of its rows (counted by the unit's end
+   marker) are written. The summary and the exit status are one process's (:mod:`ramtag.engine.summary`).
 
 Committing on the driver, not in the actors, keeps exactly-once simple: a task that Ray retries (a killed
 actor, a lost node) sends rows again, and the driver drops every ``(unit, seq)`` it has already written; a
