@@ -74,8 +74,9 @@ def stage_breakdown(runtime, folder: Path, labels: list[str], batches: list[torc
     from ramtag.data.assemble import finish_units
     from ramtag.data.layout import _unlock_output, prepare_output
     from ramtag.data.parts import UnitPartWriter
+    from ramtag.data.records import FileDataset
     from ramtag.data.rows import TagBatch, schema_with_metadata, table_schema
-    from ramtag.data.sources import FileDataset, plan_inputs
+    from ramtag.data.sources import plan_inputs
     from ramtag.data.units import UnitEnd
     from ramtag.selection import select_tags
 

@@ -44,3 +44,16 @@ def write_json(path: str | os.PathLike, data: Any, *, allow_nan: bool = True) ->
 
     ``allow_nan=False`` refuses NaN and infinities, for reports that strict JSON readers must open."""
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan) + "\n")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically.
+
+    The file is serialised in memory and written with Python's own file IO, so a full disk or quota is an OSError
+    with its errno (safetensors' file writer raises a SafetensorError that carries it only in its text). The copy
+    in memory is what the tensors already take: a few hundred MB for a checkpoint that includes its backbone."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        stream.write(data)

@@ -58,7 +58,8 @@ def test_reference_paths_mapped_onto_a_local_root() -> None:
 
 @needs_reference_files
 def test_the_zsl_split_is_the_gzsl_split_restricted_to_unseen_labels() -> None:
-    from ramtag.engine.labelled import check_strict_labels, open_labelled_source
+    from ramtag.data.labelled import open_labelled_source
+    from ramtag.data.labelled_samples import check_strict_labels
 
     gzsl, zsl = read_annotations(GZSL_FILE), read_annotations(ZSL_FILE)
     unseen = set(zsl.classes)

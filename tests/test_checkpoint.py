@@ -93,26 +93,43 @@ def test_round_trip_with_the_backbone_included(tmp_path):
     assert_same_outputs(outputs(model), outputs(loaded))
 
 
-def test_save_is_atomic(tmp_path, monkeypatch):
-    import safetensors.torch
+SAVE_ON_A_FULL_DISK = """
+import errno, resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import torch
+from ramtag.model.checkpoint import save_checkpoint
+from tests.test_checkpoint import trained_model
 
-    model = trained_model()
-    path = save_checkpoint(tmp_path / "ram.safetensors", model)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ram.safetensors"]
-    before = path.read_bytes()
+model = trained_model()
+path = save_checkpoint(Path({folder!r}) / "ram.safetensors", model)
+before = path.read_bytes()
+with torch.no_grad():
+    model.temperature.fill_(0.5)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size // 2, resource.RLIM_INFINITY))
+try:
+    save_checkpoint(path, model)
+except OSError as error:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert error.errno == errno.EFBIG, error  # an OSError with its errno, not a SafetensorError
+    assert path.read_bytes() == before  # the previous checkpoint survives intact
+    sys.exit(0)
+sys.exit(2)
+"""
 
-    def failing_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
-    with torch.no_grad():
-        model.temperature.fill_(0.5)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, model)
-    # The previous checkpoint survives intact and no temporary file is left behind.
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ram.safetensors"]
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="RLIMIT_FSIZE and SIGXFSZ as on Linux")
+def test_save_is_atomic_and_a_full_disk_is_an_os_error(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = SAVE_ON_A_FULL_DISK.format(repo=str(repo), folder=str(tmp_path))
+    # a real refusal by the kernel (the file may not grow past half its size), as a full disk or quota gives
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ram.safetensors"]  # no temporary left behind
 
 
 # -- bad files --------------------------------------------------------------------------------------------------

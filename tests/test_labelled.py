@@ -1,4 +1,4 @@
-"""ramtag.engine.labelled: every DATA format to (image, multi-hot, key), label spaces, ZSL/GZSL sets."""
+"""ramtag.data.labelled: every DATA format to (image, multi-hot, key), label spaces, ZSL/GZSL sets."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ramtag.engine.labelled import (
-    LabelledItem,
-    LabelTally,
-    collate_labelled,
-    labelled_dataset,
-    open_labelled_source,
-    resolve_label_space,
-    sample_key,
-    select_items,
-)
+from ramtag.data.labelled import LabelledItem, open_labelled_source, resolve_label_space, sample_key
+from ramtag.data.labelled_samples import LabelTally, collate_labelled, labelled_dataset, select_items
 from ramtag.errors import DataError, UsageError, VocabularyError
 from tests.io_fixtures import image_bytes, write_image, write_shard
 
@@ -288,3 +280,33 @@ def test_relative_paths_name_files_beside_the_annotation_file(tmp_path: Path, mo
     assert elsewhere.items[0].path == str(tmp_path / "other" / "img/a.png")
     _, tally = read_all(labelled_dataset(elsewhere, ("sky",), to_tensor))
     assert str(tmp_path / "other" / "img/a.png") in tally.failed[0][1]  # the failure says where it looked
+
+
+def test_labelled_shards_fail_samples_the_way_tag_reads_shards(tmp_path: Path):
+    """Train and eval read shards through tag's sample stage, so they record what tag records: a key whose
+    members come back later, a sample without an image member (naming what it has), a cut-off shard."""
+    import tarfile
+
+    from ramtag.data.shards import ShardDataset
+
+    odd = write_shard(
+        tmp_path / "odd.tar",
+        [
+            ("a", {"png": image_bytes(1), "txt": b"cat"}),
+            ("b", {"txt": b"dog"}),
+            ("a", {"png": image_bytes(3), "txt": b"car"}),
+        ],
+    )
+    samples = [(key, {"png": image_bytes(seed), "txt": b"boat"}) for seed, key in enumerate("xyz")]
+    whole = write_shard(tmp_path / "whole.tar", samples)
+    with tarfile.open(whole) as archive:
+        cut = archive.getmembers()[2].offset_data + 10  # inside the second sample's image
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:cut])
+    source = open_labelled_source([str(odd), str(tmp_path / "cut.tar")])
+    found, tally = read_all(labelled_dataset(source, CLASSES, to_tensor))
+    tagged = {record.key: record.error for url in source.shards for record in ShardDataset([url], to_tensor)}
+    assert set(found) == {key for key, error in tagged.items() if error is None} == {"odd.tar/a", "cut.tar/x"}
+    assert dict(tally.failed) == {key: error for key, error in tagged.items() if error is not None}
+    assert dict(tally.failed)["odd.tar/a (repeat 2)"].endswith("(members of a sample must be consecutive)")
+    assert dict(tally.failed)["odd.tar/b"] == "no image in sample (members: txt)"
+    assert dict(tally.failed)["cut.tar/"].startswith("cannot read shard after 1 sample(s)")

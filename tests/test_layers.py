@@ -19,11 +19,13 @@ MODEL_MODULES = [
 ]
 DATA_MODULES = [
     "ramtag.data.sources",
+    "ramtag.data.labelled_samples",
     "ramtag.data.parts",
     "ramtag.data.assemble",
     "ramtag.data.vocab",
     "ramtag.data.annotations",
     "ramtag.data.synth",
+    "ramtag.data.synth_files",
     "ramtag.data.augment",
 ]
 

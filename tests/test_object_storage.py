@@ -232,7 +232,8 @@ def test_credentials_in_a_url_are_refused_without_repeating_them(tmp_path, vocab
 def test_missing_object_storage_support_names_the_extra(monkeypatch, tmp_path):
     import builtins
 
-    from ramtag.data.sources import FileDataset, plan_inputs
+    from ramtag.data.records import FileDataset
+    from ramtag.data.sources import plan_inputs
 
     real_import = builtins.__import__
 
@@ -504,7 +505,8 @@ def test_two_ranks_write_one_table_to_a_bucket(tmp_path, vocab, tiny_checkpoint,
                 "-m", "ramtag"]
     command = ["tag", *map(str, inputs), "--labels", str(vocab), "-c", str(tiny_checkpoint), "--workers", "0",
                "--device", "cpu", "-q", "-o", f"s3://{bucket}/tags/"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the static split, so that rank 1 surely commits units: claimed, rank 0 may take all of these tiny ones
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAMTAG_STATIC_UNITS": "1"}
     result = subprocess.run(torchrun + command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert SECRET not in result.stderr and SECRET not in result.stdout

@@ -307,7 +307,7 @@ def test_dataset_dict_folder_reads_every_split(tmp_path):
 def test_shards_killed_mid_run_resume_with_their_columns_once(tmp_path, vocab, monkeypatch):
     shards = [img2dataset_shard(tmp_path / f"00000{index}.tar", 3 * index, 3) for index in range(2)]
     out = tmp_path / "tags"
-    from ramtag.data.sources import ShardDataset
+    from ramtag.data.shards import ShardDataset
 
     original = ShardDataset.read_shard
 

@@ -24,7 +24,8 @@ def _running(marker: str) -> list[int]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if marker in command and "pytest" not in command:
+        # The run's own command line names its ``pipe:sleep …`` input too: only the pipe's processes count.
+        if marker in command and "pytest" not in command and "ramtag" not in command:
             found.append(int(entry.name))
     return found
 
@@ -81,7 +82,7 @@ def test_a_pipe_reads_its_command_and_reports_a_failed_one():
     assert stream.read() == b"abc"
     stream.close()
     failing = open_pipe("exit 3")
-    with pytest.raises(OSError, match=r": exit 3 \("):  # the status sources.py turns into the shard's error row
+    with pytest.raises(OSError, match=r": exit 3 \("):  # the status shards.py turns into the shard's error row
         failing.read()
     failing.close()
 
@@ -92,3 +93,44 @@ def test_closing_a_pipe_early_ends_its_command(tmp_path):
     assert _wait_for(lambda: _running(f"sleep {marker}"), 10)
     stream.close()
     assert _wait_for(lambda: not _running(f"sleep {marker}"), 2)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_killed_run_leaves_its_output_lock_free_while_its_worker_lingers(tmp_path):
+    from ramtag.data.layout import _lock_output, _unlock_output
+
+    marker = f"602.{os.getpid() % 1000:03d}"
+    vocabulary = tmp_path / "vocab.txt"
+    vocabulary.write_text("cat\ndog\n")
+    out = tmp_path / "t.parquet"
+    command = [
+        sys.executable, "-m", "ramtag", "tag", f"pipe:sleep {marker}", "-l", str(vocabulary), "--model", "demo",
+        "-o", str(out), "--workers", "1", "--quiet",
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    try:
+        assert _wait_for(lambda: _running(f"sleep {marker}"), 120), "the run never started its pipe command"
+        workers = _children(process.pid)
+        assert workers
+        process.kill()  # as torchrun's agent or the OOM killer does: no handler runs
+        process.wait(timeout=10)
+        assert any(Path(f"/proc/{pid}").exists() for pid in workers)  # the worker outlives its run for a while
+        _lock_output(out)  # the run that replaces it (a torchrun restart) gets the lock at once
+        _unlock_output(out)
+    finally:
+        process.kill()
+        for pid in _running(f"sleep {marker}"):  # ending the pipe ends the worker reading it
+            os.kill(pid, signal.SIGKILL)

@@ -61,9 +61,9 @@ def test_member_priority_and_fallbacks():
 def test_reads_synthetic_shards(tmp_path):
     import webdataset as wds
 
-    from ramtag.data import synth
+    from ramtag.data import synth, synth_files
 
-    synth.write_dataset(tmp_path, n=3, seed=0, image_size=32, formats={"webdataset"})
+    synth_files.write_dataset(tmp_path, n=3, seed=0, image_size=32, formats={"webdataset"})
     shards = [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
     for raw, decoded in zip(wds.WebDataset(shards, shardshuffle=False),
                             wds.WebDataset(shards, shardshuffle=False).decode()):

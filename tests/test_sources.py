@@ -14,15 +14,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ramtag.data.records import FileDataset, collate_records
 from ramtag.data.shard_columns import parse_shard_columns
-from ramtag.data.sources import (
-    FileDataset,
-    ShardDataset,
-    collate_records,
-    plan_inputs,
-    shard_name,
-    shard_split_problem,
-)
+from ramtag.data.shards import ShardDataset, shard_name, shard_split_problem
+from ramtag.data.sources import plan_inputs
 from ramtag.errors import DataError, UsageError
 from tests.io_fixtures import image_bytes, image_shard, random_pixels, write_image, write_shard
 

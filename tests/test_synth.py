@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ramtag.data import synth
+from ramtag.data import synth, synth_files
 from ramtag.errors import UsageError
 
 
@@ -29,7 +29,7 @@ def _digest(directory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    summary = synth.write_dataset(out, n=7, seed=3, image_size=48, shard_size=3)
+    summary = synth_files.write_dataset(out, n=7, seed=3, image_size=48, shard_size=3)
     return out, summary
 
 
@@ -51,7 +51,7 @@ def test_scene_does_not_depend_on_what_was_generated_before():
 
 def test_written_dataset_is_byte_identical_for_the_same_seed(tmp_path, dataset):
     out, _ = dataset
-    again = synth.write_dataset(tmp_path / "again", n=7, seed=3, image_size=48, shard_size=3)
+    again = synth_files.write_dataset(tmp_path / "again", n=7, seed=3, image_size=48, shard_size=3)
     assert _digest(again.out) == _digest(out)
 
 
@@ -185,13 +185,13 @@ def test_webdataset_shards_iterate_with_labels(dataset):
 
 
 def test_formats_can_be_chosen(tmp_path):
-    summary = synth.write_dataset(tmp_path, n=2, seed=0, image_size=32, formats={"webdataset"})
+    summary = synth_files.write_dataset(tmp_path, n=2, seed=0, image_size=32, formats={"webdataset"})
     assert (tmp_path / "shards").is_dir() and not (tmp_path / "images").exists()
     assert not (tmp_path / "labels.json").exists() and "jsonl" not in summary.files
     with pytest.raises(UsageError):
-        synth.write_dataset(tmp_path, n=2, seed=0, formats={"parquet"})
+        synth_files.write_dataset(tmp_path, n=2, seed=0, formats={"parquet"})
     with pytest.raises(UsageError):
-        synth.write_dataset(tmp_path, n=0, seed=0)
+        synth_files.write_dataset(tmp_path, n=0, seed=0)
 
 
 def test_a_palette_limits_colours_and_keeps_everything_else_of_the_scene():
@@ -220,5 +220,5 @@ def test_examples_are_regenerated_identically(tmp_path):
     shipped = Path(__file__).resolve().parents[1] / "examples"
     if not (shipped / "vocab.txt").exists():
         pytest.skip("examples/ not generated in this checkout")
-    for path in synth.write_examples(tmp_path):
+    for path in synth_files.write_examples(tmp_path):
         assert path.read_bytes() == (shipped / path.name).read_bytes(), path.name

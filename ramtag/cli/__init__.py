@@ -8,7 +8,17 @@ import sys
 
 from ramtag.cli import commands  # noqa: F401  (each command module registers itself on the app)
 from ramtag.cli.app import app
-from ramtag.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_READER_GONE, Interrupted, RamtagError, ReaderGone
+from ramtag.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_READER_GONE,
+    EXIT_STORAGE_FULL,
+    STORAGE_FULL_ERRNOS,
+    Interrupted,
+    RamtagError,
+    ReaderGone,
+    StorageFull,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +56,15 @@ def _run(argv: list[str] | None) -> None:
     except KeyboardInterrupt:
         print("ramtag: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as error:  # a write the storage refused outside the part writer (the plan, the final table)
+        if error.errno not in STORAGE_FULL_ERRNOS:
+            raise
+        if os.environ.get("RAMTAG_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"ramtag: error: {StorageFull.from_os_error(error)}", file=sys.stderr)
+        sys.exit(EXIT_STORAGE_FULL)
     except SystemExit:
         raise
     except Exception as error:  # click usage errors and friends

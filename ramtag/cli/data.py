@@ -39,7 +39,7 @@ def synth(
     ] = False,
 ) -> None:
     """Write N synthetic scenes (1-4 coloured shapes each) with labels, boxes, captions and a seen/unseen split."""
-    from ramtag.data.synth import FORMATS, clear_dataset, write_dataset
+    from ramtag.data.synth_files import FORMATS, clear_dataset, write_dataset
     from ramtag.errors import OutputError
 
     if out.exists() and not out.is_dir():

@@ -355,7 +355,7 @@ def tag(
     from ramtag.engine import dist
     from ramtag.engine.preflight import preflight_tag
     from ramtag.engine.sidecars import SidecarOptions, parse_sidecar_kinds
-    from ramtag.engine.tag import TagOptions, run_tag
+    from ramtag.engine.tag import TagOptions, resume_after_restart, run_tag
 
     options = TagOptions(
         inputs=list(inputs), labels=labels, output=output, top_k=top_k, threshold=threshold, thresholds_file=thresholds,
@@ -390,6 +390,7 @@ def tag(
             ot_stop,
             quiet=quiet,
         )
+        options = resume_after_restart(options, is_main=info.is_main)  # before preflight refuses the old run's parts
         preflight_tag(options, checkpoint=checkpoint, model=model, pretrained=pretrained, is_main=info.is_main)
         if info.is_main and not quiet:
             if labels == "-":

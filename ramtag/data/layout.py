@@ -249,6 +249,18 @@ def _lock_output(output: Path) -> None:
     _HELD_LOCKS[key] = handle
 
 
+def release_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker), drop this process's copies of the output locks.
+
+    An flock belongs to the open file, which a fork shares: a worker that outlives its killed rank by the few
+    seconds torch gives it would otherwise hold the lock, and the rank torchrun restarts would be refused
+    ("another ramtag run is writing …") and spend a restart. Closing the child's copy leaves the parent's lock
+    held and its lock file in place."""
+    for handle in _HELD_LOCKS.values():
+        handle.close()
+    _HELD_LOCKS.clear()
+
+
 def _unlock_output(output: Path) -> None:
     handle = _HELD_LOCKS.pop(output.resolve(), None)
     if handle is not None:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from ramtag.data.ledger import LedgerEntry, LedgerWriter, part_name
 from ramtag.data.rows import TagBatch, batch_to_arrow, rows_to_jsonl
 from ramtag.data.units import UnitEnd
-from ramtag.errors import OutputError, ReaderGone
+from ramtag.errors import STORAGE_FULL_ERRNOS, OutputError, ReaderGone, StorageFull
 
 
 @dataclass
@@ -141,6 +141,8 @@ class UnitPartWriter:
             error = self._error
             if isinstance(error, OutputError):
                 raise error
+            if isinstance(error, OSError) and error.errno in STORAGE_FULL_ERRNOS:
+                raise StorageFull.from_os_error(error) from error
             raise OutputError(f"writing the output failed: {error}") from error
 
     # -- writer thread -----------------------------------------------------------------------

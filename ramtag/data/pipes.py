@@ -71,8 +71,13 @@ class _StoppingPipe:
             if _stopping:
                 raise KeyboardInterrupt from None
             raise
-        if not data and _stopping:
-            raise KeyboardInterrupt
+        if not data:
+            if _stopping:
+                raise KeyboardInterrupt
+            # The command's stdout can close a moment before it exits, so webdataset's poll after the last read
+            # may not see the status yet: a failed command would then read as a clean (possibly empty) stream.
+            if self._pipe.status is None:
+                self._pipe.wait_for_child()
         return data
 
     def readinto(self, buffer: Any) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ramtag.atomic import write_text
-from ramtag.data.sources import IMAGE_EXTENSIONS
+from ramtag.data.listing import IMAGE_EXTENSIONS
 from ramtag.errors import OutputError, UsageError
 
 SIDECAR_KINDS = ("txt", "xmp")

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from ramtag.data.image_tables import TablePiece, image_cell, iter_rows, output_column, table_pieces
-from ramtag.data.sources import Record, Transform, _decode, _first_line, printable
+from ramtag.data.listing import first_line, printable
+from ramtag.data.records import Record, Transform, decode
 
 
 class Unit(Protocol):
@@ -75,14 +76,14 @@ def table_records(
                 if data is None:
                     yield Record(key, source, None, "no image bytes in this row", extra)
                     continue
-                image, error = _decode(data, transform, max_pixels, draft_size)
+                image, error = decode(data, transform, max_pixels, draft_size)
                 yield Record(key, source, image, error, extra)
             row += batch.num_rows
     except Exception as exc:  # a corrupt page or a truncated file: record it, go on to the next unit
         key = unit.error_key
         if key not in skip:
             where = f" after row {row - 1}" if row > unit.start_row else ""
-            yield Record(key, source, None, printable(f"cannot read table rows{where}: {_first_line(exc)}"))
+            yield Record(key, source, None, printable(f"cannot read table rows{where}: {first_line(exc)}"))
 
 
 def _beside(path: str, table: str) -> str:

@@ -25,25 +25,16 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from ramtag.atomic import atomic_path, write_json
 from ramtag.data.image_tables import is_table_input
 from ramtag.data.images import PIL_LIMIT
+from ramtag.data.listing import BASE_COLUMNS, IMAGE_EXTENSIONS, printable
+from ramtag.data.records import Batch, FileDataset, Record, Transform, collate_records, split_by_node_and_worker
 from ramtag.data.shard_columns import parse_shard_columns
-from ramtag.data.sources import (
-    IMAGE_EXTENSIONS,
-    Batch,
-    FileDataset,
-    Record,
-    ShardDataset,
-    Transform,
-    collate_records,
-    is_shard_input,
-    plan_inputs,
-    printable,
-    shard_name,
-)
+from ramtag.data.shards import ShardDataset, is_shard_input, shard_name
+from ramtag.data.sources import plan_inputs
 from ramtag.data.table_records import table_records, table_unit_fields
 from ramtag.errors import UsageError
 
@@ -51,7 +42,6 @@ LISTING_FILE = "listing.parquet"
 UNITS_FILE = "units.json"
 UNIT_ROWS = 16_384
 MIN_UNIT_ROWS = 64
-_BASE_COLUMNS = ("key", "source", "path", "error")
 
 
 @dataclass(frozen=True)
@@ -240,7 +230,7 @@ def _write_listing(path: Path, files: pa.Table, unit_rows: int) -> list[int]:
 
 def _extra_schema(listing: Path) -> pa.Schema:
     schema = pq.read_schema(listing)
-    return pa.schema([field for field in schema if field.name not in _BASE_COLUMNS])
+    return pa.schema([field for field in schema if field.name not in BASE_COLUMNS])
 
 
 def _read_units_file(work_dir: Path) -> dict | None:
@@ -325,8 +315,10 @@ def _kept_rows(work_dir: Path, task: UnitTask) -> tuple[dict[str, tuple[str, boo
 
 
 class UnitDataset(IterableDataset):
-    """The records of each task's unit, then its :class:`UnitEnd`; DataLoader worker ``w`` of ``n`` takes
-    every ``n``-th task. A unit being redone skips the keys it keeps, so its rows end up exactly once."""
+    """The records of each task's unit, then its :class:`UnitEnd`. With ``claim``, each process reading the
+    dataset (a DataLoader worker, or the caller's) asks it for the index of its next task until it returns None;
+    without, DataLoader worker ``w`` of ``n`` takes every ``n``-th task. A unit being redone skips the keys it
+    keeps, so its rows end up exactly once."""
 
     def __init__(
         self,
@@ -337,8 +329,10 @@ class UnitDataset(IterableDataset):
         *,
         max_pixels: int | None = PIL_LIMIT,
         draft_size: int | None = None,
+        claim: Callable[[], int | None] | None = None,
     ) -> None:
         self.tasks = list(tasks)
+        self.claim = claim
         self.work_dir = Path(work_dir)
         self.listing = Path(listing)
         self.transform = transform
@@ -347,14 +341,15 @@ class UnitDataset(IterableDataset):
         self._listing_file: pq.ParquetFile | None = None
 
     def assigned_tasks(self) -> list[UnitTask]:
-        info = get_worker_info()
-        if info is not None and info.num_workers > 1:
-            return self.tasks[info.id :: info.num_workers]
-        return self.tasks
+        return split_by_node_and_worker(self.tasks)
 
     def __iter__(self) -> Iterator[Record | UnitEnd]:
-        for task in self.assigned_tasks():
-            yield from self.read_unit(task)
+        if self.claim is None:
+            for task in self.assigned_tasks():
+                yield from self.read_unit(task)
+            return
+        while (index := self.claim()) is not None:
+            yield from self.read_unit(self.tasks[index])
 
     def read_unit(self, task: UnitTask) -> Iterator[Record | UnitEnd]:
         unit = task.unit
@@ -415,7 +410,7 @@ class UnitDataset(IterableDataset):
 
 
 def collate_unit_records(items: Sequence[Record | UnitEnd]) -> Batch:
-    """Like :func:`~ramtag.data.sources.collate_records`, with the units that ended in this batch in ``ended``."""
+    """Like :func:`~ramtag.data.records.collate_records`, with the units that ended in this batch in ``ended``."""
     records = [item for item in items if not isinstance(item, UnitEnd)]
     batch = collate_records(records)
     batch.ended = [item for item in items if isinstance(item, UnitEnd)]

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ramtag.atomic import atomic_path
+from ramtag.atomic import write_safetensors
 from ramtag.errors import VocabularyError
 from ramtag.messages import clipped
 
@@ -161,8 +161,6 @@ def save_vocab_features(
     ``metadata`` needs ``templates`` and ``fingerprint`` (a dict: model, checkpoint, templates);
     ``version`` defaults to this ramtag's. Other entries are kept as they are.
     """
-    from safetensors.torch import save_file
-
     from ramtag import __version__
 
     features = features.detach().to("cpu", torch.float32).contiguous()
@@ -173,12 +171,9 @@ def save_vocab_features(
         raise ValueError(f"vocabulary metadata lacks {', '.join(missing)}")
     payload = {"version": __version__, **dict(metadata), "labels": list(labels)}
     target = Path(path)
-    with atomic_path(target) as temporary:
-        save_file(
-            {FEATURES_TENSOR: features},
-            temporary,
-            metadata={METADATA_ENTRY: json.dumps(payload, ensure_ascii=False, default=str)},
-        )
+    write_safetensors(
+        target, {FEATURES_TENSOR: features}, {METADATA_ENTRY: json.dumps(payload, ensure_ascii=False, default=str)}
+    )
     return target
 
 

@@ -33,6 +33,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def restart_count() -> int:
+    """How often torchrun (``--max-restarts``) restarted this worker group: 0 on its first start and outside
+    torchrun. A restarted group continues the run its predecessor started (see ramtag.engine.tag)."""
+    try:
+        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    except ValueError:
+        return 0
+
+
 def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a no-op otherwise."""
     if not launched_by_torchrun():
@@ -42,7 +51,18 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         use_cuda = torch.cuda.is_available() and device != "cpu"
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        backend = "nccl" if use_cuda else "gloo"
+        if restart_count() == 0:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A restarted group may meet the store of the group it replaces (torchrun --standalone keeps its
+            # agent's store across restarts), where gloo finds the dead ranks' addresses under the same keys,
+            # connects to them, and fails with "Connection refused", costing a restart. Keys of its own attempt
+            # keep each group to its own addresses.
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"ramtag/attempt-{restart_count()}/", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -169,7 +169,8 @@ def run_explain(
 
     A folder that is not empty is refused unless ``overwrite`` (then same-named maps are replaced)."""
     from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
-    from ramtag.data.sources import filesystem_path, plan_inputs
+    from ramtag.data.listing import filesystem_path
+    from ramtag.data.sources import plan_inputs
     from ramtag.engine.preflight import check_maps_folder
     from ramtag.selection import select_tags
 

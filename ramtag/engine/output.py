@@ -29,6 +29,7 @@ from ramtag.data.remote_output import RemoteWork
 from ramtag.data.rows import schema_with_metadata, table_schema
 from ramtag.data.units import UNITS_FILE, Unit, UnitTask, plan_units
 from ramtag.engine import dist
+from ramtag.engine.claims import Claims, claim_units
 from ramtag.errors import OutputError, UsageError
 
 
@@ -54,11 +55,6 @@ class FinalTable:
     path: str | None
     rows: int
     errors: int
-
-
-def static_claim(tasks: Sequence[UnitTask], rank: int, world_size: int) -> list[UnitTask]:
-    """Rank ``r`` of ``n`` takes every ``n``-th unit still to do (a dynamic claim can replace this later)."""
-    return list(tasks[rank::world_size])
 
 
 class RunOutput:
@@ -128,9 +124,10 @@ class RunOutput:
     def is_stdout(self) -> bool:
         return self.kind == "stdout"
 
-    def claim(self, rank: int, world_size: int) -> list[UnitTask]:
-        """The units this rank does."""
-        return static_claim(self.tasks, rank, world_size)
+    def claim(self, workers: int) -> Claims:
+        """How this rank's readers get their units (every rank together): claimed one at a time from a
+        counter all ranks share (:mod:`ramtag.engine.claims`)."""
+        return claim_units(self.tasks, workers)
 
     def pending_rows(self) -> int | None:
         """Rows still to read when known before reading (units of the listing only), else None."""

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ramtag.data.sources import Record, Transform
+from ramtag.data.records import Record, Transform
 from ramtag.data.units import UnitDataset, UnitEnd, UnitTask
 
 DECODED = pa.schema(

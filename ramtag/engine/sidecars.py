@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ramtag.data.layout import output_kind
+from ramtag.data.listing import MANIFEST_EXTENSIONS, filesystem_path
+from ramtag.data.shards import is_shard_input
 from ramtag.data.sidecars import (
     SIDECAR_KINDS,
     SIDECAR_MODES,
@@ -31,7 +33,6 @@ from ramtag.data.sidecars import (
     SidecarWriter,
     read_exclude_tags,
 )
-from ramtag.data.sources import MANIFEST_EXTENSIONS, filesystem_path, is_shard_input
 from ramtag.errors import UsageError
 from ramtag.messages import one_line
 from ramtag.selection import Selection

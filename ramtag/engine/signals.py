@@ -37,10 +37,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
         allow_pipes()
 
 
-def worker_ignores_sigterm(worker_id: int) -> None:  # noqa: ARG001
+def decode_worker_init(worker_id: int) -> None:  # noqa: ARG001
     """DataLoader ``worker_init_fn``: leave stopping to the main process (workers still stop when it does); a
-    SIGTERM only ends the worker's ``pipe:`` commands, so that a read blocked on one returns."""
+    SIGTERM only ends the worker's ``pipe:`` commands, so that a read blocked on one returns. The worker lets go
+    of the output lock it inherited, so that the lock ends with the run's own process."""
+    from ramtag.data.layout import release_inherited_locks
+
     signal.signal(signal.SIGTERM, _worker_sigterm)
+    release_inherited_locks()
 
 
 def _worker_sigterm(signum, frame) -> None:  # noqa: ARG001

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import numpy as np
@@ -18,7 +18,7 @@ from ramtag.data.assemble import write_label_file
 from ramtag.data.images import PIL_LIMIT
 from ramtag.data.layout import output_kind
 from ramtag.data.rows import TagBatch
-from ramtag.data.sources import shard_split_problem
+from ramtag.data.shards import shard_split_problem
 from ramtag.data.thresholds import read_thresholds
 from ramtag.data.units import UNIT_ROWS, UnitDataset, collate_unit_records
 from ramtag.engine import dist
@@ -27,7 +27,7 @@ from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
 from ramtag.engine.sidecars import SidecarOptions, SidecarStage
-from ramtag.engine.signals import interrupted_run, worker_ignores_sigterm
+from ramtag.engine.signals import decode_worker_init, interrupted_run
 from ramtag.engine.summary import RunTally, TagSummary, conclude, error_row_line, stderr_log
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
 from ramtag.errors import OutputError, UsageError
@@ -135,6 +135,21 @@ def _identity(vocabulary: Vocabulary, runtime: Runtime, options: TagOptions, thr
     }
 
 
+def resume_after_restart(options: TagOptions, *, is_main: bool) -> TagOptions:
+    """Under ``torchrun --max-restarts``, a restarted group continues from the ledger as if --resume were given
+    (and --overwrite, which the first start already did, no longer applies): the failed start's committed
+    units stay done, and only its units in flight are redone. Says so in one line, on rank 0."""
+    restart = dist.restart_count()
+    if not restart or options.resume or output_kind(options.output) == "stdout":  # stdout keeps no ledger
+        return options
+    if is_main and not options.quiet:
+        print(
+            f"ramtag: torchrun restart {restart}: resuming {options.output} from its ledger, as --resume does",
+            file=sys.stderr, flush=True,
+        )
+    return replace(options, resume=True, overwrite=False)
+
+
 def input_options(options: TagOptions) -> InputOptions:
     """What the run lists, from the tag options (every driver plans the same units)."""
     return InputOptions(
@@ -174,6 +189,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     log = stderr_log(options.quiet)
     if info.distributed and output_kind(options.output) == "stdout":
         raise UsageError("-o - (stdout) works with one process only; give an output file or folder")
+    options = resume_after_restart(options, is_main=info.is_main)
     preflight_tag(options, is_main=info.is_main)
     vocabulary, thresholds = open_vocabulary(options, runtime, stdin, is_main=info.is_main)
     workers = default_workers() if options.workers is None else options.workers
@@ -202,7 +218,8 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     problem = shard_split_problem(shard_units, info.world_size, workers)
     if problem and info.is_main:
         log(f"ramtag: warning: {problem}")
-    mine = output.claim(info.rank, info.world_size)
+    claims = output.claim(workers)
+    mine = claims.tasks
     draft = runtime.config.preprocessing.image_size if options.fast_decode else None
     units = UnitDataset(
         mine,
@@ -211,6 +228,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         runtime.transform(),
         max_pixels=options.max_pixels,
         draft_size=draft,
+        claim=claims.claim,
     )
     loader = DataLoader(
         units,
@@ -218,7 +236,11 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         num_workers=min(workers, len(mine)),
         collate_fn=collate_unit_records,
         pin_memory=runtime.device.type == "cuda",
-        worker_init_fn=worker_ignores_sigterm,
+        worker_init_fn=decode_worker_init,
+        # batches as workers finish them: in order, a worker on a big unit would stall the others' batches
+        # (and so their claims) behind it. Each worker's batches still come in its order, so a unit's end
+        # follows its rows.
+        in_order=False,
     )
     metadata = _metadata(runtime, vocabulary, options, thresholds)
     writer = output.writer(

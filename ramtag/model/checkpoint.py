@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ramtag.atomic import atomic_path
+from ramtag.atomic import write_safetensors
 from ramtag.errors import CheckpointError
 from ramtag.messages import listed
 from ramtag.model.adapter import adapter_state_from_reference
@@ -39,8 +39,6 @@ def save_checkpoint(
     path: str | Path, model: RamModel, include_backbone: bool = False, extra: dict | None = None
 ) -> Path:
     """Write `model` atomically; include the backbone when it cannot be rebuilt from its name and tag."""
-    from safetensors.torch import save_file
-
     from ramtag import __version__
 
     path = Path(path)
@@ -55,8 +53,7 @@ def save_checkpoint(
     }
     if include_backbone:
         metadata["backbone_shape"] = json.dumps(backbone_shape(model.clip))
-    with atomic_path(path) as temporary:
-        save_file(tensors, temporary, metadata=metadata)
+    write_safetensors(path, tensors, metadata)
     return path
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ramtag.data.labelled import LabelledSource, LabelSpace, resolve_label_space
+from ramtag.data.labelled_samples import LabelledShards, LabelTally, collate_labelled, labelled_dataset
 from ramtag.engine import dist
 from ramtag.engine.eval.calibrate import attach_calibration, calibration_protocol
 from ramtag.engine.eval.protocol import arm_result, open_eval_source, plan_protocols, protocol_warnings
@@ -38,16 +40,7 @@ from ramtag.engine.eval.types import (
     ProtocolResult,
     ignore_log,
 )
-from ramtag.engine.labelled import (
-    LabelledShards,
-    LabelledSource,
-    LabelSpace,
-    LabelTally,
-    collate_labelled,
-    labelled_dataset,
-    resolve_label_space,
-)
-from ramtag.engine.signals import worker_ignores_sigterm
+from ramtag.engine.signals import decode_worker_init
 from ramtag.errors import DataError, RamtagError
 from ramtag.fingerprint import fingerprint
 
@@ -140,7 +133,7 @@ def _score_pass(
         num_workers=_workers(settings, dataset),
         collate_fn=collate_labelled,
         pin_memory=device.type == "cuda",
-        worker_init_fn=worker_ignores_sigterm,
+        worker_init_fn=decode_worker_init,
     )
     total = len(dataset) if hasattr(dataset, "__len__") else None
     tally = LabelTally()

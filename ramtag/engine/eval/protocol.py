@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ramtag.data.labelled import LabelledSource, LabelSpace, open_labelled_source
 from ramtag.engine.eval.types import (
     GZSL,
     MAX_EXAMPLES,
@@ -20,7 +21,6 @@ from ramtag.engine.eval.types import (
     Protocol,
     ProtocolResult,
 )
-from ramtag.engine.labelled import LabelledSource, LabelSpace, open_labelled_source
 from ramtag.errors import DataError
 from ramtag.messages import listed
 from ramtag.metrics import MetricsReport, evaluate_scores

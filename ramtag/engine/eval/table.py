@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ramtag.data.labelled import LabelledItem, LabelledSource, LabelSpace, normalise_key, resolve_label_space
+from ramtag.data.labelled_samples import LabelTally, check_strict_labels, select_items
 from ramtag.engine.eval.calibrate import attach_calibration
 from ramtag.engine.eval.protocol import arm_result, open_eval_source, protocol_warnings
 from ramtag.engine.eval.types import (
@@ -34,16 +36,6 @@ from ramtag.engine.eval.types import (
     Protocol,
     ProtocolResult,
     ignore_log,
-)
-from ramtag.engine.labelled import (
-    LabelledItem,
-    LabelledSource,
-    LabelSpace,
-    LabelTally,
-    check_strict_labels,
-    normalise_key,
-    resolve_label_space,
-    select_items,
 )
 from ramtag.errors import DataError, OutputError, RamtagError, UsageError, VocabularyError
 from ramtag.messages import listed

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from ramtag.calibration import LabelThresholds
-from ramtag.engine.labelled import LabelSpace, LabelTally
+from ramtag.data.labelled import LabelSpace
+from ramtag.data.labelled_samples import LabelTally
 from ramtag.errors import UsageError
 from ramtag.metrics import MetricsReport
 

@@ -29,16 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ramtag.data.augment import TrainAugment, sample_seed
-from ramtag.engine.labelled import (
-    LabelledBatch,
-    LabelledFiles,
-    LabelledItem,
-    LabelledShards,
-    LabelledSource,
-    collate_labelled,
-    resolve_label_space,
-)
-from ramtag.engine.signals import worker_ignores_sigterm
+from ramtag.data.labelled import LabelledItem, LabelledSource, resolve_label_space
+from ramtag.data.labelled_samples import LabelledBatch, LabelledFiles, LabelledShards, collate_labelled, strict_error
+from ramtag.engine.signals import decode_worker_init
 from ramtag.errors import DataError
 from ramtag.messages import listed
 
@@ -111,10 +104,7 @@ def training_items(
     for item in source.items:
         dropped.update(label for label in item.labels if label not in seen)
     if dropped and strict:
-        counts = ", ".join(f"{label!r} ({count})" for label, count in dropped.most_common(10))
-        raise DataError(
-            f"{source.description}: {len(dropped)} label(s) outside the label space: {counts} (--strict-labels)"
-        )
+        raise strict_error(source.description, dropped)
     items = [LabelledItem(i.key, i.path, tuple(label for label in i.labels if label in seen)) for i in items]
     if not items:
         raise DataError(f"{source.description}: none of the {len(source.items)} image files exist")
@@ -285,11 +275,10 @@ class TrainBatches:
             size = self.samples_per_epoch or len(self.items)
         else:
             size = len(self.items)
-            self.files = LabelledFiles(
-                list(enumerate(self.items)), self.classes, transform=None, label_space=self.classes
-            )
             self._augment = _SeededAugment(self.augment)
-            self.files.transform = self._augment
+            self.files = LabelledFiles(
+                list(enumerate(self.items)), self.classes, transform=self._augment, label_space=self.classes
+            )
             self.sampler = GlobalBatchSampler(size, self.global_batch, self.rank, self.world_size, self.seed)
         self.size = size
         if size < self.global_batch:
@@ -314,7 +303,7 @@ class TrainBatches:
             num_workers=self.num_workers,
             collate_fn=collate_labelled,
             pin_memory=self.pin_memory,
-            worker_init_fn=worker_ignores_sigterm,
+            worker_init_fn=decode_worker_init,
         )
         yield from loader
 
@@ -341,7 +330,7 @@ class TrainBatches:
             num_workers=min(self.num_workers, mine),
             collate_fn=collate_labelled,
             pin_memory=self.pin_memory,
-            worker_init_fn=worker_ignores_sigterm,
+            worker_init_fn=decode_worker_init,
         )
 
     def _shard_batches(self, count: int) -> Iterator[LabelledBatch]:

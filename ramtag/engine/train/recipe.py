@@ -2,6 +2,11 @@
 
 One optimizer step (`_train_step`) is `grad_accum` calls of `_loss_step`, the global-batch MMC loss of one
 micro-batch, then `_optimizer_step`: gradients summed over ranks, clipped, applied, and the EMA updated.
+
+Why one module of about 480 lines: :class:`TrainRecipe`'s steps share one state (model, optimizer, scheduler,
+EMA, stream position, log) that every step reads and writes; what could stand alone already does (data, model,
+state files, log, schedule, batch norm, EMA, validation), and splitting the class further would pass that state
+between modules instead of keeping it in one place.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import torch
 
 from ramtag.atomic import write_json, write_text
 from ramtag.data.augment import TrainAugment
+from ramtag.data.labelled import open_labelled_source
+from ramtag.data.labelled_samples import LabelledBatch
 from ramtag.engine import dist
-from ramtag.engine.labelled import LabelledBatch, open_labelled_source
 from ramtag.engine.runtime import resolve_device
 from ramtag.engine.train import state as files
 from ramtag.engine.train.batchnorm import synchronise_batchnorms
