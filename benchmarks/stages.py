@@ -71,9 +71,13 @@ def stage_breakdown(runtime, folder: Path, labels: list[str], batches: list[torc
                     out_dir: Path, precision: str, top_k: int = 5) -> dict[str, float]:
     """Seconds per image in each stage of `ramtag tag`, each measured alone in this process (decoding on one
     thread, as a DataLoader worker runs it; the model on this process's threads)."""
+    from ramtag.data.assemble import finish_units
+    from ramtag.data.layout import _unlock_output, prepare_output
+    from ramtag.data.parts import UnitPartWriter
     from ramtag.data.records import FileDataset
+    from ramtag.data.rows import TagBatch, schema_with_metadata, table_schema
     from ramtag.data.sources import plan_inputs
-    from ramtag.data.writers import TagBatch, TagTableWriter, prepare_output
+    from ramtag.data.units import UnitEnd
     from ramtag.selection import select_tags
 
     plan = plan_inputs([str(folder)])
@@ -94,15 +98,20 @@ def stage_breakdown(runtime, folder: Path, labels: list[str], batches: list[torc
 
     start = time.perf_counter()
     layout = prepare_output(out_dir / "stages.parquet", overwrite=True, identity={})
-    writer = TagTableWriter(layout, labels, metadata={"benchmark": True})
+    metadata = {"benchmark": True}
+    writer = UnitPartWriter(layout.work_dir, schema_with_metadata(table_schema(), metadata), labels, run=layout.run)
     offset = 0
     keys = [r.key for r in records]
-    for batch_scores in scores:
+    for batch_scores in scores:  # as `ramtag tag` writes them: the rows of one work unit, committed, assembled
         selection = select_tags(batch_scores, top_k=top_k)
         rows = len(batch_scores)
-        writer.write(TagBatch.from_selection(keys[offset:offset + rows], keys[offset:offset + rows], selection))
+        batch = TagBatch.from_selection(keys[offset:offset + rows], keys[offset:offset + rows], selection)
+        writer.write(batch, [0] * rows)
         offset += rows
-    writer.finalize(1)
+    writer.commit(UnitEnd(0, None, (), 0, 0, {}))
+    writer.close()
+    finish_units(layout.output, layout.kind, layout.work_dir, [0], metadata, table_schema())
+    _unlock_output(layout.output)
     write = time.perf_counter() - start
 
     kcot_seconds = kcot["seconds"]

@@ -15,10 +15,10 @@ import torch
 
 from ramtag.cli import main
 from ramtag.data.images import decode_image
-from ramtag.data.writers import TagBatch, TagTableWriter, prepare_output
+from ramtag.data.rows import TagBatch
 from ramtag.engine.eval.model import evaluate_model
 from ramtag.engine.eval.types import EvalResult, EvalSettings
-from tests.io_fixtures import write_image
+from tests.io_fixtures import write_image, write_tag_table
 
 LABELS = ("cat", "dog", "car", "tree", "sky", "boat")
 UNSEEN = ("car", "boat")
@@ -144,21 +144,18 @@ def write_table(
     path: Path, keys: list[str], scores: np.ndarray, labels, errors: dict[str, str] | None = None, metadata=None
 ) -> Path:
     """A score table as `ramtag tag --all-scores` writes it (Parquet or JSONL with its sidecar)."""
-    layout = prepare_output(path)
     meta = {"vocabulary": list(labels)} if metadata is None else metadata
-    writer = TagTableWriter(layout, list(labels), metadata=meta, all_scores=True)
     count = len(keys)
-    writer.write(
+    batches = [
         TagBatch(
             keys=keys, sources=keys, errors=[None] * count, tag_counts=np.zeros(count, np.int64),
             tag_labels=np.zeros(0, np.int64), tag_scores=np.zeros(0, np.float32), scores=scores,
         )
-    )
+    ]
     if errors:
-        writer.write(TagBatch.from_failures(list(errors), list(errors), list(errors.values())))
-    writer.finalize()
+        batches.append(TagBatch.from_failures(list(errors), list(errors), list(errors.values())))
+    write_tag_table(path, list(labels), {0: batches}, metadata=meta, all_scores=True)
     return path
-
 
 
 # One bench, one model and one evaluation with the baselines for every evaluation test module (they import these

@@ -66,3 +66,37 @@ def image_shard(path: Path, keys: list[str], first_seed: int = 0) -> Path:
     return write_shard(
         path, [(key, {"jpg": image_bytes(first_seed + i, "JPEG"), "txt": b"x"}) for i, key in enumerate(keys)]
     )
+
+
+def write_tag_table(output, labels, units, *, metadata=None, all_scores=False, extra_schema=None, part_rows=262_144,
+                    stdout=None, **prepare) -> Path | None:
+    """A tag table written the way `ramtag tag` writes one, without a model: ``units`` maps a work unit id to
+    its :class:`~ramtag.data.rows.TagBatch` es; each unit's rows go to its part files and the unit is committed
+    to the ledger, then the table is assembled from every unit the ledger holds. ``prepare`` goes to
+    :func:`~ramtag.data.layout.prepare_output` (resume, overwrite, identity). Returns the output (None for -)."""
+    from ramtag.data.assemble import finish_units
+    from ramtag.data.layout import _unlock_output, prepare_output
+    from ramtag.data.ledger import latest_entries
+    from ramtag.data.parts import UnitPartWriter
+    from ramtag.data.rows import schema_with_metadata, table_schema
+    from ramtag.data.units import UnitEnd
+
+    layout = prepare_output(output, **prepare)
+    metadata = {"model": "m"} if metadata is None else metadata
+    table = table_schema(extra_schema, all_scores)
+    writer = UnitPartWriter(
+        None if layout is None else layout.work_dir, schema_with_metadata(table, metadata), labels,
+        run=0 if layout is None else layout.run, part_rows=part_rows, row_group_rows=min(16_384, part_rows),
+        stdout=stdout,
+    )
+    for unit, batches in units.items():
+        for batch in batches:
+            writer.write(batch, [unit] * len(batch))
+        writer.commit(UnitEnd(unit, None, (), 0, 0, {}))
+    writer.close()
+    if layout is None:
+        return None
+    finish_units(layout.output, layout.kind, layout.work_dir, sorted(latest_entries(layout.work_dir)), metadata,
+                 table)
+    _unlock_output(layout.output)
+    return layout.output

@@ -20,7 +20,8 @@ MODEL_MODULES = [
 DATA_MODULES = [
     "ramtag.data.sources",
     "ramtag.data.labelled_samples",
-    "ramtag.data.writers",
+    "ramtag.data.parts",
+    "ramtag.data.assemble",
     "ramtag.data.vocab",
     "ramtag.data.annotations",
     "ramtag.data.synth",

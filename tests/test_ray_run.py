@@ -94,6 +94,50 @@ def test_a_ray_run_writes_the_table_one_process_writes(local_ray, zoo, vocab, tm
     assert_same_table(rows_by_key(on_ray), expected)
 
 
+def sidecar_files(root: Path) -> dict[str, str]:
+    """Every caption and XMP file under ``root``, by relative path."""
+    found = sorted([*root.rglob("*.txt"), *root.rglob("*.xmp")])
+    return {str(path.relative_to(root)): path.read_text(encoding="utf-8") for path in found}
+
+
+def test_sidecars_and_labels_out_on_ray_are_those_of_one_process(local_ray, vocab, tmp_path):
+    copies = {}
+    for name in ("plain", "ray"):  # the same images twice: each run writes its sidecars beside its own copy
+        folder = tmp_path / name / "photos"
+        for seed in range(5):
+            target = folder / ("sub" if seed % 2 else "") / f"img{seed}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(image_bytes(seed))
+        (folder / "broken.png").write_bytes(b"not a picture")  # an error row: no sidecar
+        copies[name] = folder
+    options = ("--sidecars", "txt,xmp", "--prefix", "sks, ", "-k", 3)
+    plain, on_ray = tmp_path / "plain" / "tags.parquet", tmp_path / "ray" / "tags.parquet"
+    assert run_cli(*tag_args(vocab, plain, copies["plain"], *options, "--labels-out", tmp_path / "plain.labels")) == 3
+    assert run_cli(*tag_args(vocab, on_ray, copies["ray"], *options, "--labels-out", tmp_path / "ray.labels",
+                             "--ray", "local", "--batch-size", 2)) == 3
+    expected = sidecar_files(copies["plain"])
+    assert len(expected) == 2 * 5  # a caption and an XMP file for every image that could be tagged
+    assert sidecar_files(copies["ray"]) == expected
+    assert (tmp_path / "ray.labels").read_text() == (tmp_path / "plain.labels").read_text() == "".join(
+        f"{label}\n" for label in LABELS
+    )
+    tags = {key: ([t["label"] for t in row["tags"]], row["error"]) for key, row in rows_by_key(plain).items()}
+    assert {key: ([t["label"] for t in row["tags"]], row["error"]) for key, row in rows_by_key(on_ray).items()} == tags
+
+
+def test_a_table_of_images_on_ray_gives_the_rows_of_one_process(local_ray, vocab, tmp_path):
+    """--image-column inputs are planned as table units on Ray too (every row, a corrupt image as an error)."""
+    images = [image_bytes(seed, "JPEG") for seed in range(5)] + [b"\xff\xd8 corrupt"]
+    pq.write_table(pa.table({"jpg": images, "key": [f"k{index}" for index in range(6)]}), tmp_path / "t.parquet")
+    plain, on_ray = tmp_path / "plain.parquet", tmp_path / "ray.parquet"
+    table = ("--image-column", "jpg", "--key-column", "key")
+    assert run_cli(*tag_args(vocab, plain, tmp_path / "t.parquet", *table)) == 3
+    assert run_cli(*tag_args(vocab, on_ray, tmp_path / "t.parquet", *table, "--ray", "local")) == 3
+    expected = rows_by_key(plain)
+    assert sorted(expected) == [f"k{index}" for index in range(6)] and expected["k5"]["error"]
+    assert_same_table(rows_by_key(on_ray), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kills. The last unit is a shard read through a pipe that waits for a gate file, so the run is reliably in
 # flight, its earlier units committed, when the test kills or interrupts something; then the test opens the gate.
@@ -171,27 +215,38 @@ def test_a_killed_actor_is_restarted_and_every_input_is_written_once(local_ray, 
 
 
 def test_a_stopped_driver_resumes_to_exactly_once(local_ray, gated, vocab, tmp_path):
+    from ramtag.data.sidecars import sidecar_path
+
     inputs, gate, expected = gated
     out = tmp_path / "tags.parquet"
     work_dir = out.with_name(f".{out.name}.parts")
+    captions = tmp_path / "captions"
+    resumed = threading.Event()
 
     def stop_at_the_gate():
         try:
             wait_for_units(work_dir, 1)
             os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's pre-emption, while the shard's unit is in flight
-            time.sleep(60)  # never a hang: were the stop lost, the run finishes and the asserts say so
+            resumed.wait(60)  # never a hang: were the stop lost, the run finishes and the asserts say so
         finally:
             gate.touch()
 
     helper = threading.Thread(target=stop_at_the_gate, daemon=True)
     helper.start()
-    args = tag_args(vocab, out, *inputs, "--ray", "local")
+    # appended captions show that the rows redone after the stop get their sidecars again, each tag once
+    args = tag_args(vocab, out, *inputs, "--ray", "local", "--sidecars", "txt", "--sidecar-dir", captions,
+                    "--sidecar-mode", "append")
     assert run_cli(*args) == 130
     gate.touch()  # lets a shard reader that Ray did not stop finish
     assert not out.exists() and 1 <= len(latest_entries(work_dir)) < UNITS
     assert run_cli(*args, "--resume") == 0
-    helper.join(70)
+    resumed.set()
+    helper.join(10)
     assert_same_table(rows_by_key(out), expected)
+    for key, row in expected.items():
+        caption = sidecar_path("txt", key, None, captions).read_text()
+        assert caption == ", ".join(tag["label"] for tag in row["tags"]) + "\n"
+    assert len(list(captions.rglob("*.txt"))) == len(expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +268,7 @@ def test_the_driver_writes_a_row_that_a_retried_task_sends_twice_once(tmp_path):
 
         def commit(self, end):
             self.commits.append((end.unit, len(self.keys)))
+            self.sidecars_before_commit = len(sidecars.rows)
 
     import pickle
 
@@ -229,20 +285,35 @@ def test_the_driver_writes_a_row_that_a_retried_task_sends_twice_once(tmp_path):
                 columns[name].append(value)
         return pa.table(columns)
 
+    class Sidecars:
+        def __init__(self):
+            self.rows, self.first_failure = [], None
+
+        def write(self, keys, sources, tags):
+            self.rows.extend(zip(keys, tags))
+
+        def counts(self):
+            return {"written": len(self.rows)}
+
     assert table_schema() is not None
-    writer = Writer()
-    collector = _UnitCollector(writer, Progress(None, "t", quiet=True), False, 1, print)
+    writer, sidecars = Writer(), Sidecars()
+    collector = _UnitCollector(writer, Progress(None, "t", quiet=True), False, ["cat"], sidecars)
     collector.take(table([0, 1]))
     collector.take(table([0, 1, 2], end=(UnitEnd(7, None, (), 0, 0, {}), 3)))  # a retry resends 0 and 1
     assert writer.keys == ["k0", "k1", "k2"] and writer.commits == [(7, 3)]
     assert collector.duplicates == 2
+    assert sidecars.rows == [("k0", ["cat"]), ("k1", ["cat"]), ("k2", ["cat"])]  # each kept row once, none resent
+    assert writer.sidecars_before_commit == 3  # a unit commits only after its rows' sidecars are written
+    assert collector.tally().sidecars == {"written": 3}
 
 
 def test_ray_options_are_checked_before_a_model_loads(vocab, tmp_path, capsys):
     for bad in (["--ray-actors", "0:2"], ["--ray-actors", "3:1"], ["--ray-actors", "x"],
-                ["--ray-cpus-per-task", "0"], ["--sidecars", "txt"], ["--labels-out", str(tmp_path / "l.txt")]):
+                ["--ray-cpus-per-task", "0"], ["--save-maps", str(tmp_path / "maps")]):
         assert run_cli(*tag_args(vocab, tmp_path / "t.parquet", tmp_path, "--ray", "local", *bad)) == 2
         assert "loading" not in capsys.readouterr().err
+    assert run_cli(*tag_args(vocab, tmp_path / "t.parquet", tmp_path, "--ray", "local", "--save-maps", tmp_path)) == 2
+    assert "region scores, which stay in the Ray actors" in capsys.readouterr().err
     assert run_cli(*tag_args(vocab, tmp_path / "t.parquet", tmp_path, "--ray-actors", "2")) == 2
     assert "--ray-actors needs --ray" in capsys.readouterr().err
 

@@ -355,8 +355,10 @@ def tag(
         image_column=image_column, key_column=key_column,
     )
     ray_options = _ray_options(ray, ray_cpus_per_task, ray_gpus_per_actor, ray_actors)  # before any model loads
-    if ray_options is not None and (sidecars or labels_out):  # the Ray driver writes neither yet
-        raise UsageError("--sidecars and --labels-out work without --ray only (the table's OUT.labels.txt is written)")
+    if ray_options is not None and save_maps:
+        from ramtag.engine.ray_run import SAVE_MAPS_ON_RAY
+
+        raise UsageError(SAVE_MAPS_ON_RAY)
     device = choice.device
     info = dist.setup(device)
     try:

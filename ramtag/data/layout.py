@@ -4,9 +4,12 @@ Lifecycle of a run that writes to ``OUT`` (every path below is beside it):
 
 1. rank 0: :func:`prepare_output` refuses an existing output unless resuming or overwriting,
    creates the hidden work directory ``.OUT.parts/`` and starts a new *run* in it;
-2. every rank (after a barrier): :func:`attach_output`, then writes part files into the work directory
-   (:mod:`ramtag.data.writers` for a plain run, :mod:`ramtag.data.parts` for a run of work units);
-3. rank 0, after a barrier, assembles the final output (:mod:`ramtag.data.assemble`).
+2. every rank writes the part files of its work units into the work directory and commits each finished unit
+   to the ledger (:mod:`ramtag.data.parts`, planned and shared by :class:`ramtag.engine.output.RunOutput`);
+3. rank 0, after a barrier, assembles the final output from the ledger (:mod:`ramtag.data.assemble`).
+
+Part files named ``part-RUN-rRANK-cCHUNK.parquet`` were written by an older ramtag, which had no ledger: they
+are still recognised, so that such a table or its interrupted work is never taken for foreign files.
 
 Output written to stdout is streamed directly and cannot be resumed.
 """
@@ -17,13 +20,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ramtag.atomic import write_json
@@ -80,53 +81,16 @@ class OutputLayout:
     extends_output: bool
     """Whether the finished output that existed when the work began is part of the result."""
 
-    @property
-    def meta_path(self) -> Path:
-        """The JSONL sidecar holding the table metadata."""
-        return self.output.with_name(self.output.name + ".meta.json")
-
-    def part_files(self, *, before_run: int | None = None) -> list[Path]:
-        """Finished part files, ordered by (run, rank, chunk); optionally only earlier runs'."""
-        return _part_files(self.work_dir, before_run)
-
-    def earlier_output(self) -> Path | None:
-        """The finished output that a resumed run extends, if there is one."""
-        return self.output if self.extends_output and self.output.exists() else None
-
-    def finished_keys(self, *, retry_errors: bool = False) -> set[str]:
-        """Keys already written by earlier runs (and in the earlier output when resuming).
-
-        With ``retry_errors`` the keys of error rows are left out, so those inputs are tried again.
-        Every rank gets the same set: parts this run writes are not counted.
-        """
-        keys: set[str] = set()
-        for table in _read_key_tables(self._sources(before_run=self.run)):
-            if retry_errors:
-                table = table.filter(pc.is_null(table["error"]))
-            keys.update(table["key"].to_pylist())
-        return keys
-
-    def _sources(self, before_run: int | None = None) -> list[Path]:
-        earlier = self.earlier_output()
-        sources: list[Path] = []
-        if earlier is not None:
-            sources.extend(_dataset_files(earlier) if self.kind == "dataset" else [earlier])
-        return sources + self.part_files(before_run=before_run)
-
 
 def _work_dir(output: Path) -> Path:
     return output.with_name(f".{output.name}.parts")
 
 
-def _part_files(work_dir: Path, before_run: int | None = None) -> list[Path]:
+def _part_files(work_dir: Path) -> list[Path]:
+    """Part files an older ramtag's plain run left (see the module docstring)."""
     if not work_dir.is_dir():
         return []
-    found = []
-    for path in work_dir.iterdir():
-        match = _PART_RE.match(path.name)
-        if match and (before_run is None or int(match.group(1)) < before_run):
-            found.append((tuple(int(group) for group in match.groups()), path))
-    return [path for _, path in sorted(found)]
+    return sorted(path for path in work_dir.iterdir() if _PART_RE.match(path.name))
 
 
 def _has_unit_work(work_dir: Path) -> bool:
@@ -368,42 +332,6 @@ def _check_identity(path: Path, stored: Mapping[str, Any] | None, identity: Mapp
         raise OutputError(
             f"cannot resume {path}: it was {verb} with a different {', '.join(changed)}; pass --overwrite to start over"
         )
-
-
-def attach_output(output: str | os.PathLike) -> OutputLayout | None:
-    """The layout :func:`prepare_output` created (for ranks other than 0, after a barrier)."""
-    _refuse_remote(output)
-    kind = output_kind(output)
-    if kind == "stdout":
-        return None
-    path = Path(output)
-    work_dir = _work_dir(path)
-    info = _read_run_file(work_dir)
-    if "run" not in info:
-        raise OutputError(f"{work_dir}: no run was prepared (call prepare_output on rank 0 first)")
-    return OutputLayout(path, kind, work_dir, int(info["run"]), bool(info.get("extends_output")))
-
-
-def _read_key_tables(sources: Sequence[Path]) -> list[pa.Table]:
-    tables = []
-    for source in sources:
-        try:
-            if source.suffix.lower() in (".jsonl", ".ndjson"):
-                tables.append(_read_jsonl_keys(source))
-            else:
-                tables.append(pq.read_table(source, columns=["key", "error"]))
-        except OutputError:
-            raise
-        except Exception as exc:
-            raise OutputError(f"{source}: cannot read earlier output ({exc})") from exc
-    return tables
-
-
-def _read_jsonl_keys(path: Path) -> pa.Table:
-    rows = [row for _, row in iter_jsonl_rows(path)]
-    keys = [row["key"] for row in rows]
-    errors = [row.get("error") for row in rows]
-    return pa.table({"key": pa.array(keys, pa.string()), "error": pa.array(errors, pa.string())})
 
 
 def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -9,8 +9,6 @@ closed its writer. ``-o -`` has no work directory to keep: its listing goes to a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -22,9 +20,8 @@ from typing import Any, TextIO
 
 import pyarrow as pa
 
-from ramtag.atomic import write_json
 from ramtag.data import storage
-from ramtag.data.assemble import assemble_units
+from ramtag.data.assemble import finish_units, run_identity
 from ramtag.data.layout import _has_unit_work, _unlock_output, output_kind, prepare_output
 from ramtag.data.ledger import LedgerEntry, latest_entries, parts_on_disk
 from ramtag.data.parts import UnitPartWriter
@@ -34,8 +31,6 @@ from ramtag.data.units import UNITS_FILE, Unit, UnitTask, plan_units
 from ramtag.engine import dist
 from ramtag.engine.claims import Claims, claim_units
 from ramtag.errors import OutputError, UsageError
-
-ASSEMBLED_FILE = "assembled.json"
 
 
 @dataclass(frozen=True)
@@ -166,30 +161,16 @@ class RunOutput:
             return FinalTable(None, 0, failed_now)
         if self.remote is not None:
             stored = dict(metadata)
-            stored.setdefault("identity", _run_identity(self.work_dir))
+            stored.setdefault("identity", run_identity(self.work_dir))
             _unlock_output(self.remote.local_output)
             url, rows, errors = self.remote.finalize(self.unit_ids, self.schema(stored, all_scores), stored)
             return FinalTable(url, rows, errors)
         path = Path(self.output)
-        entries = latest_entries(self.work_dir)
-        missing = [unit for unit in self.unit_ids if unit not in entries]
-        if missing:
-            raise OutputError(
-                f"{len(missing)} work unit(s) did not finish; the committed parts are kept in {self.work_dir}: "
-                "rerun with --resume"
-            )
-        ordered = [entries[unit] for unit in sorted(self.unit_ids)]
-        stamp = _state_stamp(self.kind, ordered)
-        marker = self.work_dir / ASSEMBLED_FILE
-        if not (path.exists() and _read_stamp(marker) == stamp):
-            stored = dict(metadata)
-            stored.setdefault("identity", _run_identity(self.work_dir))
-            assemble_units(path, self.kind, self.work_dir, ordered, self.schema(stored, all_scores))
-            if self.kind == "jsonl":
-                write_json(path.with_name(path.name + ".meta.json"), stored)
-            write_json(marker, {"stamp": stamp})
+        rows, errors = finish_units(
+            path, self.kind, self.work_dir, self.unit_ids, metadata, table_schema(self.extra_schema, all_scores)
+        )
         _unlock_output(path)
-        return FinalTable(str(path), sum(e.rows for e in ordered), sum(e.errors for e in ordered))
+        return FinalTable(str(path), rows, errors)
 
     def release(self) -> None:
         """Give up the output without finalising (an interrupted or failed run): rank 0's lock goes."""
@@ -200,27 +181,6 @@ class RunOutput:
             self.remote.release()
         elif dist.info().is_main:
             _unlock_output(Path(self.output))
-
-
-def _run_identity(work_dir: Path) -> Any:
-    try:
-        return json.loads((work_dir / "run.json").read_text(encoding="utf-8")).get("identity", {})
-    except (OSError, ValueError):
-        return {}
-
-
-def _state_stamp(kind: str, entries: Sequence[LedgerEntry]) -> str:
-    digest = hashlib.sha256(kind.encode())
-    for entry in entries:
-        digest.update(f"{entry.unit}:{entry.run};".encode())
-    return digest.hexdigest()
-
-
-def _read_stamp(marker: Path) -> str | None:
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("stamp")
-    except (OSError, ValueError):
-        return None
 
 
 def _prepare_remote(output, inputs: InputOptions, resume, overwrite, retry_errors, identity, stdin, workers, log):

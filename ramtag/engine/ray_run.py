@@ -8,8 +8,9 @@ dataset of the pending units' descriptors (``ray.data.from_items``, one block pe
    reader, so every input keeps its row and a bad image becomes an error row (Ray's own readers would drop it).
 2. ``map_batches(Scorer, compute=ActorPoolStrategy(MIN, MAX), num_gpus=…)``: an autoscaling actor pool that loads the
    model once per actor and scores the decoded rows.
-3. The driver consumes the result stream, writes each row to its unit's part files, and commits a unit to
-   the ledger once all of its rows (counted by the unit's end marker) are written.
+3. The driver consumes the result stream, writes each row to its unit's part files (and, with ``--sidecars``,
+   the row's sidecars), and commits a unit to the ledger once all of its rows (counted by the unit's end
+   marker) are written. The summary and the exit status are one process's (:mod:`ramtag.engine.summary`).
 
 Committing on the driver, not in the actors, keeps exactly-once simple: a task that Ray retries (a killed
 actor, a lost node) sends rows again, and the driver drops every ``(unit, seq)`` it has already written; a
@@ -24,28 +25,31 @@ paths, as torchrun nodes must: a shared filesystem (NFS, FSx, a Kubernetes volum
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from ramtag.data.rows import TagBatch
-from ramtag.data.thresholds import read_thresholds
-from ramtag.engine.output import InputOptions, RunOutput
+from ramtag.engine.output import RunOutput
 from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.ray_stages import RuntimeSpec, Scorer, decode_units, describe_task
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import Runtime, default_batch_size
+from ramtag.engine.sidecars import SidecarStage
 from ramtag.engine.signals import interrupted_run
-from ramtag.engine.tag import TagOptions, TagSummary, _identity, _metadata
-from ramtag.engine.vocabulary import load_vocabulary
-from ramtag.errors import OutputError, PartialFailure, UsageError
+from ramtag.engine.summary import RunTally, TagSummary, conclude, error_row_line, stderr_log
+from ramtag.engine.tag import TagOptions, _identity, _metadata, input_options, open_vocabulary
+from ramtag.errors import OutputError, UsageError
 from ramtag.messages import one_line
 
 RAY_MISSING = "--ray needs Ray, which this install lacks: pip install 'ramtag[ray]'"
+SAVE_MAPS_ON_RAY = (
+    "--save-maps works without --ray only: the maps are the model's per-region scores, which stay in the Ray "
+    "actors (only the selected tags travel back to the driver)"
+)
 DECODE_BLOCK_ROWS = 256
 """Rows per table a decode task yields: a unit of 16k rows streams to the actors in pieces."""
 
@@ -147,12 +151,17 @@ def _quiet_ray_data(context) -> None:
 class _UnitCollector:
     """The driver's end of the stream: rows into part files, each unit committed once all its rows are written."""
 
-    def __init__(self, writer, progress: Progress, all_scores: bool, width: int, log_failure: Callable) -> None:
-        self.writer, self.progress, self.all_scores, self.width = writer, progress, all_scores, width
-        self.log_failure = log_failure
+    def __init__(self, writer, progress: Progress, all_scores: bool, labels: Sequence[str],
+                 sidecars: SidecarStage | None = None) -> None:
+        self.writer, self.progress, self.all_scores, self.labels = writer, progress, all_scores, labels
+        self.sidecars = sidecars
+        """Written here, on the driver, for the rows it keeps, before their unit commits: a row that a retried
+        task sends again is dropped before it gets a sidecar, and a resumed run redoes exactly the sidecars of
+        the units it redoes, as on one process (see :mod:`ramtag.engine.sidecars`)."""
         self.seen: dict[int, set[int]] = {}
         self.ends: dict[int, tuple] = {}
         self.tagged = self.failed = self.duplicates = 0
+        self.first_failure: str | None = None
 
     def take(self, table: pa.Table) -> None:
         columns = {name: table[name].to_pylist() for name in ("unit", "seq", "end")}
@@ -186,7 +195,7 @@ class _UnitCollector:
         names = sorted({name for extra in extras for name in extra})
         scores = None
         if self.all_scores:
-            scores = np.zeros((len(keys), self.width), dtype=np.float32)
+            scores = np.zeros((len(keys), len(self.labels)), dtype=np.float32)
             for row, values in enumerate(table["scores"].to_pylist()):
                 if values:
                     scores[row] = values
@@ -202,13 +211,26 @@ class _UnitCollector:
         )
         self.writer.write(batch, table["unit"].to_pylist())
         failures = 0
-        for key, error in zip(keys, errors):
+        for key, source, error in zip(keys, batch.sources, errors):
             if error is not None:
                 failures += 1
-                self.progress.log(one_line(f"ramtag: {key}: {error}"))
+                self.first_failure = self.first_failure or f"{source}: {error}"
+                self.progress.log(error_row_line(key, source, error))
+        if self.sidecars is not None:
+            good = [row for row, error in enumerate(errors) if error is None]
+            self.sidecars.write(
+                [keys[row] for row in good],
+                [batch.sources[row] for row in good],
+                [[self.labels[index] for index in tag_labels[row]] for row in good],
+            )
         self.failed += failures
         self.tagged += len(keys) - failures
         self.progress.advance(len(keys), failures)
+
+    def tally(self) -> RunTally:
+        sidecars = self.sidecars
+        return RunTally(self.tagged, self.failed, self.first_failure, None if sidecars is None else sidecars.counts(),
+                        None if sidecars is None else sidecars.first_failure)
 
 
 def run_ray_tag(options: TagOptions, runtime: Runtime, ray_options: RayOptions, spec: RuntimeSpec,
@@ -217,24 +239,18 @@ def run_ray_tag(options: TagOptions, runtime: Runtime, ray_options: RayOptions, 
     require_ray()
     import ray
 
-    log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    log = stderr_log(options.quiet)
     if options.save_maps:
-        raise UsageError("--save-maps works without --ray only")
+        raise UsageError(SAVE_MAPS_ON_RAY)
     preflight_tag(options, is_main=True)
-    vocabulary = load_vocabulary(runtime, options.labels, options.templates or None, stdin=stdin)
-    thresholds = None
-    if options.thresholds_file:
-        thresholds = read_thresholds(options.thresholds_file).for_vocabulary(
-            vocabulary.labels, vocabulary.fingerprint, runtime.fingerprint
-        )
+    vocabulary, thresholds = open_vocabulary(options, runtime, stdin, is_main=True)
     owned = connect(ray_options, options.quiet)
     try:
         resources = ray.cluster_resources()
         decoders = max(1, int(resources.get("CPU", 1) // ray_options.cpus_per_task))
         output = RunOutput.open(
             options.output,
-            InputOptions(options.inputs, path_column=options.path_column, keep_columns=options.keep_columns,
-                         root=options.root, unit_rows=options.unit_rows, allow_empty=options.allow_empty),
+            input_options(options),
             resume=options.resume,
             overwrite=options.overwrite,
             retry_errors=options.retry_errors,
@@ -248,7 +264,8 @@ def run_ray_tag(options: TagOptions, runtime: Runtime, ray_options: RayOptions, 
         writer = output.writer(vocabulary.labels, metadata, all_scores=options.all_scores, rank=0,
                                part_rows=options.part_rows)
         progress = Progress(output.pending_rows(), "tagging", quiet=options.quiet)
-        collector = _UnitCollector(writer, progress, options.all_scores, len(vocabulary.labels), progress.log)
+        sidecars = SidecarStage(options.sidecars, warn=progress.log) if options.sidecars.enabled else None
+        collector = _UnitCollector(writer, progress, options.all_scores, vocabulary.labels, sidecars)
         started = time.perf_counter()
         interrupted, failure = False, None
         stream = None
@@ -321,21 +338,6 @@ def run_ray_tag(options: TagOptions, runtime: Runtime, ray_options: RayOptions, 
         if owned:
             ray.shutdown()
     final = output.finalize(metadata, all_scores=options.all_scores, failed_now=collector.failed)
-    tagged, failed = collector.tagged, collector.failed
-    summary = TagSummary(tagged, failed, time.perf_counter() - started, final.path, skipped_done=output.done_rows)
-    if not options.quiet:
-        where = f" -> {summary.output}" if summary.output else ""
-        resumed = f", {summary.skipped_done} already done" if summary.skipped_done else ""
-        retried = f", {collector.duplicates} retried row(s) dropped" if collector.duplicates else ""
-        log(
-            f"ramtag: tagged {summary.tagged} images, {summary.failed} failed{resumed}{retried}, "
-            f"{summary.images_per_second:.1f} img/s on Ray{where}"
-        )
-    if failed:
-        raise PartialFailure(f"{failed} input(s) could not be tagged; see the error column of the output")
-    if final.errors:
-        raise PartialFailure(
-            f"{final.errors} input(s) in {summary.output} failed in an earlier run; "
-            "--resume --retry-errors tries them again"
-        )
-    return summary
+    retried = f", {collector.duplicates} retried row(s) dropped" if collector.duplicates else ""
+    return conclude(collector.tally(), final, time.perf_counter() - started, output.done_rows, quiet=options.quiet,
+                    log=log, where_ran=" on Ray", notes=retried)

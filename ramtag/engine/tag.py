@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -25,11 +26,11 @@ from ramtag.engine.output import InputOptions, RunOutput
 from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
 from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
-from ramtag.engine.sidecars import SidecarOptions, SidecarStage, describe_counts
+from ramtag.engine.sidecars import SidecarOptions, SidecarStage
 from ramtag.engine.signals import decode_worker_init, interrupted_run
+from ramtag.engine.summary import RunTally, TagSummary, conclude, error_row_line, stderr_log
 from ramtag.engine.vocabulary import Vocabulary, load_vocabulary
-from ramtag.errors import OutputError, PartialFailure, UsageError
-from ramtag.messages import one_line
+from ramtag.errors import OutputError, UsageError
 from ramtag.selection import select_tags
 
 
@@ -97,21 +98,6 @@ class TagOptions:
             raise UsageError("--key-column names the key column of tables read with --image-column")
 
 
-@dataclass
-class TagSummary:
-    tagged: int
-    failed: int
-    seconds: float
-    output: str | None
-    skipped_done: int = 0
-    sidecars: dict = field(default_factory=dict)
-    """What happened to the sidecars: written, appended, kept, failed (empty without --sidecars)."""
-
-    @property
-    def images_per_second(self) -> float:
-        return (self.tagged + self.failed) / self.seconds if self.seconds > 0 else 0.0
-
-
 def _share_cores_with_workers(runtime: Runtime, workers: int) -> None:
     """On the CPU, leave the decoding workers their cores: torch's spinning OpenMP threads otherwise fight
     them and small kernels slow down many times (benchmarks/README.md). OMP_NUM_THREADS still wins."""
@@ -164,25 +150,48 @@ def resume_after_restart(options: TagOptions, *, is_main: bool) -> TagOptions:
     return replace(options, resume=True, overwrite=False)
 
 
-def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) -> TagSummary:
-    """Tag every input once; raise PartialFailure (after writing the output) when the output holds error rows."""
-    info = dist.info()
-    log = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    if info.distributed and output_kind(options.output) == "stdout":
-        raise UsageError("-o - (stdout) works with one process only; give an output file or folder")
-    options = resume_after_restart(options, is_main=info.is_main)
-    preflight_tag(options, is_main=info.is_main)
+def input_options(options: TagOptions) -> InputOptions:
+    """What the run lists, from the tag options (every driver plans the same units)."""
+    return InputOptions(
+        options.inputs,
+        path_column=options.path_column,
+        keep_columns=options.keep_columns,
+        root=options.root,
+        unit_rows=options.unit_rows,
+        allow_empty=options.allow_empty,
+        image_column=options.image_column,
+        key_column=options.key_column,
+    )
+
+
+def open_vocabulary(
+    options: TagOptions, runtime: Runtime, stdin: TextIO | None, *, is_main: bool
+) -> tuple[Vocabulary, np.ndarray | None]:
+    """The vocabulary (encoded) and the per-label thresholds; ``--labels-out`` is written here, before any row,
+    so that a consumer of stdout can read it first."""
     vocabulary = load_vocabulary(runtime, options.labels, options.templates or None, stdin=stdin)
     thresholds = None
     if options.thresholds_file:
         thresholds = read_thresholds(options.thresholds_file).for_vocabulary(
             vocabulary.labels, vocabulary.fingerprint, runtime.fingerprint
         )
-    if options.labels_out and info.is_main:  # before any row: a consumer of stdout can read it first
+    if options.labels_out and is_main:
         try:
             write_label_file(options.labels_out, vocabulary.labels)
         except OSError as error:
             raise OutputError(f"--labels-out {options.labels_out}: {error.strerror or error}") from None
+    return vocabulary, thresholds
+
+
+def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) -> TagSummary:
+    """Tag every input once; raise PartialFailure (after writing the output) when the output holds error rows."""
+    info = dist.info()
+    log = stderr_log(options.quiet)
+    if info.distributed and output_kind(options.output) == "stdout":
+        raise UsageError("-o - (stdout) works with one process only; give an output file or folder")
+    options = resume_after_restart(options, is_main=info.is_main)
+    preflight_tag(options, is_main=info.is_main)
+    vocabulary, thresholds = open_vocabulary(options, runtime, stdin, is_main=info.is_main)
     workers = default_workers() if options.workers is None else options.workers
     batch_size = options.batch_size or default_batch_size(runtime.device)
     _share_cores_with_workers(runtime, workers)
@@ -196,16 +205,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
 
     output = RunOutput.open(
         options.output,
-        InputOptions(
-            options.inputs,
-            path_column=options.path_column,
-            keep_columns=options.keep_columns,
-            root=options.root,
-            unit_rows=options.unit_rows,
-            allow_empty=options.allow_empty,
-            image_column=options.image_column,
-            key_column=options.key_column,
-        ),
+        input_options(options),
         resume=options.resume,
         overwrite=options.overwrite,
         retry_errors=options.retry_errors,
@@ -262,9 +262,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
             if batch.failed_keys:
                 first_failure = first_failure or f"{batch.failed_sources[0]}: {batch.failed_errors[0]}"
                 for key, source, error in zip(batch.failed_keys, batch.failed_sources, batch.failed_errors):
-                    # a relative path names its file only with where it was looked for
-                    where = f" ({source})" if source != key and error.startswith("cannot read:") else ""
-                    line = one_line(f"ramtag: {key}: {error}{where}")  # a key may hold a newline
+                    line = error_row_line(key, source, error)
                     if info.is_main:
                         progress.log(line)
                     elif not options.quiet:  # each rank reports its own inputs; the bar is rank 0's
@@ -322,35 +320,11 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     final, problem = dist.broadcast_object((final, problem))
     if problem is not None:
         raise problem
-    summary = TagSummary(
-        tagged, failed, time.perf_counter() - started, final.path, skipped_done=output.done_rows,
-        sidecars=dict(sidecar_counts),
+    tally = RunTally(
+        tagged, failed, first_failure, sidecar_counts if sidecars is not None else None,
+        sidecars.first_failure if sidecars is not None else None,
     )
-    if info.is_main and not options.quiet:
-        where = f" -> {summary.output}" if summary.output else ""
-        resumed = f", {summary.skipped_done} already done" if summary.skipped_done else ""
-        log(
-            f"ramtag: tagged {summary.tagged} images, {summary.failed} failed{resumed}, "
-            f"{summary.images_per_second:.1f} img/s{where}"
-        )
-        if sidecars is not None:
-            log(f"ramtag: {describe_counts(sidecar_counts)}")
-    unwritten = f"; {sidecar_counts['failed']} sidecar(s) could not be written" if sidecar_counts.get("failed") else ""
-    if failed:
-        # with --quiet the rows' lines were not printed: name the first, which usually explains them all
-        quiet_first = not tagged and first_failure and options.quiet
-        every = f"; none could, the first: {one_line(first_failure)}" if quiet_first else ""
-        raise PartialFailure(
-            f"{failed} input(s) could not be tagged{every}; see the error column of the output{unwritten}"
-        )
-    if final.errors:  # the exit status reports the final table, whichever run wrote its error rows
-        raise PartialFailure(
-            f"{final.errors} input(s) in {summary.output} failed in an earlier run; "
-            "--resume --retry-errors tries them again"
-        )
-    if sidecar_counts.get("failed"):
-        first = f" (first: {sidecars.first_failure})" if sidecars is not None and sidecars.first_failure else ""
-        raise PartialFailure(
-            f"{sidecar_counts['failed']} sidecar(s) could not be written{first}; the table is complete"
-        )
-    return summary
+    return conclude(
+        tally, final, time.perf_counter() - started, output.done_rows, quiet=options.quiet,
+        log=log if info.is_main else lambda message: None,
+    )

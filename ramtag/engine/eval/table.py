@@ -112,7 +112,7 @@ def read_score_table(path: str | os.PathLike, labels: Sequence[str] | None = Non
     ``labels`` name the ``scores`` column, in its order, when the metadata records no vocabulary; a
     vocabulary the metadata records is used whatever ``labels`` say.
     """
-    from ramtag.data.writers import read_table_metadata
+    from ramtag.data.layout import read_table_metadata
 
     path = Path(path)
     if not path.exists():
@@ -169,7 +169,7 @@ def _read_parquet_scores(path: Path) -> tuple[list[str], list[Any], list[str | N
 
 
 def _read_jsonl_scores(path: Path) -> tuple[list[str], list[Any], list[str | None]]:
-    from ramtag.data.writers import iter_jsonl_rows
+    from ramtag.data.layout import iter_jsonl_rows
 
     keys, scores, errors = [], [], []
     try:
