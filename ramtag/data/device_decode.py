@@ -10,6 +10,10 @@ pixels) is decoded on the CPU as before, so bad-image rows and the pixel cap are
 (nvJPEG refuses some files PIL reads); the caller decodes those on the CPU, so no row is lost. Orientation is
 applied on the device because torchvision applies EXIF orientation on the CPU only.
 
+:class:`DeviceJpegs` is the transform the tag loop's workers get in that mode: it keeps the JPEGs the probe
+accepts as :class:`EncodedJpeg` bytes and hands everything else to the CPU transform it wraps
+(:mod:`ramtag.data.device_batch` joins the two in the main process).
+
 Resizing matches torchvision's PIL path: antialiased, the same interpolation, the same output size rule
 (squash to a square, or shorter side then a centre crop), rounded to 8-bit levels as PIL's resize is, then
 scaled to [0, 1] and normalised.
