@@ -54,15 +54,16 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ramta
 print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 "
 
+CUDA_TESTS=(tests/test_cuda.py tests/test_device_decode.py tests/test_tag_device_decode.py)
 if [[ $DRY == 1 ]]; then
     DEVICE=cpu
     export RAMTAG_BENCH_TINY=1  # benchmarks build a 12-layer CLIP of tiny width instead of ViT-B/16
-    TESTS=(-m cuda tests/test_cuda.py tests/test_device_decode.py)  # all skip on a CPU: they must still collect
+    TESTS=(-m cuda "${CUDA_TESTS[@]}")  # all skip on a CPU: they must still collect
     THROUGHPUT=(--quick --device cpu --models vitb --vitb-images 16 --repeats 1 --cli)
     MEMORY=(--quick --device cpu --rounds 1 --arms adapters,whole)
 else
     DEVICE=cuda
-    TESTS=(-m cuda tests/test_cuda.py tests/test_device_decode.py)
+    TESTS=(-m cuda "${CUDA_TESTS[@]}")
     THROUGHPUT=(--device cuda --precision auto --models vitb,demo --repeats 3 --cli)
     MEMORY=(--device cuda --rounds 1)
 fi

@@ -207,6 +207,14 @@ def tag(
             rich_help_panel=SPEED_PANEL,
         ),
     ] = False,
+    decode: Annotated[
+        str,
+        typer.Option(
+            "--decode",
+            help="Where JPEGs decode: cpu (workers), gpu (batched, on the model's device) or auto (gpu on CUDA).",
+            rich_help_panel=SPEED_PANEL,
+        ),
+    ] = "auto",
     part_rows: Annotated[
         int,
         typer.Option(
@@ -337,6 +345,7 @@ def tag(
 ) -> None:
     """Tag images with a vocabulary and write one row per input: [bold]key, source, tags, error[/bold]."""
     from ramtag.engine import dist
+    from ramtag.engine.device_feed import check_decode
     from ramtag.engine.preflight import preflight_tag
     from ramtag.engine.sidecars import SidecarOptions, parse_sidecar_kinds
     from ramtag.engine.tag import TagOptions, resume_after_restart, run_tag
@@ -346,8 +355,9 @@ def tag(
         all_scores=all_scores, batch_size=batch_size, workers=workers, precision=precision, resume=resume,
         overwrite=overwrite, retry_errors=retry_errors, path_column=path_column,
         keep_columns=[c.strip() for c in keep_columns.split(",") if c.strip()] if keep_columns else [],
-        root=root, max_pixels=max_pixels or None, fast_decode=fast_decode, templates=list(template or []), quiet=quiet,
-        save_maps=save_maps, part_rows=part_rows, allow_empty=allow_empty, command_line=command_line(),
+        root=root, max_pixels=max_pixels or None, fast_decode=fast_decode, decode=decode,
+        templates=list(template or []), quiet=quiet, save_maps=save_maps, part_rows=part_rows,
+        allow_empty=allow_empty, command_line=command_line(),
         labels_out=labels_out,
         sidecars=SidecarOptions(
             parse_sidecar_kinds(sidecars), sidecar_mode, sidecar_dir, exclude_tags, replace_underscores, prefix
@@ -360,6 +370,9 @@ def tag(
 
         raise UsageError(SAVE_MAPS_ON_RAY)
     device = choice.device
+    if ray_options is not None and decode == "gpu":  # Ray's decoding tasks run on CPUs
+        raise UsageError("--decode gpu works without --ray only")
+    check_decode(decode, device)
     info = dist.setup(device)
     try:
         choice = replace(

@@ -10,6 +10,10 @@ pixels) is decoded on the CPU as before, so bad-image rows and the pixel cap are
 (nvJPEG refuses some files PIL reads); the caller decodes those on the CPU, so no row is lost. Orientation is
 applied on the device because torchvision applies EXIF orientation on the CPU only.
 
+:class:`DeviceJpegs` is the transform the tag loop's workers get in that mode: it keeps the JPEGs the probe
+accepts as :class:`EncodedJpeg` bytes and hands everything else to the CPU transform it wraps
+(:mod:`ramtag.data.device_batch` joins the two in the main process).
+
 Resizing matches torchvision's PIL path: antialiased, the same interpolation, the same output size rule
 (squash to a square, or shorter side then a centre crop), rounded to 8-bit levels as PIL's resize is, then
 scaled to [0, 1] and normalised.
@@ -18,8 +22,11 @@ scaled to [0, 1] and normalised.
 from __future__ import annotations
 
 import io
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,6 +39,12 @@ _ORIENTATION_TAG = 0x0112
 
 def probe_jpeg(data: bytes, max_pixels: int | None = PIL_LIMIT) -> int | None:
     """The EXIF orientation (1-8) of a JPEG the device decoder can take, or None to decode it on the CPU."""
+    header = _probe(data, max_pixels)
+    return None if header is None else header[0]
+
+
+def _probe(data: bytes, max_pixels: int | None) -> tuple[int, int] | None:
+    """(orientation, width x height) of a JPEG for the device decoder, or None."""
     if len(data) < 4 or data[:3] != b"\xff\xd8\xff":
         return None
     try:
@@ -47,7 +60,59 @@ def probe_jpeg(data: bytes, max_pixels: int | None = PIL_LIMIT) -> int | None:
                 orientation = img.getexif().get(_ORIENTATION_TAG, 1)
     except Exception:  # the CPU decoder gives the reason in the row
         return None
-    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+    orientation = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+    return orientation, width * height
+
+
+@dataclass
+class EncodedJpeg:
+    """A JPEG that travels from its worker as bytes, to be decoded in the main process with its batch-mates."""
+
+    data: bytes
+    orientation: int
+    pixels: int
+
+
+@dataclass(frozen=True)
+class DeviceJpegs:
+    """The decode stage's transform when JPEGs are decoded on the model's device (``ramtag tag --decode gpu``).
+
+    :func:`ramtag.data.records.decode` hands it each input: a JPEG :func:`probe_jpeg` accepts becomes an
+    :class:`EncodedJpeg` (the header is all a worker reads), anything else goes through ``transform``, the CPU
+    path's own. The other fields are the model's preprocessing, which the device resize follows to the letter.
+    Picklable: DataLoader workers receive it."""
+
+    transform: Callable[[Any], torch.Tensor]
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    def encode(self, data: Any, max_pixels: int | None) -> tuple[EncodedJpeg | None, Any]:
+        """(the JPEG to decode on the device, or None; what the CPU decoder reads instead: the bytes once read)."""
+        if isinstance(data, (str, os.PathLike)):
+            try:
+                with open(data, "rb") as file:
+                    data = file.read()
+            except OSError:  # the CPU decoder reads it again and names the reason in the row
+                return None, data
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return None, data
+        data = bytes(data)
+        header = _probe(data, max_pixels)
+        return (None, data) if header is None else (EncodedJpeg(data, *header), data)
+
+    def decode(self, jpegs: Sequence[EncodedJpeg], device: torch.device | str) -> list[torch.Tensor | None]:
+        """:func:`decode_batch` with this model's preprocessing: a tensor per JPEG, None where refused."""
+        out, _ = decode_batch(
+            [jpeg.data for jpeg in jpegs], [jpeg.orientation for jpeg in jpegs], device, self.size, self.mean,
+            self.std, self.resize, self.interpolation,
+        )
+        return out
 
 
 def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -117,6 +182,12 @@ def decode_batch(
     if len(datas) != len(orientations):
         raise ValueError("one orientation per image")
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+    if torch.device(device).type == "cuda":
+        # torchvision's nvJPEG path writes its output on a private stream that does not wait for the caller's:
+        # a block the caching allocator recycled from kernels still queued here would be overwritten under them
+        # (pytorch/vision PR 9606). Draining the calling stream first is the fix its author measured; on the
+        # side stream the tag loop decodes on, that waits for earlier copies and resizes only, not the forward.
+        torch.cuda.current_stream(device).synchronize()
     try:
         decoded: list[torch.Tensor | None] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # one bad file fails the whole call: find it by decoding one at a time

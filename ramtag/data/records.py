@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from ramtag.data import storage
+from ramtag.data.device_decode import DeviceJpegs, EncodedJpeg
 from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
 from ramtag.data.listing import BASE_COLUMNS, filesystem_path, first_line
 
@@ -43,11 +44,12 @@ def split_by_node_and_worker(items: Sequence[T], rank: int = 0, world_size: int 
 
 @dataclass
 class Record:
-    """One input item after decoding: ``image`` is set, or ``error`` says why not."""
+    """One input item after decoding: ``image`` is set, or ``error`` says why not. With a :class:`DeviceJpegs`
+    transform, ``image`` may be an :class:`EncodedJpeg` still to be decoded on the model's device."""
 
     key: str
     source: str
-    image: torch.Tensor | None
+    image: torch.Tensor | EncodedJpeg | None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     unit: int = -1
@@ -56,8 +58,13 @@ class Record:
 
 def decode(
     data: Any, transform: Transform, max_pixels: int | None = PIL_LIMIT, draft_size: int | None = None
-) -> tuple[torch.Tensor | None, str | None]:
-    """The decode stage: ``(transform(image), None)``, or ``(None, reason)`` for an image that cannot be used."""
+) -> tuple[torch.Tensor | EncodedJpeg | None, str | None]:
+    """The decode stage: ``(transform(image), None)``, or ``(None, reason)`` for an image that cannot be used.
+    A :class:`DeviceJpegs` transform passes the JPEGs it takes on undecoded, and the rest to its CPU transform."""
+    if isinstance(transform, DeviceJpegs):
+        encoded, data = transform.encode(data, max_pixels)
+        if encoded is not None:
+            return encoded, None
     try:
         image = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
         return transform(image), None
@@ -119,6 +126,10 @@ class Batch:
     failed_units: list[int] = field(default_factory=list)
     ended: list[Any] = field(default_factory=list)
     """Work units whose last record came before the end of this batch (:class:`ramtag.data.units.UnitEnd`)."""
+    encoded: list[EncodedJpeg] = field(default_factory=list)
+    """JPEGs still to decode on the device (:class:`DeviceJpegs`); ``images`` then holds the other good rows."""
+    encoded_at: list[int] = field(default_factory=list)
+    """The row (index into ``keys``) of each of ``encoded``."""
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.failed_keys)
@@ -129,18 +140,37 @@ class Batch:
             self.images = self.images.pin_memory()
         return self
 
+    def fail_rows(self, errors: dict[int, str]) -> None:
+        """Move good rows (by index into ``keys``) to the failed ones, with their reasons; ``images`` is the
+        caller's to match (see :func:`ramtag.data.device_batch.join_device_images`)."""
+        names = list(self.extra)
+        for index in sorted(errors):
+            self.failed_keys.append(self.keys[index])
+            self.failed_sources.append(self.sources[index])
+            self.failed_errors.append(errors[index])
+            self.failed_units.append(self.units[index])
+            for name in names:
+                self.failed_extra.setdefault(name, []).append(self.extra[name][index])
+        keep = [index for index in range(len(self.keys)) if index not in errors]
+        self.keys = [self.keys[index] for index in keep]
+        self.sources = [self.sources[index] for index in keep]
+        self.units = [self.units[index] for index in keep]
+        self.extra = {name: [values[index] for index in keep] for name, values in self.extra.items()}
+
 
 def _columns(records: Sequence[Record], names: Sequence[str]) -> dict[str, list[Any]]:
     return {name: [record.extra.get(name) for record in records] for name in names}
 
 
 def collate_records(records: Sequence[Record]) -> Batch:
-    """DataLoader ``collate_fn``: stack good images, keep failed records aside."""
+    """DataLoader ``collate_fn``: stack good images, keep failed records aside (and JPEGs still encoded)."""
     good = [record for record in records if record.image is not None]
     bad = [record for record in records if record.image is None]
     names = sorted({name for record in records for name in record.extra})
+    encoded_at = [index for index, record in enumerate(good) if isinstance(record.image, EncodedJpeg)]
+    decoded = [record.image for record in good if not isinstance(record.image, EncodedJpeg)]
     return Batch(
-        images=torch.stack([record.image for record in good]) if good else None,
+        images=torch.stack(decoded) if decoded else None,
         keys=[record.key for record in good],
         sources=[record.source for record in good],
         extra=_columns(good, names),
@@ -150,4 +180,6 @@ def collate_records(records: Sequence[Record]) -> Batch:
         failed_extra=_columns(bad, names),
         units=[record.unit for record in good],
         failed_units=[record.unit for record in bad],
+        encoded=[good[index].image for index in encoded_at],
+        encoded_at=encoded_at,
     )

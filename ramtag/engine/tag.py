@@ -22,6 +22,7 @@ from ramtag.data.shards import shard_split_problem
 from ramtag.data.thresholds import read_thresholds
 from ramtag.data.units import UNIT_ROWS, UnitDataset, collate_unit_records
 from ramtag.engine import dist
+from ramtag.engine.device_feed import DECODES, HostScores, decode_transform, device_batches
 from ramtag.engine.output import InputOptions, RunOutput
 from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.reporter import Progress
@@ -64,6 +65,9 @@ class TagOptions:
     root: str | None = None
     max_pixels: int | None = PIL_LIMIT
     fast_decode: bool = False
+    decode: str = "auto"
+    """Where JPEGs are decoded: cpu (PIL, in the workers), gpu (batched on the model's device; other files and
+    JPEGs it refuses still decode on the CPU) or auto (gpu on CUDA devices, else cpu)."""
     templates: list[str] = field(default_factory=list)
     quiet: bool = False
     save_maps: str | None = None
@@ -90,6 +94,8 @@ class TagOptions:
             raise UsageError("--batch-size must be at least 1")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.decode not in DECODES:
+            raise UsageError(f"--decode must be one of {', '.join(DECODES)}")
         if self.threshold is not None and self.thresholds_file is not None:
             raise UsageError("--threshold and --thresholds exclude each other")
         if self.labels == "-" and "-" in self.inputs:
@@ -221,11 +227,12 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     claims = output.claim(workers)
     mine = claims.tasks
     draft = runtime.config.preprocessing.image_size if options.fast_decode else None
+    transform = decode_transform(options.decode, runtime.device, runtime.transform(), runtime.config.preprocessing)
     units = UnitDataset(
         mine,
         output.work_dir,
         output.listing,
-        runtime.transform(),
+        transform,
         max_pixels=options.max_pixels,
         draft_size=draft,
         claim=claims.claim,
@@ -258,7 +265,10 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     started = time.perf_counter()
     interrupted = False
     try:
-        for batch in loader if mine else ():
+        batches = device_batches(
+            loader if mine else (), runtime.device, transform, max_pixels=options.max_pixels, draft_size=draft
+        )
+        for batch in batches:
             if batch.failed_keys:
                 first_failure = first_failure or f"{batch.failed_sources[0]}: {batch.failed_errors[0]}"
                 for key, source, error in zip(batch.failed_keys, batch.failed_sources, batch.failed_errors):
@@ -276,14 +286,14 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
                 failed += len(batch.failed_keys)
             if batch.images is not None:
                 scored = runtime.score(batch.images, label_features, autocast)
-                scores = scored.scores.float()
+                scores = HostScores(scored.scores.float()).wait()  # on the CPU, the model's own tensor
                 selection = select_tags(scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds)
                 writer.write(
                     TagBatch.from_selection(
                         batch.keys,
                         batch.sources,
                         selection,
-                        scores.cpu().numpy() if options.all_scores else None,
+                        scores.numpy() if options.all_scores else None,
                         batch.extra,
                     ),
                     batch.units,
