@@ -14,6 +14,17 @@ from PIL import Image
 IMAGE_SIZE = 16
 
 
+def run_cli(*args) -> int:
+    """``ramtag ARGS`` in this process; the exit status it would give (every argument is made a string)."""
+    from ramtag.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
 def random_pixels(seed: int, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE), channels: int = 3) -> np.ndarray:
     rng = np.random.default_rng(seed)
     shape = (size[1], size[0], channels) if channels > 1 else (size[1], size[0])

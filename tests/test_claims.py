@@ -17,22 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from torch.distributed import TCPStore
 
-from ramtag.cli import main
 from ramtag.data.ledger import ledger_files, read_ledger_file
 from ramtag.engine.claims import StoreClaim
-from tests.io_fixtures import image_shard
+from tests.io_fixtures import image_shard, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["cat", "dog", "red car", "tree"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port each
 
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture()

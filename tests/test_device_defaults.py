@@ -6,19 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ramtag.cli import main
 from ramtag.engine import runtime as runtime_module
 from ramtag.engine.runtime import DEFAULT_BATCH_SIZES, autocast_dtype, default_batch_size
 from ramtag.errors import EXIT_USAGE, UsageError
-from tests.io_fixtures import write_image
-
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
+from tests.io_fixtures import run_cli, write_image
 
 
 @pytest.fixture()

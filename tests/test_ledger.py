@@ -15,21 +15,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from ramtag.cli import main
 from ramtag.data.ledger import LedgerEntry, LedgerWriter, latest_entries, read_ledger_file
 from ramtag.errors import OutputError
-from tests.io_fixtures import image_bytes, write_image, write_shard
+from tests.io_fixtures import image_bytes, run_cli, write_image, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["cat", "dog", "red car", "tree"]
 
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture()

@@ -17,9 +17,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from ramtag.cli import main
 from ramtag.data import storage
-from tests.io_fixtures import image_bytes, write_image, write_shard
+from tests.io_fixtures import image_bytes, run_cli, write_image, write_shard
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the S3 API server")
 
@@ -86,13 +85,6 @@ def put_tree(endpoint: str, local: Path, url: str) -> None:
         if path.is_file():
             put(endpoint, f"{url.rstrip('/')}/{path.relative_to(local).as_posix()}", path.read_bytes())
 
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture()

@@ -10,21 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ramtag.cli import main
-from tests.io_fixtures import image_bytes, write_shard
+from tests.io_fixtures import image_bytes, run_cli, write_shard
 
 HF_IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 """The Hugging Face `Image` feature's Arrow type (datasets' features/image.py, Image.pa_type)."""
 HF_FEATURES = {"image": {"_type": "Image"}, "label": {"dtype": "int64", "_type": "Value"}}
 CORRUPT = b"\xff\xd8\xff\xe0 not really a jpeg"
 
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def rows_of(path) -> dict[str, dict]:

@@ -14,19 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ramtag.cli import main
 from ramtag.data.ledger import latest_entries
-from tests.io_fixtures import image_bytes, image_shard, png_claiming_size
+from tests.io_fixtures import image_bytes, image_shard, png_claiming_size, run_cli
 
 LABELS = ["cat", "dog", "red car", "tree", "beach"]
 
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ramtag.cli import main
 from ramtag.ray import Tagger
-from tests.io_fixtures import image_bytes
+from tests.io_fixtures import image_bytes, run_cli
 
 LABELS = ["cat", "dog", "red car", "tree"]
 
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ramtag.cli import main
 from tests.conftest import build_tiny_checkpoint
+from tests.io_fixtures import run_cli
 
 LABELS = ["cat", "dog", "red car", "tree"]
 
-
-def run_cli(*args: str) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def _png(seed: int, size=(40, 30)) -> Image.Image:

@@ -22,7 +22,6 @@ import pytest
 import torch
 from PIL import Image
 
-from ramtag.cli import main
 from ramtag.data.device_batch import join_device_images
 from ramtag.data.device_decode import DeviceJpegs
 from ramtag.data.images import decode_image
@@ -30,6 +29,7 @@ from ramtag.data.records import Record, collate_records, decode
 from ramtag.engine.device_feed import HostScores, decodes_on_device
 from ramtag.engine.runtime import load_runtime
 from ramtag.errors import EXIT_USAGE
+from tests.io_fixtures import run_cli
 
 LABELS = ["cat", "dog", "red car", "tree"]
 MAX_PIXELS = 100_000
@@ -38,13 +38,6 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]),
 ]
 
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def photo(seed: int, size=(96, 72), mode="RGB") -> Image.Image:

@@ -9,10 +9,9 @@ import xml.etree.ElementTree as ET
 import pyarrow.parquet as pq
 import pytest
 
-from ramtag.cli import main
 from ramtag.cli.options import ModelChoice
 from ramtag.data.sidecars import xmp_keywords
-from tests.io_fixtures import image_shard, write_image
+from tests.io_fixtures import image_shard, run_cli, write_image
 
 LABELS = ["red", "blue_sky", "green", "long_hair", "tree"]
 DC_SUBJECT = ".//{http://purl.org/dc/elements/1.1/}subject/{http://www.w3.org/1999/02/22-rdf-syntax-ns#}Bag"
@@ -50,13 +49,6 @@ def photos(tmp_path):
     vocab.write_text("\n".join(LABELS) + "\n")
     return root, vocab
 
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def _tag(root, vocab, out, *extra) -> int:
