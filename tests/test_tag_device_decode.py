@@ -30,6 +30,7 @@ from ramtag.engine.device_feed import HostScores, decodes_on_device
 from ramtag.engine.runtime import load_runtime
 from ramtag.errors import EXIT_USAGE
 from tests.io_fixtures import run_cli
+from tests.test_device_decode import jpeg
 
 LABELS = ["cat", "dog", "red car", "tree"]
 MAX_PIXELS = 100_000
@@ -46,17 +47,6 @@ def photo(seed: int, size=(96, 72), mode="RGB") -> Image.Image:
     width, height = size
     ramp = np.linspace(0, 200, width)[None, :, None] + np.linspace(0, 55, height)[:, None, None]
     return Image.fromarray((ramp + rng.normal(0, 12, (height, width, 3))).clip(0, 255).astype(np.uint8)).convert(mode)
-
-
-def jpeg(img: Image.Image, orientation: int | None = None) -> bytes:
-    buffer = io.BytesIO()
-    save = {}
-    if orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        save["exif"] = exif
-    img.save(buffer, "JPEG", quality=92, **save)
-    return buffer.getvalue()
 
 
 DEVICE_JPEGS = ["rgb0.jpg", "rgb1.jpg", "rgb2.jpg", "rgb3.jpg", "rgb4.jpg", "rgb5.jpg", "grey.jpg", "rotated.jpg"]
