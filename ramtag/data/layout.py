@@ -235,7 +235,7 @@ def _lock_output(output: Path) -> None:
     lock = _lock_file(output)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock, "a+")  # noqa: SIM115 - held until the run ends
+        handle = open(lock, "a+")  # held until the run ends
     except OSError as exc:
         raise OutputError(f"cannot create {lock}: {exc.strerror or exc}") from None
     try:

@@ -120,13 +120,13 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
     """Sum over ranks; the gradient of each rank's input is the sum of every rank's output gradient."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd signature
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # autograd signature
         total = tensor.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         total = grad.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
@@ -198,7 +198,7 @@ def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
         offset += size
 
 
-def broadcast_tensors(tensors, src: int = 0) -> None:  # noqa: ANN001 - an iterable of tensors
+def broadcast_tensors(tensors, src: int = 0) -> None:  # an iterable of tensors
     """Overwrite every rank's `tensors` in place with rank `src`'s."""
     if not info().distributed:
         return

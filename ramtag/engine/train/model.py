@@ -52,7 +52,7 @@ def _checkpoint_has_backbone(path: str) -> bool:
     try:
         with safe_open(path, "pt") as handle:
             return json.loads((handle.metadata() or {}).get("includes_backbone", "false"))
-    except Exception:  # noqa: BLE001 - reference .pth files carry their backbone
+    except Exception:  # reference .pth files carry their backbone
         return True
 
 
@@ -64,7 +64,7 @@ def _fresh_config(
     template: str,
     mean=REFERENCE_MEAN_STD,
     std=REFERENCE_MEAN_STD,
-) -> RamConfig:  # noqa: ANN001
+) -> RamConfig:
     vision_depth, text_depth = len(clip.visual.transformer.resblocks), _text_depth(clip)
     adapter_layers = tuple(config.adapter_layers) if config.adapter_layers is not None else _last_layers(vision_depth)
     prompt_layers = tuple(config.prompt_layers) if config.prompt_layers is not None else _last_layers(text_depth)

@@ -295,7 +295,7 @@ class TrainRecipe:
         self.rates.advance()
         return record
 
-    def _autocast(self):  # noqa: ANN202
+    def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
