@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 
 from benchmarks.scale_state import generate_state
 from ramtag.data.ledger import latest_entries
+from ramtag.data.listing_file import open_listing
 from ramtag.data.parts import UnitPartWriter
 from ramtag.data.rows import METADATA_KEY, TagBatch
-from ramtag.data.units import UNITS_FILE, UnitEnd, open_listing, plan_units
+from ramtag.data.units import UNITS_FILE, UnitEnd, plan_units
 from ramtag.engine.output import InputOptions, RunOutput
 
 LABELS = ["cat", "dog", "red car", "tree", "sky", "road"]
