@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset
 from ramtag.atomic import write_json
 from ramtag.data.image_tables import is_table_input
 from ramtag.data.images import PIL_LIMIT
-from ramtag.data.listing import BASE_COLUMNS, IMAGE_EXTENSIONS, printable
+from ramtag.data.listing import BASE_COLUMNS, IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, has_suffix, printable
 from ramtag.data.listing_file import (
     LISTING_FILE,
     ListingWriter,
@@ -40,6 +40,7 @@ from ramtag.data.listing_file import (
     remove_quietly,
     rewrite_listing,
 )
+from ramtag.data.manifests import open_manifest
 from ramtag.data.records import Batch, FileDataset, Record, Transform, collate_records, split_by_node_and_worker
 from ramtag.data.shard_columns import parse_shard_columns
 from ramtag.data.shards import ShardDataset, is_shard_input, shard_name
@@ -234,11 +235,11 @@ def _spill_listing(
 
 def check_input_columns(
     inputs: Sequence[str], *, keep_columns: Sequence[str] = (), image_column: str | None = None,
-    key_column: str | None = None,
+    key_column: str | None = None, path_column: str = "path", root: str | os.PathLike | None = None,
 ) -> None:
-    """What can be checked of the carried and image columns in a second, before a model loads: the schemas of
-    tables (footers only) and the first sample of the first local shard. Manifests, which must be read whole,
-    and remote shards are checked when the run is planned."""
+    """What can be checked of the path, carried and image columns in a second, before a model loads: the
+    schemas of local manifests and tables (footers or first blocks only) and the first sample of the first local
+    shard. Remote inputs are checked when the run is planned."""
     quick = [
         item for item in inputs
         if "://" not in item and not item.startswith("pipe:")
@@ -250,6 +251,11 @@ def check_input_columns(
             quick, keep_columns=keep_columns, image_column=image_column if tables else None,
             key_column=key_column if tables else None,
         )
+    base = Path(root) if root is not None else None
+    for item in inputs:
+        if (has_suffix(item, MANIFEST_EXTENSIONS) and "://" not in item and os.path.isfile(item)
+                and not (image_column and is_table_input(item))):
+            open_manifest(item, path_column, keep_columns, base)
 
 
 def listed_inputs(items: Sequence[str]) -> str:
