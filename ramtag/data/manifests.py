@@ -115,7 +115,7 @@ def manifest_batches(manifest: Manifest) -> Iterator[pa.RecordBatch]:
         if manifest.path.lower().endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            batches = pq.ParquetFile(_source(manifest.path)).iter_batches(MANIFEST_BATCH_ROWS, columns=columns)
+            batches = _row_group_batches(pq.ParquetFile(_source(manifest.path)), columns)
         else:
             batches = _text_reader(manifest.path, manifest.path_column)
         for batch in batches:
@@ -149,6 +149,13 @@ def _warn_when_paths_look_cwd_relative(manifest: Manifest, first: str, warn: War
         f"{manifest.path}: relative paths are read from the manifest's folder ({manifest.base}), where {first} is "
         "missing; it exists from the current directory: pass --root . to read them from there"
     )
+
+
+def _row_group_batches(manifest: Any, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    # A row group at a time: over the whole file, iter_batches reads ahead and buffers later row groups,
+    # which made planning grow by ~4 bytes a row (benchmarks/README.md section 7).
+    for group in range(manifest.num_row_groups):
+        yield from manifest.iter_batches(MANIFEST_BATCH_ROWS, row_groups=[group], columns=columns)
 
 
 def listing_batch(manifest: Manifest, batch: pa.RecordBatch, first_row: int, schema: pa.Schema) -> pa.RecordBatch:
