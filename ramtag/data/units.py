@@ -47,6 +47,7 @@ from ramtag.data.shards import ShardDataset, is_shard_input, shard_name
 from ramtag.data.sources import Listed, list_inputs, plan_inputs
 from ramtag.data.table_records import table_records, table_unit_fields
 from ramtag.errors import UsageError
+from ramtag.messages import listed
 
 UNITS_FILE = "units.json"
 UNIT_ROWS = 16_384
@@ -259,7 +260,7 @@ def check_input_columns(
 
 
 def listed_inputs(items: Sequence[str]) -> str:
-    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "") if items else "no images"
+    return listed(items, 3, quote=False) if items else "no images"
 
 
 def _merge_shards(units: list[Unit], shards: Sequence[str], columns: Sequence[str] = ()) -> list[Unit]:
