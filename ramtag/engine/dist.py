@@ -33,6 +33,14 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def job_id() -> str | None:
+    """torchrun's id for this job, the same across its restarts (a uuid under ``--standalone``, else
+    ``--rdzv-id``), or None outside torchrun."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    return os.environ.get("TORCHELASTIC_RUN_ID", "none")
+
+
 def restart_count() -> int:
     """How often torchrun (``--max-restarts``) restarted this worker group: 0 on its first start and outside
     torchrun. A restarted group continues the run its predecessor started (see ramtag.engine.tag)."""
