@@ -197,14 +197,3 @@ def parameter_groups(model: RamModel, config: TrainConfig) -> tuple[list[dict], 
     ]
     sgd = [{"params": tokens, "lr": config.token_lr, "weight_decay": token_decay, "name": "tokens"}]
     return [g for g in adamw if g["params"]], [g for g in sgd if g["params"]]
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise UsageError(f"--precision {precision} needs CUDA; on {device.type} training runs in fp32")
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
