@@ -54,7 +54,7 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ramta
 print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 "
 
-CUDA_TESTS=(tests/test_cuda.py tests/test_device_decode.py tests/test_tag_device_decode.py)
+CUDA_TESTS=(tests/test_cuda.py tests/data/test_device_decode.py tests/engine/test_tag_device_decode.py)
 if [[ $DRY == 1 ]]; then
     DEVICE=cpu
     export RAMTAG_BENCH_TINY=1  # benchmarks build a 12-layer CLIP of tiny width instead of ViT-B/16

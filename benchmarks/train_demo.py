@@ -43,7 +43,7 @@ from ramtag.metrics import mean_average_precision  # noqa: E402
 from demo_study import arm_scores  # noqa: E402
 
 RECIPES = {
-    # tests/test_train_demo.py's recipe: the adapters alone, no adapter tokens or deep prompts.
+    # tests/engine/test_train_demo.py's recipe: the adapters alone, no adapter tokens or deep prompts.
     "adapters": ["--schedule", "cosine", "--adapter-lr", "3e-3", "--adapter-tokens", "0", "--prompt-tokens", "0"],
     # The reference's parts (adapter tokens, deep prompts) and its rates and schedule.
     "reference": [],

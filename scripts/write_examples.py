@@ -3,7 +3,7 @@
     python scripts/write_examples.py            # rewrites examples/
     python scripts/write_examples.py /tmp/ex    # somewhere else, to compare
 
-tests/test_synth.py checks that this writes the shipped files byte for byte.
+tests/data/test_synth.py checks that this writes the shipped files byte for byte.
 """
 
 from __future__ import annotations

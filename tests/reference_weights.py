@@ -1,6 +1,6 @@
 """Deterministic random weights laid out like the reference RAM implementation's checkpoints.
 
-The parity fixtures in ``tests/data/parity`` hold only inputs and expected outputs: the weights they were
+The parity fixtures in ``tests/fixtures/parity`` hold only inputs and expected outputs: the weights they were
 produced with are regenerated here from a seed, so the repository never stores a checkpoint. The state dict
 has exactly the keys and shapes of the reference's whole ``RAM_Model.state_dict()`` (``clip_model.*``,
 ``clip_model_teacher.*``, ``temperature``, ``temperature_loc``) for a small CLIP-like backbone, written from
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 REFERENCE_LOCAL_LAYER = 11
 REFERENCE_TEXT_DIM = 512
 HEAD_WIDTH = 64
-PARITY_DIR = Path(__file__).parent / "data" / "parity"
+PARITY_DIR = Path(__file__).parent / "fixtures" / "parity"
 PARITY_CASES = ("default", "custom")
 
 
@@ -246,6 +246,6 @@ def make_reference_images(spec: ReferenceSpec, batch: int, seed: int) -> torch.T
 
 
 def load_parity_fixture(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata, expected tensors) of one reference-parity case; see tests/data/parity/README.md."""
+    """(metadata, expected tensors) of one reference-parity case; see tests/fixtures/parity/README.md."""
     meta = json.loads((PARITY_DIR / f"{name}.json").read_text())
     return meta, load_file(PARITY_DIR / f"{name}.safetensors")

@@ -21,8 +21,8 @@ from ramtag.metrics import (
 )
 
 # Scores and targets (seeded) with the outputs of the reference's multilabel_evaluation for each k,
-# recorded by running its utils/metrics.py outside this repository; see tests/data/metrics/README.md.
-REFERENCE_FIXTURE = Path(__file__).parent / "data" / "metrics" / "reference_topk.npz"
+# recorded by running its utils/metrics.py outside this repository; see tests/fixtures/metrics/README.md.
+REFERENCE_FIXTURE = Path(__file__).parent / "fixtures" / "metrics" / "reference_topk.npz"
 REFERENCE_NAMES = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 
 

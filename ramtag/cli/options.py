@@ -22,7 +22,7 @@ DEFAULT_PRETRAINED = "openai"
 DEFAULT_DEVICE = "auto"
 KCOT_DEFAULTS = {"reg": "model's setting, 0.1", "max_iter": "model's setting, 100", "tol": "model's setting, 1e-3",
                  "stop": "model's setting, reference"}
-"""What --ot-* default to, as help shows it: ramtag.model.config.KcotConfig's values (tests/test_help.py)."""
+"""What --ot-* default to, as help shows it: ramtag.model.config.KcotConfig's values (tests/cli/test_help.py)."""
 
 Checkpoint = Annotated[
     Optional[str],
@@ -64,7 +64,7 @@ ScaleLocalTemperature = Annotated[
     ),
 ]
 LOCAL_TEMPERATURE_RULES = ("fixed", "matched")
-"""ramtag.model.config.LOCAL_TEMPERATURES, written here so that parsing does not import torch (tests/test_help.py)."""
+"""ramtag.model.config.LOCAL_TEMPERATURES, written here so parsing does not import torch (tests/cli/test_help.py)."""
 LocalTemperature = Annotated[
     Optional[str],
     typer.Option(

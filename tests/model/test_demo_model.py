@@ -14,9 +14,9 @@ import pytest
 
 from benchmarks.demo_study import map_peak_hits, synthetic_images, zero_shot_report
 from ramtag.engine.runtime import load_runtime
-from tests.test_tag import run_cli
+from tests.io_fixtures import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from ramtag.data.ledger import LedgerEntry, LedgerWriter, latest_entries, read_l
 from ramtag.errors import OutputError
 from tests.io_fixtures import image_bytes, run_cli, write_image, write_shard
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LABELS = ["cat", "dog", "red car", "tree"]
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 from benchmarks.demo_study import arm_scores
 from ramtag.engine.runtime import load_runtime
 from ramtag.metrics import mean_average_precision
-from tests.test_tag import run_cli
+from tests.io_fixtures import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.test_tag import run_cli
+from tests.io_fixtures import run_cli
 
 TINY_ARCH = "ramtag-tiny-fetch-test"
 

@@ -21,7 +21,7 @@ from ramtag.data.ledger import ledger_files, read_ledger_file
 from ramtag.engine.claims import StoreClaim
 from tests.io_fixtures import image_shard, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LABELS = ["cat", "dog", "red car", "tree"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port each
 

@@ -28,7 +28,7 @@ from ramtag.selection import select_tags
 from tests.io_fixtures import write_tag_table
 
 LABELS = ["cat", "dog", "car", "tree", "sky"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def scores_for(keys: list[str], seed: int = 0) -> np.ndarray:

@@ -22,7 +22,7 @@ from tests.io_fixtures import image_bytes, run_cli, write_image, write_shard
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the S3 API server")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LABELS = ["cat", "dog", "red car", "tree"]
 SECRET = "ramtag-test-secret-Zq9x7Kp2"  # what must never appear in an output or a message
 _buckets = itertools.count()

@@ -17,7 +17,7 @@ from ramtag.errors import OutputError, UsageError
 from tests.io_fixtures import write_tag_table
 
 LABELS = ["cat", "dog"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rows(keys: list[str]) -> dict:

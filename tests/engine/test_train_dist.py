@@ -22,7 +22,7 @@ from ramtag.engine.train.recipe import train
 from ramtag.engine.train.schedule import Schedule
 from tests.train_fixtures import write_init_checkpoint, write_reference_json
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _first_loss(output: Path) -> float:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ramtag.engine.explain import CAPTION, PANEL, region_maps, safe_file_name
-from tests.test_tag import run_cli
+from tests.io_fixtures import run_cli
 
 
 @pytest.fixture()

@@ -99,7 +99,7 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 import torch
 from ramtag.model.checkpoint import save_checkpoint
-from tests.test_checkpoint import trained_model
+from tests.model.test_checkpoint import trained_model
 
 model = trained_model()
 path = save_checkpoint(Path({folder!r}) / "ram.safetensors", model)
@@ -124,7 +124,7 @@ def test_save_is_atomic_and_a_full_disk_is_an_os_error(tmp_path):
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     script = SAVE_ON_A_FULL_DISK.format(repo=str(repo), folder=str(tmp_path))
     # a real refusal by the kernel (the file may not grow past half its size), as a full disk or quota gives
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -218,7 +218,7 @@ def test_shard_column_no_sample_has_is_refused_before_tagging(tmp_path, vocab, c
 
 
 def test_eval_on_the_bundled_examples_from_the_repository_root(monkeypatch, capsys):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     assert run_cli("eval", "examples/labels.jsonl", "--model", "demo", "--device", "cpu", "--workers", 0, "--json",
                    "-") == 0
     assert json.loads(capsys.readouterr().out)

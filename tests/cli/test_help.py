@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ramtag.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Commands whose help this project's CLI layer owns; eval and train get the same value names from the house style.
 COMMANDS = [[], ["tag"], ["explain"], ["vocab"], ["vocab", "encode"], ["vocab", "show"], ["model"], ["model", "fetch"],
             ["data"], ["data", "synth"], ["selfcheck"]]

@@ -87,7 +87,7 @@ def test_baseline_arms_match_a_separately_loaded_training_free_model(bench: Benc
 @pytest.mark.slow
 def test_two_process_run_equals_one_process(bench: Bench, tmp_path: Path):
     """2 CPU ranks on gloo score disjoint shares; rank 0's report equals a single process's."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     # batch size 1 and one thread each: every image is scored alone, by the same operations, in both runs,
     # so scores are bit-identical and so are the metrics (Sinkhorn's stopping rule looks across a batch)
     common = bench.args("--unseen", str(bench.unseen), "--baseline", "--batch-size", "1", "--quiet")[1:]

@@ -1,7 +1,7 @@
 """Acceptance test of the model: ramtag reproduces the reference implementation's outputs.
 
 Expected tensors were produced by running the reference (EricTan7/RAM) on CPU on weights that
-tests/reference_weights.py regenerates from a seed; see tests/data/parity/README.md. Here the same state dict
+tests/reference_weights.py regenerates from a seed; see tests/fixtures/parity/README.md. Here the same state dict
 goes through ramtag's reference-checkpoint importer, so the importer's key mapping is under test too.
 """
 

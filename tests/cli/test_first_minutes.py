@@ -8,7 +8,7 @@ import socket
 import pytest
 from PIL import Image
 
-from tests.test_tag import run_cli
+from tests.io_fixtures import run_cli
 
 
 @pytest.fixture()

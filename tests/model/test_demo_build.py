@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ramtag.data import synth
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_model.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build_demo_model.py"
 
 
 @pytest.fixture(scope="module")

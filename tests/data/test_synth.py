@@ -217,7 +217,7 @@ def test_bad_arguments_raise_typed_errors():
 def test_examples_are_regenerated_identically(tmp_path):
     from pathlib import Path
 
-    shipped = Path(__file__).resolve().parents[1] / "examples"
+    shipped = Path(__file__).resolve().parents[2] / "examples"
     if not (shipped / "vocab.txt").exists():
         pytest.skip("examples/ not generated in this checkout")
     for path in synth_files.write_examples(tmp_path):

@@ -17,9 +17,9 @@ import pytest
 
 from ramtag.data.ledger import latest_entries
 from ramtag.errors import EXIT_STORAGE_FULL
-from tests.test_ledger import LABELS, photo_folder, tag
+from tests.data.test_ledger import LABELS, photo_folder, tag
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as on Linux")
 

@@ -6,7 +6,7 @@ with the CPU-decoded rows, refused JPEGs fall back to the CPU decoder. The ``cud
 (benchmarks/gpu_check.sh).
 
 How close the scores must be: the device decoder's images differ from PIL's by at most one 8-bit level, on about
-one pixel in eight (tests/test_device_decode.py; 0.13 here). Each test measures, on the same model and images,
+one pixel in eight (tests/data/test_device_decode.py; 0.13 here). Each test measures, on the same model and images,
 what a one-level dither of *every* pixel (random signs, seeded) does to the scores, and asserts the decoder's
 difference stays within that: a perturbation no larger in any pixel must not move a score further. Measured on
 CPU: the decoder moves a score by at most 0.0078, the dither by 0.039.
@@ -29,8 +29,8 @@ from ramtag.data.records import Record, collate_records, decode
 from ramtag.engine.device_feed import HostScores, decodes_on_device
 from ramtag.engine.runtime import load_runtime
 from ramtag.errors import EXIT_USAGE
+from tests.data.test_device_decode import jpeg
 from tests.io_fixtures import run_cli
-from tests.test_device_decode import jpeg
 
 LABELS = ["cat", "dog", "red car", "tree"]
 MAX_PIXELS = 100_000
