@@ -215,6 +215,17 @@ def tag(
             rich_help_panel=SPEED_PANEL,
         ),
     ] = "auto",
+    compile_forward: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help=(
+                "Compile the image forward with torch.compile (tens of seconds at start, won back on long GPU runs; "
+                "if it cannot compile, one warning and the run goes on uncompiled)."
+            ),
+            rich_help_panel=SPEED_PANEL,
+        ),
+    ] = False,
     part_rows: Annotated[
         int,
         typer.Option(
@@ -356,6 +367,7 @@ def tag(
         overwrite=overwrite, retry_errors=retry_errors, path_column=path_column,
         keep_columns=[c.strip() for c in keep_columns.split(",") if c.strip()] if keep_columns else [],
         root=root, max_pixels=max_pixels or None, fast_decode=fast_decode, decode=decode,
+        compile=compile_forward,
         templates=list(template or []), quiet=quiet, save_maps=save_maps, part_rows=part_rows,
         allow_empty=allow_empty, command_line=command_line(),
         labels_out=labels_out,
@@ -364,6 +376,8 @@ def tag(
         ),
         image_column=image_column, key_column=key_column,
     )
+    if ray is not None and compile_forward:  # the actors load their own model, uncompiled
+        raise UsageError("--compile works without --ray only")
     ray_options = _ray_options(ray, ray_cpus_per_task, ray_gpus_per_actor, ray_actors)  # before any model loads
     if ray_options is not None and save_maps:
         from ramtag.engine.ray_run import SAVE_MAPS_ON_RAY

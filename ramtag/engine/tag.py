@@ -65,6 +65,9 @@ class TagOptions:
     root: str | None = None
     max_pixels: int | None = PIL_LIMIT
     fast_decode: bool = False
+    compile: bool = False
+    """Run the image forward through torch.compile at the run's batch size (ramtag.engine.compiled): a start-up
+    cost that long runs win back; a failure to compile warns once and the run goes on uncompiled."""
     decode: str = "auto"
     """Where JPEGs are decoded: cpu (PIL, in the workers), gpu (batched on the model's device; other files and
     JPEGs it refuses still decode on the CPU) or auto (gpu on CUDA devices, else cpu)."""
@@ -257,6 +260,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     progress = Progress(total, "tagging", quiet=options.quiet or not info.is_main)
     autocast = autocast_dtype(options.precision, runtime.device)
     label_features = vocabulary.features.to(runtime.device)
+    vision = runtime.compiled_vision(batch_size, progress.log if info.is_main else log) if options.compile else None
     sidecars = None
     if options.sidecars.enabled:
         sidecars = SidecarStage(options.sidecars, warn=progress.log if info.is_main else log)
@@ -285,7 +289,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
                 )
                 failed += len(batch.failed_keys)
             if batch.images is not None:
-                scored = runtime.score(batch.images, label_features, autocast)
+                scored = runtime.score(batch.images, label_features, autocast, vision)
                 scores = HostScores(scored.scores.float()).wait()  # on the CPU, the model's own tensor
                 selection = select_tags(scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds)
                 writer.write(
