@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared device check: install ramtag on a bare GPU machine, run every CUDA-marked test, then the
-# throughput and training-memory benchmarks, and leave their JSON (at most 8 files) in $OUT.
+# throughput benchmark (eager, then its --compile arms in a step of their own) and the training-memory benchmark,
+# and leave their JSON (at most 8 files) in $OUT.
 #
 #   benchmarks/gpu_check.sh              on the GPU machine (the device tool's `run`, with .device-wheels carried)
 #   benchmarks/gpu_check.sh --dry-run    anywhere: tiny sizes on the CPU, so the script cannot rot (CI runs it)
@@ -60,11 +61,17 @@ if [[ $DRY == 1 ]]; then
     export RAMTAG_BENCH_TINY=1  # benchmarks build a 12-layer CLIP of tiny width instead of ViT-B/16
     TESTS=(-m cuda "${CUDA_TESTS[@]}")  # all skip on a CPU: they must still collect
     THROUGHPUT=(--quick --device cpu --models vitb --vitb-images 16 --repeats 1 --cli)
+    # dynamo's tracing only (backend eager): inductor's code generation would triple the dry run on a CPU
+    COMPILE=(--quick --device cpu --models vitb --variants vitb_adapters --vitb-images 16 --repeats 1
+             --no-breakdown --compile --compile-backend eager --label compile)
     MEMORY=(--quick --device cpu --rounds 1 --arms adapters,whole)
 else
     DEVICE=cuda
     TESTS=(-m cuda "${CUDA_TESTS[@]}")
     THROUGHPUT=(--device cuda --precision auto --models vitb,demo --repeats 3 --cli)
+    # the model only (one inductor compile of ViT-B/16 is tens of seconds), against its eager arms
+    COMPILE=(--device cuda --precision auto --models vitb --variants vitb_adapters --repeats 3 --no-breakdown
+             --compile --label compile)
     MEMORY=(--device cuda --rounds 1)
 fi
 
@@ -77,6 +84,7 @@ if [[ $DEVICE == cuda ]] && command -v nvidia-smi >/dev/null; then
 fi
 step tag_throughput 210 "$PY" benchmarks/tag_throughput.py "${THROUGHPUT[@]}"
 if [[ -n $UTIL_PID ]]; then kill "$UTIL_PID" 2>/dev/null; fi
+step tag_compile 120 "$PY" benchmarks/tag_throughput.py "${COMPILE[@]}"
 step train_memory 90 "$PY" benchmarks/train_memory.py "${MEMORY[@]}"
 
 # --quick runs write under the temp folder unless RAMTAG_BENCH_RESULTS says otherwise (it does: $OUT).

@@ -29,20 +29,22 @@ class CompiledVision:
 
     If compiling or running the compiled code fails (no C++ compiler for inductor, an unsupported operation),
     ``say`` gets one warning line and every later call runs the eager tower: the run goes on, uncompiled.
-    Out-of-memory errors are not compile failures and are raised as they are."""
+    Out-of-memory errors are not compile failures and are raised as they are. ``backend`` is torch.compile's
+    (``eager`` traces with dynamo but generates no code: the benchmarks' dry run uses it to stay quick)."""
 
-    def __init__(self, vision: nn.Module, batch_size: int, say: Callable[[str], None]):
+    def __init__(self, vision: nn.Module, batch_size: int, say: Callable[[str], None], backend: str = "inductor"):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.eager = vision
         self.batch_size = batch_size
+        self.backend = backend
         self.say = say
         self.compile_seconds: float | None = None
         """How long the first (compiling) call took; None until it ran."""
         self.failure: str | None = None
         self.compiled: Callable[..., Features] | None = None
         try:  # compiling itself waits for the first call; this fails only where dynamo cannot run at all
-            self.compiled = torch.compile(vision, dynamic=False)
+            self.compiled = torch.compile(vision, dynamic=False, backend=backend)
         except Exception as error:  # noqa: BLE001
             self._fall_back(error)
 
@@ -53,6 +55,10 @@ class CompiledVision:
             parts = [self(chunk, text_features, use_adapters) for chunk in images.split(self.batch_size)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         count = len(images)
+        if text_features is not None and torch.is_inference_mode_enabled() and not text_features.is_inference():
+            # label features loaded from the cache are ordinary tensors, freshly encoded ones inference tensors;
+            # dynamo guards on the difference, and a copy of [C, D] is cheaper than a second compile
+            text_features = text_features.clone()
         if count < self.batch_size:
             # made as the caller's tensors are (inference tensors or not): dynamo guards on that, and a padded
             # batch of the other kind would be compiled a second time

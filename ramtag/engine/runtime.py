@@ -116,15 +116,16 @@ class Runtime:
     def vocabulary_fingerprint(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> str:
         return fingerprint({"model": self.fingerprint, "labels": list(labels), "templates": self.templates(templates)})
 
-    def compiled_vision(self, batch_size: int, say: Callable[[str], None]):
+    def compiled_vision(self, batch_size: int, say: Callable[[str], None], backend: str = "inductor"):
         """The image forward compiled for batches of ``batch_size`` (see :mod:`ramtag.engine.compiled`), to pass
-        to :meth:`score` as ``vision``; compiled once per size, on the first batch it runs. ``say`` gets its
-        one-line messages (how long compiling took, or the warning that it failed and the run goes on eager)."""
+        to :meth:`score` as ``vision``; compiled once per size (with the first backend asked for), on the first
+        batch it runs. ``say`` gets its one-line messages (how long compiling took, or the warning that it failed
+        and the run goes on eager)."""
         from ramtag.engine.compiled import CompiledVision
 
         compiled = self._compiled.get(batch_size)
         if compiled is None:
-            compiled = self._compiled[batch_size] = CompiledVision(self.model.vision, batch_size, say)
+            compiled = self._compiled[batch_size] = CompiledVision(self.model.vision, batch_size, say, backend)
         compiled.say = say
         return compiled
 
