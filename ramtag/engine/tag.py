@@ -268,10 +268,10 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     first_failure = None  # named when every input fails: usually one wrong folder for all of them
     started = time.perf_counter()
     interrupted = False
+    batches = device_batches(
+        loader if mine else (), runtime.device, transform, max_pixels=options.max_pixels, draft_size=draft
+    )
     try:
-        batches = device_batches(
-            loader if mine else (), runtime.device, transform, max_pixels=options.max_pixels, draft_size=draft
-        )
         for batch in batches:
             if batch.failed_keys:
                 first_failure = first_failure or f"{batch.failed_sources[0]}: {batch.failed_errors[0]}"
@@ -313,6 +313,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        batches.close()  # stops the device-decode feeder thread, if any, before the output is closed
         progress.close()
         try:
             writer.close()
