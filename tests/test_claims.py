@@ -129,7 +129,7 @@ RANK_SCRIPT = textwrap.dedent(
     real_score = Runtime.score
     calls = [0]
 
-    def score(self, images, features, autocast_dtype=None):
+    def score(self, images, features, *rest):  # rest: autocast dtype, compiled vision
         calls[0] += 1
         if attempt == 0:  # a model step as slow as a real one, so that the claims' order shows
             time.sleep(seconds[rank])
@@ -140,7 +140,7 @@ RANK_SCRIPT = textwrap.dedent(
                     break
                 time.sleep(0.02)
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_score(self, images, features, autocast_dtype)
+        return real_score(self, images, features, *rest)
 
     Runtime.score = score
     main(sys.argv[1:])

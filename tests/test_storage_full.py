@@ -45,11 +45,11 @@ FULL_MID_RUN = textwrap.dedent(
     def committed_lines():
         return sum(path.read_text().count("\\n") for path in work.glob("ledger-*.jsonl"))
 
-    def score_until_the_disk_fills(self, images, features, autocast_dtype=None):
+    def score_until_the_disk_fills(self, images, features, *rest):  # rest: autocast dtype, compiled vision
         if committed_lines() >= 2:  # two units are committed: from now on no file may grow
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
-        return real_score(self, images, features, autocast_dtype)
+        return real_score(self, images, features, *rest)
 
     Runtime.score = score_until_the_disk_fills
     runtime = load_runtime({checkpoint!r}, device="cpu")

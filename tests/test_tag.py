@@ -178,11 +178,11 @@ def test_interrupted_run_resumes_without_duplicates(photos, tiny_checkpoint, tmp
     real_score = Runtime.score
     calls = {"n": 0}
 
-    def score_then_interrupt(self, images, features, autocast_dtype=None):
+    def score_then_interrupt(self, images, features, *rest):  # rest: autocast dtype, compiled vision
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_score(self, images, features, autocast_dtype)
+        return real_score(self, images, features, *rest)
 
     monkeypatch.setattr(Runtime, "score", score_then_interrupt)
     args = [
