@@ -212,3 +212,15 @@ def test_no_import_circles_in_the_package():
 def test_the_cycle_finder_finds_circles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_progress_is_drawn_in_one_place():
+    """tag, train and eval show progress through ramtag.engine.reporter; there were three bars, each its own."""
+    modules = _modules()
+    known = set(modules)
+    drawing = sorted(
+        name
+        for name, path in modules.items()
+        if any(_in(target, "rich.progress") or _in(target, "rich.live") for target in _imports(name, path, known))
+    )
+    assert drawing == ["ramtag.engine.reporter"]

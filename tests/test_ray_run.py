@@ -249,7 +249,7 @@ def test_the_driver_writes_a_row_that_a_retried_task_sends_twice_once(tmp_path):
     from ramtag.data.rows import table_schema
     from ramtag.data.units import UnitEnd
     from ramtag.engine.ray_run import _UnitCollector
-    from ramtag.engine.reporter import Progress
+    from ramtag.engine.reporter import ImageProgress
 
     class Writer:
         def __init__(self):
@@ -289,7 +289,7 @@ def test_the_driver_writes_a_row_that_a_retried_task_sends_twice_once(tmp_path):
 
     assert table_schema() is not None
     writer, sidecars = Writer(), Sidecars()
-    collector = _UnitCollector(writer, Progress(None, "t", quiet=True), False, ["cat"], sidecars)
+    collector = _UnitCollector(writer, ImageProgress(None, "t", quiet=True), False, ["cat"], sidecars)
     collector.take(table([0, 1]))
     collector.take(table([0, 1, 2], end=(UnitEnd(7, None, (), 0, 0, {}), 3)))  # a retry resends 0 and 1
     assert writer.keys == ["k0", "k1", "k2"] and writer.commits == [(7, 3)]

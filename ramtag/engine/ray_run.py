@@ -36,7 +36,7 @@ from ramtag.data.rows import TagBatch
 from ramtag.engine.output import RunOutput
 from ramtag.engine.preflight import preflight_tag
 from ramtag.engine.ray_stages import RuntimeSpec, Scorer, decode_units, describe_task
-from ramtag.engine.reporter import Progress
+from ramtag.engine.reporter import ImageProgress
 from ramtag.engine.runtime import Runtime, default_batch_size
 from ramtag.engine.sidecars import SidecarStage
 from ramtag.engine.signals import interrupted_run
@@ -151,7 +151,7 @@ def _quiet_ray_data(context) -> None:
 class _UnitCollector:
     """The driver's end of the stream: rows into part files, each unit committed once all its rows are written."""
 
-    def __init__(self, writer, progress: Progress, all_scores: bool, labels: Sequence[str],
+    def __init__(self, writer, progress: ImageProgress, all_scores: bool, labels: Sequence[str],
                  sidecars: SidecarStage | None = None) -> None:
         self.writer, self.progress, self.all_scores, self.labels = writer, progress, all_scores, labels
         self.sidecars = sidecars
@@ -263,7 +263,7 @@ def run_ray_tag(options: TagOptions, runtime: Runtime, ray_options: RayOptions, 
         metadata = _metadata(runtime, vocabulary, options, thresholds)
         writer = output.writer(vocabulary.labels, metadata, all_scores=options.all_scores, rank=0,
                                part_rows=options.part_rows)
-        progress = Progress(output.pending_rows(), "tagging", quiet=options.quiet)
+        progress = ImageProgress(output.pending_rows(), "tagging", quiet=options.quiet)
         sidecars = SidecarStage(options.sidecars, warn=progress.log) if options.sidecars.enabled else None
         collector = _UnitCollector(writer, progress, options.all_scores, vocabulary.labels, sidecars)
         started = time.perf_counter()

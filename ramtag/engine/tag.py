@@ -25,7 +25,7 @@ from ramtag.engine import dist
 from ramtag.engine.device_feed import DECODES, HostScores, decode_transform, device_batches
 from ramtag.engine.output import InputOptions, RunOutput
 from ramtag.engine.preflight import preflight_tag
-from ramtag.engine.reporter import Progress
+from ramtag.engine.reporter import ImageProgress
 from ramtag.engine.runtime import PRECISIONS, Runtime, autocast_dtype, default_batch_size
 from ramtag.engine.sidecars import SidecarOptions, SidecarStage
 from ramtag.engine.signals import decode_worker_init, interrupted_run
@@ -257,7 +257,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         vocabulary.labels, metadata, all_scores=options.all_scores, rank=info.rank, part_rows=options.part_rows
     )
     total = output.pending_rows() if info.world_size == 1 else None
-    progress = Progress(total, "tagging", quiet=options.quiet or not info.is_main)
+    progress = ImageProgress(total, "tagging", quiet=options.quiet or not info.is_main)
     autocast = autocast_dtype(options.precision, runtime.device)
     label_features = vocabulary.features.to(runtime.device)
     vision = runtime.compiled_vision(batch_size, progress.log if info.is_main else log) if options.compile else None

@@ -1,9 +1,9 @@
 """`ramtag eval` from end to end: check where the reports go, score, then write the reports on rank 0.
 
-Messages go to stderr (warnings as they arise, a progress display on a terminal); the results table goes to
-stdout, or to stderr when a report itself goes to stdout (``--json -``, ``--markdown -``). Every report target
-is checked before a model loads, so that no one waits through an evaluation for a report that cannot be
-written.
+Messages go to stderr through the shared reporter (warnings as they arise, a progress bar on a terminal); the
+results table goes to stdout, or to stderr when a report itself goes to stdout (``--json -``, ``--markdown -``).
+Every report target is checked before a model loads, so that no one waits through an evaluation for a report
+that cannot be written.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ramtag.engine.eval.render import (
 )
 from ramtag.engine.eval.table import evaluate_score_table
 from ramtag.engine.eval.types import EvalResult, EvalSettings
+from ramtag.engine.reporter import Reporter
 from ramtag.errors import PartialFailure, UsageError
 
 STDOUT = "-"
@@ -96,41 +97,39 @@ def run_eval(
         raise UsageError("evaluate either a model or a score table (--scores)")
     info = dist.setup(device) if scores is None else dist.DistInfo(0, 1, 0)
     try:
-        from rich.console import Console
-
-        messages = Console(stderr=True, quiet=quiet or not info.is_main, soft_wrap=True)
+        reporter = Reporter(quiet=quiet or not info.is_main, transient=True)
 
         def log(message: str) -> None:
-            messages.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
+            reporter.log(f"warning: {message}", style="yellow")
 
         if scores is not None:
             result = evaluate_score_table(scores, data, settings, log=log)
         else:
             runtime = load_model(dist.device_for(info, device))
-            with _ProgressDisplay(messages) as progress:
-                result = evaluate_model(runtime, data, settings, log=log, progress=progress)
+            with reporter:
+                result = evaluate_model(runtime, data, settings, log=log, progress=_protocol_progress(reporter))
         if result is None:  # not rank 0
             return
-        write_reports(result, outputs, messages, log)
+        write_reports(result, outputs, reporter, log)
     finally:
         dist.teardown()
 
 
-def write_reports(result: EvalResult, outputs: EvalOutputs, messages: Any, log: Callable[[str], None]) -> None:
+def write_reports(result: EvalResult, outputs: EvalOutputs, messages: Reporter, log: Callable[[str], None]) -> None:
     """Plots, thresholds, the results (and calibration) tables, the JSON report and the Markdown summary.
 
-    ``messages`` is the rich console of stderr; ``log`` prints a warning."""
+    ``messages`` shows the run's messages on stderr; ``log`` prints a warning."""
     from rich.console import Console
 
     plot_files = write_plots(result, outputs.plots) if outputs.plots is not None else []
     if outputs.thresholds is not None and result.calibration is not None:
         write_calibration(outputs.thresholds, result.calibration)
-        messages.print(f"thresholds written to {outputs.thresholds}", markup=False, highlight=False)
+        messages.log(f"thresholds written to {outputs.thresholds}")
     out = Console(file=sys.stderr if outputs.report_on_stdout else sys.stdout, width=_width())
     out.print(results_table(result))
     if result.calibration is not None:
         out.print(calibration_table(result.calibration))
-        messages.print(calibration_summary(result.calibration), markup=False, highlight=False)
+        messages.log(calibration_summary(result.calibration))
     if outputs.json is not None:
         write_json_report(outputs.json, report_dict(result, command=outputs.command, plots=plot_files))
     if outputs.markdown is not None:
@@ -148,32 +147,18 @@ def _width() -> int | None:
     return None if sys.stdout.isatty() else 160
 
 
-class _ProgressDisplay:
-    """A rich progress bar per protocol on an interactive stderr; nothing otherwise (``None`` as progress)."""
+def _protocol_progress(reporter: Reporter) -> Callable[[str, int, int | None], None] | None:
+    """A line of the bar per protocol, added as its scoring starts; None when no bar shows."""
+    if not reporter.has_bar:
+        return None
+    tasks: dict[str, Any] = {}
 
-    def __init__(self, console: Any) -> None:
-        self.console = console
-        self.display: Any = None
-        self.tasks: dict[str, Any] = {}
+    def update(protocol: str, done: int, total: int | None) -> None:
+        if protocol not in tasks:
+            tasks[protocol] = reporter.task(f"scoring ({protocol})", total)
+        reporter.update(tasks[protocol], completed=done)
 
-    def __enter__(self) -> Callable[[str, int, int | None], None] | None:
-        if self.console.quiet or not self.console.is_terminal:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        self.display = Progress(*columns, console=self.console, transient=True)
-        self.display.start()
-        return self.update
-
-    def update(self, protocol: str, done: int, total: int | None) -> None:
-        if protocol not in self.tasks:
-            self.tasks[protocol] = self.display.add_task(f"scoring ({protocol})", total=total)
-        self.display.update(self.tasks[protocol], completed=done)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.display is not None:
-            self.display.stop()
+    return update
 
 
 __all__ = ["EvalOutputs", "read_label_list", "run_eval", "write_reports"]

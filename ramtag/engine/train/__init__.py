@@ -3,9 +3,9 @@
 The package, by job: `recipe` (setup -> train -> save; `train()` is the entry), `config` (TrainConfig, config
 files), `data` (label space, per-rank batches), `model` (the model to train, optimizer groups, precision),
 `schedule` (learning rates), `ema`, `batchnorm` (statistics over all ranks), `validation`, `state` (the
-training-state file and the run folder's files) and `log` (train.log, metrics.jsonl, progress). Augmentation is
-ramtag.data.augment; every collective is ramtag.engine.dist's. This module imports nothing, so the CLI reads
-`config` without loading torch.
+training-state file and the run folder's files) and `log` (train.log, metrics.jsonl; the progress bar is
+ramtag.engine.reporter's, as for tag and eval). Augmentation is ramtag.data.augment; every collective is
+ramtag.engine.dist's. This module imports nothing, so the CLI reads `config` without loading torch.
 
 One optimizer step is `grad_accum` calls of `_loss_step`: the MMC loss on the global and local logits of the
 batch, with KCOT's teacher term in the transport cost.

@@ -1,4 +1,5 @@
-"""Where a training run reports: `train.log`, `metrics.jsonl`, a rich progress bar on stderr, TensorBoard.
+"""Where a training run reports: `train.log`, `metrics.jsonl`, TensorBoard; and on stderr, through the shared
+reporter (:mod:`ramtag.engine.reporter`), its progress bar or plain step lines.
 
 Only rank 0 reports; on other ranks every method is a no-op.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ramtag.atomic import write_text
+from ramtag.engine.reporter import Reporter
 from ramtag.errors import UsageError
 
 if TYPE_CHECKING:
@@ -33,16 +34,16 @@ def _json_value(value: Any) -> Any:
 
 
 class TrainReporter:
+    """Training's records (train.log, metrics.jsonl, TensorBoard) and, through the shared
+    :class:`~ramtag.engine.reporter.Reporter`, its progress bar and messages on stderr."""
+
     def __init__(self, output: Path, enabled: bool, progress: bool | None, tensorboard: bool, resume: bool):
         self.enabled = enabled
-        self._log = self._metrics = self._progress = self._task = self._writer = None
-        self._console = None
+        self._log = self._metrics = self._task = self._writer = None
+        self._display: Reporter | None = None
         if not enabled:
             return
-        from rich.console import Console
-
-        self._console = Console(stderr=True, highlight=False)
-        show_progress = sys.stderr.isatty() if progress is None else progress
+        self._display = Reporter(bar=progress, fields=("{task.fields[status]}",), elapsed=True)
         output.mkdir(parents=True, exist_ok=True)
         mode = "a" if resume else "w"
         self._log = open(output / LOG_FILE, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -53,35 +54,14 @@ class TrainReporter:
             except ImportError:
                 raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
             self._writer = SummaryWriter(str(output / "tensorboard"))
-        if show_progress:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=self._console,
-                transient=False,
-            )
 
     @property
     def has_progress(self) -> bool:
-        return self._progress is not None
+        return self._display is not None and self._display.has_bar
 
     def start(self, total_steps: int, done: int) -> None:
-        if self._progress is not None:
-            self._progress.start()
-            self._task = self._progress.add_task("train", total=total_steps, completed=done, status="")
+        if self._display is not None:
+            self._task = self._display.task("[bold]train", total_steps, completed=done, status="")
 
     def info(self, message: str, echo: bool = True) -> None:
         """A line in train.log, and on stderr unless `echo` is false."""
@@ -91,7 +71,7 @@ class TrainReporter:
         self._log.write(f"{stamp} {message}\n")
         self._log.flush()
         if echo:
-            self._console.print(message, markup=False, soft_wrap=True)  # paths stay whole, to copy
+            self._display.log(message)
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -106,14 +86,13 @@ class TrainReporter:
                     self._writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def advance(self, step: int, status: str) -> None:
-        if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, completed=step, status=status)
+        if self._display is not None:
+            self._display.update(self._task, completed=step, status=status)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._progress is not None:
-            self._progress.stop()
+        self._display.close()
         if self._writer is not None:
             self._writer.close()
         for handle in (self._log, self._metrics):
