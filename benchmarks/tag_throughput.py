@@ -75,12 +75,15 @@ def parse_args() -> argparse.Namespace:
         "--variants", default=None, help="comma-separated model variants to run (e.g. vitb_adapters; default: all)"
     )
     parser.add_argument(
-        "--cpu-decode-workers", type=int, default=None,
+        "--cpu-decode-workers",
+        type=int,
+        default=None,
         help="decoding workers of the CUDA run's tag_cpu_decode arm (default: usable cores - 1)",
     )
     parser.add_argument("--compile", action="store_true", help="also time the forward and tag arms compiled")
     parser.add_argument(
-        "--compile-backend", default="inductor",
+        "--compile-backend",
+        default="inductor",
         help="torch.compile backend of the compiled arms (eager: dynamo only, no code generation; for dry runs)",
     )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the serial per-stage breakdown")
@@ -208,23 +211,36 @@ def bench_family(family: str, args, device: torch.device, work: Path) -> list[di
 
     dtype = autocast_dtype(args.precision, device)
     # Compiled forwards are made (not yet compiled) here; run_tag(compile=True) finds them in the runtime's cache.
-    compiled = {
-        name: rt.compiled_vision(args.batch_size, log, backend=args.compile_backend) for name, rt in runtimes.items()
-    } if args.compile else {}
+    compiled = (
+        {name: rt.compiled_vision(args.batch_size, log, backend=args.compile_backend) for name, rt in runtimes.items()}
+        if args.compile
+        else {}
+    )
 
     def forward(name, vision=None):
         runtime = runtimes[name]
+
         def run():
             for batch in batches:
                 runtime.score(batch, features[name], dtype, vision)
+
         return run
 
     def tag(name, fast_decode=False, decode="auto", workers=args.workers, compile_forward=False):
         runtime = runtimes[name]
-        options = TagOptions(inputs=[str(folder)], labels=str(labels_file), output=str(work / f"out_{name}.parquet"),
-                             batch_size=args.batch_size, workers=workers, precision=args.precision,
-                             overwrite=True, quiet=True, fast_decode=fast_decode, decode=decode,
-                             compile=compile_forward)
+        options = TagOptions(
+            inputs=[str(folder)],
+            labels=str(labels_file),
+            output=str(work / f"out_{name}.parquet"),
+            batch_size=args.batch_size,
+            workers=workers,
+            precision=args.precision,
+            overwrite=True,
+            quiet=True,
+            fast_decode=fast_decode,
+            decode=decode,
+            compile=compile_forward,
+        )
         return lambda: run_tag(options, runtime)
 
     arms = {"encode_image": encode_image}
@@ -395,11 +411,15 @@ def main() -> None:
             "compile_break_even_images",
             "compile_failure",
         )
-        common.print_table("--compile (speed-ups are eager time / compiled time, same run)",
-                           [{k: r[k] for k in compiled} for r in rows])
+        common.print_table(
+            "--compile (speed-ups are eager time / compiled time, same run)",
+            [{k: r[k] for k in compiled} for r in rows],
+        )
     if not args.no_breakdown:
-        common.print_table("Where the time goes (serial, one process; share of the sum of stages)", [
-            {"model": r["model"], **{k: v for k, v in r["stages"].items()}} for r in rows])
+        common.print_table(
+            "Where the time goes (serial, one process; share of the sum of stages)",
+            [{"model": r["model"], **{k: v for k, v in r["stages"].items()}} for r in rows],
+        )
     print(f"\ntargets: {payload['targets_met']}\nwritten: {path}")
 
 

@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 LABELS = ["cat", "dog", "red car", "tree"]
 
 
-
 @pytest.fixture()
 def vocab(tmp_path) -> Path:
     path = tmp_path / "vocab.txt"

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as on Linux")
 
+
 @pytest.fixture
 def vocab(tmp_path) -> Path:
     path = tmp_path / "vocab.txt"
@@ -69,7 +70,11 @@ def test_a_disk_that_fills_mid_run_stops_it_with_status_4_and_resume_finishes(tm
     out = tmp_path / "tags.parquet"
     work = tmp_path / ".tags.parquet.parts"
     script = FULL_MID_RUN.format(
-        repo=str(REPO), work=str(work), checkpoint=str(tiny_checkpoint), folder=str(folder), vocab=str(vocab),
+        repo=str(REPO),
+        work=str(work),
+        checkpoint=str(tiny_checkpoint),
+        folder=str(folder),
+        vocab=str(vocab),
         out=str(out),
     )
     env = {**os.environ, "RAMTAG_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}

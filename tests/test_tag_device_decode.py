@@ -41,7 +41,6 @@ DEVICES = [
 ]
 
 
-
 def photo(seed: int, size=(96, 72), mode="RGB") -> Image.Image:
     """A gradient with texture, as photos are: flat noise would make every resize filter look alike."""
     rng = np.random.default_rng(seed)
@@ -97,8 +96,23 @@ def dither_bound(runtime, paths) -> float:
 
 def tag(root, vocab, checkpoint, out, *extra) -> dict[str, dict]:
     code = run_cli(
-        "tag", root, "-l", vocab, "-c", checkpoint, "-o", out, "--all-scores", "-q", "-b", 4,
-        "--max-pixels", MAX_PIXELS, "--precision", "fp32", *extra,
+        "tag",
+        root,
+        "-l",
+        vocab,
+        "-c",
+        checkpoint,
+        "-o",
+        out,
+        "--all-scores",
+        "-q",
+        "-b",
+        4,
+        "--max-pixels",
+        MAX_PIXELS,
+        "--precision",
+        "fp32",
+        *extra,
     )
     assert code == 3  # the three bad inputs
     return rows_of(out)
@@ -115,9 +129,7 @@ def test_gpu_decoding_keeps_every_row_and_error_and_scores_within_a_level(mixed,
     assert {key: row["error"] for key, row in cpu.items() if row["error"]} == ERRORS
     for key in ("cmyk.jpg", "plain.png"):  # decoded by PIL in both runs: the join put them back in their rows
         assert gpu[key]["scores"] == cpu[key]["scores"], key
-    difference = max(
-        float(np.abs(np.subtract(gpu[key]["scores"], cpu[key]["scores"])).max()) for key in DEVICE_JPEGS
-    )
+    difference = max(float(np.abs(np.subtract(gpu[key]["scores"], cpu[key]["scores"])).max()) for key in DEVICE_JPEGS)
     bound = dither_bound(load_runtime(tiny_checkpoint, device=device), [root / key for key in DEVICE_JPEGS])
     assert 0 < difference <= bound, (difference, bound)  # 0 would mean the device decoder never ran
 
@@ -136,15 +148,21 @@ def test_the_model_preprocessing_reaches_the_device_decoder(mixed, tiny_checkpoi
     rows = {}
     for decode_mode in ("cpu", "gpu"):
         options = TagOptions(
-            [str(root)], str(vocab), output=str(tmp_path / f"{decode_mode}.parquet"), all_scores=True, batch_size=4,
-            workers=0, decode=decode_mode, max_pixels=MAX_PIXELS, quiet=True,
+            [str(root)],
+            str(vocab),
+            output=str(tmp_path / f"{decode_mode}.parquet"),
+            all_scores=True,
+            batch_size=4,
+            workers=0,
+            decode=decode_mode,
+            max_pixels=MAX_PIXELS,
+            quiet=True,
         )
         with pytest.raises(PartialFailure):
             run_tag(options, runtime)
         rows[decode_mode] = rows_of(options.output)
     difference = max(
-        float(np.abs(np.subtract(rows["gpu"][key]["scores"], rows["cpu"][key]["scores"])).max())
-        for key in DEVICE_JPEGS
+        float(np.abs(np.subtract(rows["gpu"][key]["scores"], rows["cpu"][key]["scores"])).max()) for key in DEVICE_JPEGS
     )
     bound = dither_bound(runtime, [root / key for key in DEVICE_JPEGS])
     assert 0 < difference <= bound, (difference, bound)

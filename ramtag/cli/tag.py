@@ -38,8 +38,7 @@ MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
         "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{00..99}.tar' -l vocab.txt\n\n"
         "  ramtag tag ./lora -l tags.txt --sidecars txt --prefix 'sks, '\n\n"
         "  ramtag tag 'shards/{0..9}.tar' -l tags.txt --sidecars txt --sidecar-dir c/\n\n"
-        "  ramtag tag 'shards/{00..99}.tar' -l vocab.txt --ray auto --ray-actors 1:8\n\n"
-        + exit_status_help()
+        "  ramtag tag 'shards/{00..99}.tar' -l vocab.txt --ray auto --ray-actors 1:8\n\n" + exit_status_help()
     )
 )
 @model_options
@@ -362,19 +361,38 @@ def tag(
     from ramtag.engine.tag import TagOptions, resume_after_restart, run_tag
 
     options = TagOptions(
-        inputs=list(inputs), labels=labels, output=output, top_k=top_k, threshold=threshold, thresholds_file=thresholds,
-        all_scores=all_scores, batch_size=batch_size, workers=workers, precision=precision, resume=resume,
-        overwrite=overwrite, retry_errors=retry_errors, path_column=path_column,
+        inputs=list(inputs),
+        labels=labels,
+        output=output,
+        top_k=top_k,
+        threshold=threshold,
+        thresholds_file=thresholds,
+        all_scores=all_scores,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        resume=resume,
+        overwrite=overwrite,
+        retry_errors=retry_errors,
+        path_column=path_column,
         keep_columns=[c.strip() for c in keep_columns.split(",") if c.strip()] if keep_columns else [],
-        root=root, max_pixels=max_pixels or None, fast_decode=fast_decode, decode=decode,
+        root=root,
+        max_pixels=max_pixels or None,
+        fast_decode=fast_decode,
+        decode=decode,
         compile=compile_forward,
-        templates=list(template or []), quiet=quiet, save_maps=save_maps, part_rows=part_rows,
-        allow_empty=allow_empty, command_line=command_line(),
+        templates=list(template or []),
+        quiet=quiet,
+        save_maps=save_maps,
+        part_rows=part_rows,
+        allow_empty=allow_empty,
+        command_line=command_line(),
         labels_out=labels_out,
         sidecars=SidecarOptions(
             parse_sidecar_kinds(sidecars), sidecar_mode, sidecar_dir, exclude_tags, replace_underscores, prefix
         ),
-        image_column=image_column, key_column=key_column,
+        image_column=image_column,
+        key_column=key_column,
     )
     if ray is not None and compile_forward:  # the actors load their own model, uncompiled
         raise UsageError("--compile works without --ray only")
@@ -397,7 +415,10 @@ def tag(
         )
         options = resume_after_restart(options, is_main=info.is_main)  # before preflight refuses the old run's parts
         preflight_tag(
-            options, checkpoint=choice.checkpoint, model=choice.model, pretrained=choice.pretrained,
+            options,
+            checkpoint=choice.checkpoint,
+            model=choice.model,
+            pretrained=choice.pretrained,
             is_main=info.is_main,
         )
         if info.is_main and not quiet:

@@ -85,8 +85,11 @@ class Runtime:
         def tokens(label: str) -> int:  # + start and end tokens, + the deep prompts inserted after the start token
             return max(len(tokenizer.encode(template.format(label))) for template in templates) + 2 + prompt_tokens
 
-        counted = f" with the template, start/end and {prompt_tokens} deep prompt tokens" if prompt_tokens else (
-            " with the template and start/end tokens")
+        counted = (
+            f" with the template, start/end and {prompt_tokens} deep prompt tokens"
+            if prompt_tokens
+            else (" with the template and start/end tokens")
+        )
         check_label_lengths(
             labels, line_numbers, tokens, self.model.text.context_length, source=source, counted=counted
         )
@@ -106,7 +109,7 @@ class Runtime:
             chunks = []
             texts = [template.format(label) for label in labels]
             for start in range(0, len(texts), batch_size):
-                tokens = tokenizer(texts[start:start + batch_size]).to(self.device)
+                tokens = tokenizer(texts[start : start + batch_size]).to(self.device)
                 chunks.append(self.model.encode_labels(tokens).float().cpu())
             per_template.append(torch.cat(chunks))
         if len(per_template) == 1:
@@ -306,11 +309,13 @@ def load_runtime(
         ram.config.kcot = dataclasses.replace(ram.config.kcot, **kcot_overrides)  # validated as a new KcotConfig
     torch_device = resolve_device(device)
     ram = ram.to(torch_device).eval()
-    model_fingerprint = fingerprint({
-        **backbone_id,
-        **{k: v for k, v in source.items() if k != "checkpoint"},
-        "template": ram.config.template,
-        "prompts": list(ram.config.prompt_layers),
-        "trained": ram.config.trained,
-    })
+    model_fingerprint = fingerprint(
+        {
+            **backbone_id,
+            **{k: v for k, v in source.items() if k != "checkpoint"},
+            "template": ram.config.template,
+            "prompts": list(ram.config.prompt_layers),
+            "trained": ram.config.trained,
+        }
+    )
     return Runtime(model=ram, device=torch_device, fingerprint=model_fingerprint, source=source)

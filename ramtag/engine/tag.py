@@ -154,7 +154,8 @@ def resume_after_restart(options: TagOptions, *, is_main: bool) -> TagOptions:
     if is_main and not options.quiet:
         print(
             f"ramtag: torchrun restart {restart}: resuming {options.output} from its ledger, as --resume does",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
     return replace(options, resume=True, overwrite=False)
 
@@ -336,10 +337,17 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     if problem is not None:
         raise problem
     tally = RunTally(
-        tagged, failed, first_failure, sidecar_counts if sidecars is not None else None,
+        tagged,
+        failed,
+        first_failure,
+        sidecar_counts if sidecars is not None else None,
         sidecars.first_failure if sidecars is not None else None,
     )
     return conclude(
-        tally, final, time.perf_counter() - started, output.done_rows, quiet=options.quiet,
+        tally,
+        final,
+        time.perf_counter() - started,
+        output.done_rows,
+        quiet=options.quiet,
         log=log if info.is_main else lambda message: None,
     )
