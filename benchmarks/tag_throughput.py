@@ -7,7 +7,8 @@ Same images (photo-like 640x480 JPEGs made here), same model, batch size and dev
 - `tag`: `ramtag.engine.tag.run_tag` (what `ramtag tag` runs) on the JPEG folder, writing Parquet: decoding
   (`--decode auto`: batched on the GPU on CUDA, in DataLoader workers on the CPU), scoring, tag selection, the
   background writer and the final assembly;
-- `tag_cpu_decode` (on CUDA) / `tag_gpu_decode` (on the CPU): the same with the other decoder. On CUDA that is
+- with `--other-decode`, `tag_cpu_decode` (on CUDA) / `tag_gpu_decode` (on the CPU): the same with the other
+  decoder. On CUDA that is
   PIL in DataLoader workers, one per usable core but one (`--cpu-decode-workers`); on the CPU it is the batched
   torchvision decoder running on the CPU (`--device cpu --decode gpu`), which keeps that path exercised;
 - with `--compile`, `forward_compiled` and `tag_compiled`: the `forward` and `tag` arms with the image forward
@@ -73,6 +74,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--variants", default=None, help="comma-separated model variants to run (e.g. vitb_adapters; default: all)"
+    )
+    parser.add_argument(
+        "--other-decode",
+        action="store_true",
+        help="also time the tag arm with the other decoder (CPU workers on CUDA; the batched decoder on a CPU)",
     )
     parser.add_argument(
         "--cpu-decode-workers",
@@ -247,7 +253,8 @@ def bench_family(family: str, args, device: torch.device, work: Path) -> list[di
     for name in runtimes:
         arms[f"forward:{name}"] = forward(name)
         arms[f"tag:{name}"] = tag(name)
-        arms[f"tag_{other_decode}_decode:{name}"] = tag(name, decode=other_decode, workers=other_workers)
+        if args.other_decode:
+            arms[f"tag_{other_decode}_decode:{name}"] = tag(name, decode=other_decode, workers=other_workers)
         if args.fast_decode:
             arms[f"tag_fast_decode:{name}"] = tag(name, fast_decode=True)
         if args.compile:
@@ -287,12 +294,15 @@ def bench_family(family: str, args, device: torch.device, work: Path) -> list[di
             "forward_over_encode_image_paired": common.paired_ratio(fwd, encode),
             "seconds": {"encode_image": encode, "forward": fwd, "tag": tagged},
         }
-        other = samples[f"tag_{other_decode}_decode:{name}"]
         row["tag_decode"] = auto_decode
-        row[f"tag_{other_decode}_decode_workers"] = other_workers
-        row[f"tag_{other_decode}_decode_images_per_second"] = count / common.summary(other)["median"]
-        row[f"tag_{other_decode}_decode_over_forward"] = common.summary(fwd)["median"] / common.summary(other)["median"]
-        row["seconds"][f"tag_{other_decode}_decode"] = other
+        if args.other_decode:
+            other = samples[f"tag_{other_decode}_decode:{name}"]
+            row[f"tag_{other_decode}_decode_workers"] = other_workers
+            row[f"tag_{other_decode}_decode_images_per_second"] = count / common.summary(other)["median"]
+            row[f"tag_{other_decode}_decode_over_forward"] = (
+                common.summary(fwd)["median"] / common.summary(other)["median"]
+            )
+            row["seconds"][f"tag_{other_decode}_decode"] = other
         if args.compile:
             row.update(compiled_figures(compiled[name], samples, name, count))
             row["seconds"]["forward_compiled"] = samples[f"forward_compiled:{name}"]
