@@ -149,3 +149,27 @@ def test_compile_with_ray_is_refused_before_the_model_loads(photos, tmp_path, ca
     root, vocab = photos
     assert _tag(root, vocab, tmp_path / "t.jsonl", "--compile", "--ray", "local") == 2
     assert "--compile works without --ray only" in capsys.readouterr().err
+
+
+def test_a_run_shorter_than_a_batch_compiles_for_its_own_size(photos, demo, tmp_path, capsys, monkeypatch):
+    root, vocab = photos
+    monkeypatch.setattr(torch, "compile", lambda module, **options: module)  # what is compiled, not how
+    assert (
+        run_cli(
+            "tag",
+            root,
+            "--labels",
+            vocab,
+            "--model",
+            "demo",
+            "-o",
+            tmp_path / "t.jsonl",
+            "-b",
+            32,
+            "--workers",
+            0,
+            "--compile",
+        )
+        == 0
+    )
+    assert "compiled the image forward for batches of 7 " in capsys.readouterr().err  # 7 photos, not 32

@@ -261,7 +261,10 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     progress = ImageProgress(total, "tagging", quiet=options.quiet or not info.is_main)
     autocast = autocast_dtype(options.precision, runtime.device)
     label_features = vocabulary.features.to(runtime.device)
-    vision = runtime.compiled_vision(batch_size, progress.log if info.is_main else log) if options.compile else None
+    vision = None
+    if options.compile:  # a run shorter than one batch compiles for its own size, not pads to the full one
+        compiled_size = batch_size if total is None else max(1, min(batch_size, total))
+        vision = runtime.compiled_vision(compiled_size, progress.log if info.is_main else log)
     sidecars = None
     if options.sidecars.enabled:
         sidecars = SidecarStage(options.sidecars, warn=progress.log if info.is_main else log)
