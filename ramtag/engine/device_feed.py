@@ -108,7 +108,8 @@ def _decoded_ahead(
         if side is None:
             join_device_images(batch, jpegs, device, max_pixels=max_pixels, draft_size=draft_size)
             return batch, None
-        with torch.cuda.stream(side):  # also makes the stream's device this thread's current one
+        # a new thread starts on cuda:0 whatever device the loop's thread chose (torchrun's local rank)
+        with torch.cuda.device(device), torch.cuda.stream(side):
             join_device_images(batch, jpegs, device, max_pixels=max_pixels, draft_size=draft_size)
             ready = torch.cuda.Event()
             ready.record(side)
