@@ -167,7 +167,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     for package in ("open_clip", "ot", "torchvision", "PIL"):
         try:
             info[package] = __import__(package).__version__
-        except Exception:  # noqa: BLE001 - informational only
+        except Exception:  # informational only
             pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

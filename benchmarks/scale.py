@@ -142,6 +142,7 @@ def child_old(state: dict) -> dict:
 def child_plan(state: dict) -> dict | None:
     from ramtag.data.units import UnitDataset
     from ramtag.engine import dist
+    from ramtag.engine.claims import static_share
     from ramtag.engine.output import InputOptions, RunOutput
 
     dist.setup(device="cpu")
@@ -153,7 +154,7 @@ def child_plan(state: dict) -> dict | None:
     )
     plan_seconds = time.perf_counter() - start
     planned = _peak_mib()
-    mine = output.claim(info.rank, info.world_size)
+    mine = static_share(output.tasks, info.rank, info.world_size)  # (which unit a rank reads first: any one)
     start = time.perf_counter()
     dataset = UnitDataset(mine[:1], output.work_dir, output.listing, lambda image: image)
     rows = sum(1 for _ in dataset) - 1

@@ -5,7 +5,7 @@ Written in ramtag's own formats, through its own code where that code can stream
 
 * ``run.json`` by :func:`~ramtag.data.layout.prepare_output`, ``units.json`` by ``_write_units_file`` with the
   spec ``plan_units`` freezes, so a resumed run takes the frozen path a real one takes;
-* ``listing.arrow`` with the listing's schema, one record batch per unit, as ``_write_listing`` writes it (that
+* ``listing.arrow`` with the listing's schema, one record batch per unit, as ``ListingWriter`` writes it (that
   function takes the whole table, so its loop is repeated here unit by unit);
 * parts named by :func:`~ramtag.data.ledger.part_name`, rows built by :func:`~ramtag.data.rows.batch_to_arrow`
   (5 tags of the 80 COCO labels a row), the schema and metadata a run writes; a template unit is built once
@@ -32,8 +32,9 @@ import pyarrow.parquet as pq
 from ramtag.data.layout import _unlock_output, prepare_output
 from ramtag.data.ledger import LedgerEntry, LedgerWriter, part_name
 from ramtag.data.listing import _BASE_FIELDS
+from ramtag.data.listing_file import LISTING_FILE, LISTING_OPTIONS
 from ramtag.data.rows import TagBatch, batch_to_arrow, schema_with_metadata, table_schema
-from ramtag.data.units import LISTING_FILE, LISTING_OPTIONS, Unit, _listing_spec, _write_units_file
+from ramtag.data.units import Unit, _listing_spec, _write_units_file
 
 RANKS = 8
 OLD_PART_ROWS = 262_144

@@ -37,3 +37,9 @@ def first_sentence(text: object, limit: int = MAX_QUOTED) -> str:
     line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
     cut = line.find(". ")
     return clipped(line[: cut + 1] if cut > 0 else line, limit)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' run to paragraphs), or its type's name."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

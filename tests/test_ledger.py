@@ -249,6 +249,32 @@ def test_retried_sample_errors_are_replaced(tmp_path, vocab, tiny_checkpoint):
     assert all(row["error"] is None and row["tags"] for row in rows)
 
 
+def test_a_restarted_group_does_not_retry_what_its_first_start_retried(tmp_path, vocab, tiny_checkpoint, monkeypatch):
+    folder = photo_folder(tmp_path / "photos", 3)
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "tags.parquet"
+    work = tmp_path / ".tags.parquet.parts"
+    assert tag(folder, vocab, tiny_checkpoint, out) == 3
+
+    def runs_of_entries() -> list[int]:
+        return sorted(entry.run for entry in latest_entries(work).values())
+
+    def start(job: str, restart: int, *extra: str) -> int:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restart))
+        return tag(folder, vocab, tiny_checkpoint, out, "--retry-errors", *extra)
+
+    first = runs_of_entries()
+    assert start("job-1", 0, "--resume") == 3  # the job's first start retries the broken image
+    retried = runs_of_entries()
+    assert retried != first
+    assert start("job-1", 1) == 3  # its restart resumes by itself, and does not retry it again
+    assert runs_of_entries() == retried
+    assert start("job-2", 0, "--resume") == 3  # a new job does
+    assert runs_of_entries() != retried
+    assert sorted(keys_of(out)) == ["broken.png"] + [f"img{i:03d}.png" for i in range(3)]
+
+
 # -- the dataset folder -----------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ def inputs(tmp_path):
     (tmp_path / "dupes.txt").write_text("red\nblue\nRed\n")
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     (tmp_path / "weights.pt").write_bytes(b"not really weights")
+    (tmp_path / "m.csv").write_text("path,id\nred.png,1\n")
     return tmp_path
 
 
@@ -56,6 +57,10 @@ def _tag(d, *extra):
          "no such file"),
         (lambda d: ("tag", d / "nothere.png", "-l", d / "vocab.txt", "--model", "demo", "-o", d / "o.jsonl"),
          "no such file or directory"),
+        (lambda d: ("tag", d / "m.csv", "-l", d / "vocab.txt", "--model", "demo", "-o", d / "o.jsonl",
+                    "--path-column", "file"), "m.csv: no column(s) file (columns: path, id)"),
+        (lambda d: ("tag", d / "m.csv", "-l", d / "vocab.txt", "--model", "demo", "-o", d / "o.jsonl",
+                    "--keep-columns", "url"), "m.csv: no column(s) url"),
         (lambda d: ("explain", d / "red.png", "-l", d / "missing.txt", "--model", "demo", "-o", d / "maps"),
          "no such label file"),
         (lambda d: ("explain", d / "red.png", "-l", d / "vocab.txt", "--model", "demo", "-o", d / "maps",

@@ -79,5 +79,5 @@ def test_readme_python_example_runs(monkeypatch):
     monkeypatch.chdir(ROOT)
     for block in blocks:
         namespace: dict = {}
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+        exec(compile(block, "README.md", "exec"), namespace)  # the README's own example
         assert namespace["out"].scores.shape == (2, 3)

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 
 from benchmarks.scale_state import generate_state
 from ramtag.data.ledger import latest_entries
+from ramtag.data.listing_file import open_listing
 from ramtag.data.parts import UnitPartWriter
 from ramtag.data.rows import METADATA_KEY, TagBatch
-from ramtag.data.units import UNITS_FILE, UnitEnd, open_listing, plan_units
+from ramtag.data.units import UNITS_FILE, UnitEnd, plan_units
 from ramtag.engine.output import InputOptions, RunOutput
 
 LABELS = ["cat", "dog", "red car", "tree", "sky", "road"]
@@ -51,3 +52,23 @@ def test_the_synthetic_state_is_what_ramtag_writes_and_resumes(tmp_path):
 
     old = [pq.read_table(path, columns=["key"]) for path in sorted((tmp_path / "state" / "old").rglob("*.parquet"))]
     assert sum(table.num_rows for table in old) == state["old_rows"] == state["done_rows"]
+
+
+def test_the_manifest_benchmark_plans_under_torchrun(tmp_path):
+    """The benchmark's manifest part runs as the README reruns it (two gloo ranks), so it cannot rot unnoticed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAMTAG_BENCH_RESULTS": str(tmp_path / "results")}
+    subprocess.run(
+        [sys.executable, "benchmarks/scale.py", "--quick", "--parts", "manifest", "--dir", str(tmp_path)],
+        check=True, capture_output=True, env=env, timeout=300,
+    )
+    payload = json.loads((tmp_path / "results" / "scale.cpu.json").read_text())
+    ranks = payload["manifest"]["samples"][0]["ranks"]
+    rows = payload["manifest"]["rows"]
+    assert [rank["rank"] for rank in ranks] == [0, 1]
+    units = ranks[0]["units"]
+    assert units > 2 and all(rank["units"] == units for rank in ranks)
+    assert all(rank["unit_rows"] == -(-rows // units) for rank in ranks)  # each read one whole unit of the listing

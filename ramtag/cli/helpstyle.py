@@ -58,7 +58,7 @@ def _no_range() -> None:
     return None
 
 
-def _no_type(ctx) -> None:  # noqa: ARG001 - typer's signature
+def _no_type(ctx) -> None:  # typer's signature
     return None
 
 

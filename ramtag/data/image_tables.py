@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from ramtag.errors import DataError, UsageError
+from ramtag.messages import first_line
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 READ_ROWS = 64
@@ -123,9 +124,9 @@ def read_schema(path: str) -> pa.Schema:
         with _open_arrow(path) as reader:
             return reader.schema
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: cannot read ({first_line(exc)})") from exc
     except pa.ArrowException as exc:
-        raise DataError(f"{path}: not a {_format(path).capitalize()} file ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: not a {_format(path).capitalize()} file ({first_line(exc)})") from exc
 
 
 def is_image_type(kind: pa.DataType) -> bool:
@@ -255,7 +256,7 @@ def _group_sizes(path: str) -> list[int]:
                 return [reader.get_batch(index).num_rows for index in range(reader.num_record_batches)]
             return [batch.num_rows for batch in reader]
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: cannot read ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: cannot read ({first_line(exc)})") from exc
 
 
 class _open_arrow:
@@ -312,6 +313,3 @@ def image_cell(value: Any) -> tuple[bytes | None, str | None]:
     return (bytes(value) if value is not None else None), None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -163,7 +163,7 @@ def _as_stream(data: ImageInput) -> BinaryIO:
         try:
             if os.path.getsize(data) == 0:
                 raise ImageDecodeError("empty file")
-            return open(data, "rb")  # noqa: SIM115 - closed by decode_image
+            return open(data, "rb")  # closed by decode_image
         except OSError as exc:
             raise ImageDecodeError(f"cannot read: {exc.strerror or exc}") from exc
     return data

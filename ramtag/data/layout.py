@@ -80,6 +80,9 @@ class OutputLayout:
     run: int
     extends_output: bool
     """Whether the finished output that existed when the work began is part of the result."""
+    job_first_run: int = -1
+    """The first run of this job: ``run`` itself, or, in a group that ``torchrun --max-restarts`` restarted, the
+    run its first start made (what that start already retried is not retried again)."""
 
 
 def _work_dir(output: Path) -> Path:
@@ -191,11 +194,15 @@ def prepare_output(
     resume: bool = False,
     overwrite: bool = False,
     identity: Mapping[str, Any] | None = None,
+    job: str | None = None,
+    job_restarted: bool = False,
 ) -> OutputLayout | None:
     """Check the output and start a run in its work directory (rank 0, before the other ranks).
 
     ``identity`` holds what must not change between a run and its resumption (vocabulary and
     model fingerprints, thresholds, top k, columns): resuming with a different one is refused.
+    ``job`` names the launcher's job (torchrun's run id); ``job_restarted`` says this start is a restart of it,
+    which continues the run its first start made.
     Returns None for stdout, which has no files.
     """
     _refuse_remote(output)
@@ -206,7 +213,8 @@ def prepare_output(
     _lock_output(path)
     try:
         check_output(output, resume=resume, overwrite=overwrite)  # again under the lock: a run may have ended since
-        return _prepare_file_output(path, kind, resume=resume, overwrite=overwrite, identity=identity)
+        return _prepare_file_output(path, kind, resume=resume, overwrite=overwrite, identity=identity, job=job,
+                                    job_restarted=job_restarted)
     except BaseException:
         _unlock_output(path)
         raise
@@ -235,7 +243,7 @@ def _lock_output(output: Path) -> None:
     lock = _lock_file(output)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock, "a+")  # noqa: SIM115 - held until the run ends
+        handle = open(lock, "a+")  # held until the run ends
     except OSError as exc:
         raise OutputError(f"cannot create {lock}: {exc.strerror or exc}") from None
     try:
@@ -269,7 +277,8 @@ def _unlock_output(output: Path) -> None:
 
 
 def _prepare_file_output(
-    path: Path, kind: OutputKind, *, resume: bool, overwrite: bool, identity: Mapping[str, Any] | None
+    path: Path, kind: OutputKind, *, resume: bool, overwrite: bool, identity: Mapping[str, Any] | None,
+    job: str | None = None, job_restarted: bool = False,
 ) -> OutputLayout:
     work_dir = _work_dir(path)
     has_parts = bool(_part_files(work_dir)) or _has_unit_work(work_dir)
@@ -293,10 +302,13 @@ def _prepare_file_output(
     if extends_output and path.exists():
         _check_identity(path, read_table_metadata(path).get("identity"), identity, "written")
     run = _next_run(work_dir, path, kind)
-    write_json(
-        work_dir / RUN_FILE, {"run": run, "identity": identity, "extends_output": extends_output}
-    )
-    return OutputLayout(path, kind, work_dir, run, extends_output)
+    same_job = job_restarted and job is not None and previous.get("job") == job and "job_first_run" in previous
+    first_run = int(previous["job_first_run"]) if same_job else run
+    record: dict[str, Any] = {"run": run, "identity": identity, "extends_output": extends_output}
+    if job is not None:
+        record.update(job=job, job_first_run=first_run)
+    write_json(work_dir / RUN_FILE, record)
+    return OutputLayout(path, kind, work_dir, run, extends_output, first_run)
 
 
 def _refuse_foreign_output(path: Path, kind: OutputKind) -> None:

@@ -1,6 +1,7 @@
 """The listing stage: what folders, single files, ``@list.txt``, ``-`` (paths on stdin), manifests (``.parquet``,
 ``.csv``, ``.jsonl``) and object-storage prefixes name, as rows of a files table (key, source, path, error and
-the carried manifest columns). Nothing here opens an image.
+the carried manifest columns), streamed in record batches (manifests are read by :mod:`ramtag.data.manifests`).
+Nothing here opens an image.
 
 Row keys: the path relative to its directory for directory finds, the path as given for files, lists and
 manifests. Relative paths in lists and stdin are opened relative to ``root`` (default: the current directory),
@@ -14,16 +15,12 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ramtag.data import storage
-from ramtag.data.image_tables import RENAMED_COLUMNS, check_path_column, image_columns_hint, output_column
-from ramtag.errors import DataError, UsageError
+from ramtag.errors import DataError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS: tuple[str, ...] = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -72,22 +69,47 @@ def filesystem_path(stored: str) -> str:
     return os.fsdecode(bytes.fromhex(stored[1:])) if stored.startswith(_UNDECODABLE) else stored
 
 
-@dataclass
 class Listing:
-    """The rows listed so far, column by column (Arrow builds the table once at the end), with the carried
-    manifest columns as (first row, table) pieces."""
+    """The rows listed so far, handed to ``emit`` as record batches of ``schema`` (key, source, path, error, then
+    the carried columns) of at most ``batch_rows`` rows: a listing of any length holds one batch in memory."""
 
-    keys: list[str] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    paths: list[str | None] = field(default_factory=list)
-    errors: list[str | None] = field(default_factory=list)
-    extra_tables: list[tuple[int, pa.Table]] = field(default_factory=list)
+    def __init__(self, schema: pa.Schema, emit: Callable[[pa.RecordBatch], None], batch_rows: int = 16_384):
+        self.schema = schema
+        self.rows = 0
+        self._emit = emit
+        self._batch_rows = batch_rows
+        self._pending: tuple[list[str], list[str], list[str | None], list[str | None]] = ([], [], [], [])
 
     def add(self, key: str, source: str, path: str | None, error: str | None = None) -> None:
-        self.keys.append(printable(key))
-        self.sources.append(printable(source))
-        self.paths.append(storable_path(path) if path is not None else None)
-        self.errors.append(printable(error) if error is not None else None)
+        keys, sources, paths, errors = self._pending
+        keys.append(printable(key))
+        sources.append(printable(source))
+        paths.append(storable_path(path) if path is not None else None)
+        errors.append(printable(error) if error is not None else None)
+        if len(keys) >= self._batch_rows:
+            self.flush()
+
+    def add_batch(self, batch: pa.RecordBatch) -> None:
+        """Rows already in the listing's schema (a manifest's batch), after those added one by one."""
+        self.flush()
+        if batch.num_rows:
+            self.rows += batch.num_rows
+            self._emit(batch)
+
+    def flush(self) -> None:
+        keys = self._pending[0]
+        if not keys:
+            return
+        columns = [pa.array(values, pa.string()) for values in self._pending]
+        columns += [pa.nulls(len(keys), carried.type) for carried in list(self.schema)[len(BASE_COLUMNS):]]
+        self._pending = ([], [], [], [])
+        self.rows += len(keys)
+        self._emit(pa.record_batch(columns, schema=self.schema))
+
+
+def listing_schema(carried: pa.Schema) -> pa.Schema:
+    """The listing's columns: the four of every row, then the carried ones."""
+    return pa.schema(_BASE_FIELDS + [pa.field(carried_field.name, carried_field.type) for carried_field in carried])
 
 
 def has_suffix(path: str, suffixes: Sequence[str]) -> bool:
@@ -169,12 +191,11 @@ def add_listed(collector: Listing, lines: Iterable[str], origin: str, base: Path
 def add_list_file(collector: Listing, list_path: str, base: Path | None, warn: Warn) -> None:
     if storage.is_remote(list_path):
         try:
-            lines = list(storage.iter_lines(list_path))
+            add_listed(collector, storage.iter_lines(list_path), f"@{list_path}", base, warn)
         except UnicodeDecodeError as exc:
             raise DataError(f"@{list_path}: cannot read list ({exc})") from exc
         except DataError as exc:
             raise DataError(f"@{exc}") from exc
-        add_listed(collector, lines, f"@{list_path}", base, warn)
         return
     try:
         with open(list_path, encoding="utf-8") as handle:
@@ -251,161 +272,3 @@ def _is_file(entry: os.DirEntry) -> bool:
         return entry.is_file()
     except OSError:
         return False
-
-
-def _read_manifest(path: str, columns: list[str]) -> pa.Table:
-    lowered = path.lower()
-    source: Any = storage.open_random_access(path) if storage.is_remote(path) else path
-    if lowered.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(source)
-        _require_columns(path, columns, schema.names, image_columns_hint(schema))
-        check_path_column(path, columns[0], schema.field(columns[0]).type)
-        return pq.read_table(source, columns=columns)
-    if lowered.endswith(".csv"):
-        import pyarrow.csv as pacsv
-
-        # Paths stay strings even when they look like numbers (e.g. 0001).
-        table = pacsv.read_csv(
-            source,
-            convert_options=pacsv.ConvertOptions(column_types={columns[0]: pa.string()}, strings_can_be_null=True),
-        )
-    else:
-        import pyarrow.json as pajson
-
-        table = pajson.read_json(source)
-    _require_columns(path, columns, table.column_names)
-    return table.select(columns)
-
-
-def _require_columns(path: str, wanted: list[str], present: list[str], hint: str = "") -> None:
-    missing = [name for name in wanted if name not in present]
-    if missing:
-        raise DataError(f"{path}: no column(s) {', '.join(missing)} (columns: {', '.join(present)}){hint}")
-
-
-def add_manifest(
-    collector: Listing,
-    manifest: str,
-    path_column: str,
-    keep_columns: Sequence[str],
-    base: Path | None,
-    extra_schema: pa.Schema | None,
-    warn: Warn | None = None,
-) -> pa.Schema:
-    if storage.is_remote(manifest):
-        if storage.file_type(manifest) != "file":
-            storage.check_bucket(manifest, DataError)
-            raise DataError(f"{manifest}: no such manifest")
-    elif not os.path.isfile(manifest):
-        raise DataError(f"{manifest}: no such manifest")
-    reserved = {"key", "source", "tags", "error", "scores"} - set(RENAMED_COLUMNS)
-    clashes = sorted(reserved.intersection(keep_columns))
-    if clashes:
-        raise DataError(f"--keep-columns {', '.join(clashes)}: these names are output columns of ramtag")
-    renamed = sorted(name for name in keep_columns if output_column(name) in keep_columns and name in RENAMED_COLUMNS)
-    if renamed:
-        raise UsageError(f"--keep-columns {renamed[0]} is written as {output_column(renamed[0])}, which is kept too")
-    beside = base is None and "://" not in manifest  # (a URL's folder is not a Path)
-    if beside:  # relative paths name files beside the manifest
-        base = Path(manifest).parent
-    columns = [path_column] + [name for name in keep_columns if name != path_column]
-    try:
-        table = _read_manifest(manifest, columns)
-    except (DataError, UsageError):
-        raise
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
-        raise DataError(f"{manifest}: cannot read manifest ({first_line(exc)})") from exc
-    extra = table.select(list(keep_columns)).rename_columns([output_column(name) for name in keep_columns])
-    if extra_schema is None:
-        extra_schema = extra.schema.remove_metadata()
-    else:
-        try:
-            extra = extra.cast(extra_schema)
-        except Exception as exc:
-            raise DataError(
-                f"{manifest}: --keep-columns types differ from an earlier manifest ({first_line(exc)})"
-            ) from exc
-    paths = table[path_column].cast(pa.string()).to_pylist()
-    if beside and warn is not None:
-        _warn_when_paths_look_cwd_relative(manifest, paths, base, warn)
-    start = len(collector.keys)
-    for row, path in enumerate(paths, start=1):
-        if path is None or not path.strip():
-            collector.add(f"{manifest}:{row}", manifest, None, f"empty path in manifest row {row}")
-        else:
-            collector.add(path, resolve(path, base), resolve(path, base))
-    collector.extra_tables.append((start, extra))
-    return extra_schema
-
-
-def _warn_when_paths_look_cwd_relative(manifest: str, paths: Sequence[str | None], base: Path, warn: Warn) -> None:
-    """One stat, not one per row: the first relative path missing beside the manifest but present from the
-    current directory means the manifest was written for the old rule; say how to get it."""
-    first = next((path for path in paths if path and path.strip() and not os.path.isabs(path)), None)
-    if first is None or os.path.exists(base / first) or not os.path.exists(first):
-        return
-    warn(
-        f"{manifest}: relative paths are read from the manifest's folder ({base}), where {first} is missing; "
-        "it exists from the current directory: pass --root . to read them from there"
-    )
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (libraries' run to paragraphs), or its type's name."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def files_table(collector: Listing, extra_schema: pa.Schema) -> pa.Table:
-    n_rows = len(collector.keys)
-    columns: list[pa.Array] = [
-        pa.array(collector.keys, pa.string()),
-        pa.array(collector.sources, pa.string()),
-        pa.array(collector.paths, pa.string()),
-        pa.array(collector.errors, pa.string()),
-    ]
-    fields = list(_BASE_FIELDS)
-    for extra_field in extra_schema:
-        pieces: list[pa.Array] = []
-        cursor = 0
-        for start, table in collector.extra_tables:
-            if start > cursor:
-                pieces.append(pa.nulls(start - cursor, extra_field.type))
-            if extra_field.name not in table.column_names:  # a column that only tables or shards carry
-                pieces.append(pa.nulls(table.num_rows, extra_field.type))
-                cursor = start + table.num_rows
-                continue
-            chunk = table[extra_field.name].combine_chunks()
-            pieces.append(chunk.cast(extra_field.type))
-            cursor = start + table.num_rows
-        if n_rows > cursor:
-            pieces.append(pa.nulls(n_rows - cursor, extra_field.type))
-        columns.append(pa.concat_arrays(pieces) if pieces else pa.nulls(0, extra_field.type))
-        fields.append(pa.field(extra_field.name, extra_field.type))
-    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
-
-
-def drop_repeats(files: pa.Table, warn: Warn) -> pa.Table:
-    """Drop exact repeats (same key, same path) with a warning; refuse one key for two files."""
-    if files.num_rows < 2 or pc.count_distinct(files["key"]).as_py() == files.num_rows:
-        return files
-    keys = files["key"].to_pylist()
-    paths = files["path"].to_pylist()
-    first_path: dict[str, str | None] = {}
-    keep: list[int] = []
-    repeats = 0
-    for index, (key, path) in enumerate(zip(keys, paths)):
-        if key not in first_path:
-            first_path[key] = path
-            keep.append(index)
-        elif first_path[key] == path:
-            repeats += 1
-        else:
-            raise DataError(
-                f"key {key!r} would name two different files ({first_path[key]} and {path}); "
-                "pass their common parent folder instead, or tag them in separate runs"
-            )
-    warn(f"{repeats} input(s) named more than once; each is tagged once")
-    return files.take(pa.array(keep, pa.int64()))

@@ -50,7 +50,7 @@ def open_pipe(command: str, bufsize: int = 8192) -> Any:
         bufsize=bufsize,
         ignore_status=[141],  # SIGPIPE: the reader stopped early, as webdataset treats it
         start_new_session=True,
-        preexec_fn=_prepare_child,  # noqa: PLW1509 - workers are single-threaded; nothing else can fork here
+        preexec_fn=_prepare_child,  # workers are single-threaded; nothing else can fork here
     )
     _RUNNING.add(pipe.proc)
     return _StoppingPipe(pipe)

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset, get_worker_info
 from ramtag.data import storage
 from ramtag.data.device_decode import DeviceJpegs, EncodedJpeg
 from ramtag.data.images import PIL_LIMIT, ImageDecodeError, decode_image
-from ramtag.data.listing import BASE_COLUMNS, filesystem_path, first_line
+from ramtag.data.listing import BASE_COLUMNS, filesystem_path
+from ramtag.messages import first_line
 
 Transform = Callable[[Any], torch.Tensor]
 T = TypeVar("T")

@@ -25,10 +25,11 @@ from torch.utils.data import IterableDataset
 
 from ramtag.data import storage
 from ramtag.data.images import PIL_LIMIT
-from ramtag.data.listing import first_line, has_suffix, printable
+from ramtag.data.listing import has_suffix, printable
 from ramtag.data.records import Record, Transform, check_rank, decode, split_by_node_and_worker
 from ramtag.data.shard_columns import ShardColumn, check_sample_has, sample_values, shard_columns_schema
 from ramtag.errors import DataError
+from ramtag.messages import first_line
 
 SHARD_EXTENSIONS: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 SHARD_IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "image")

@@ -14,7 +14,7 @@ The stages after the plan: :mod:`ramtag.data.units` (work units), :mod:`ramtag.d
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -38,13 +38,13 @@ from ramtag.data.listing import (
     add_directory,
     add_list_file,
     add_listed,
-    add_manifest,
     add_remote,
-    drop_repeats,
     expand_pattern,
-    files_table,
     has_suffix,
+    listing_schema,
 )
+from ramtag.data.listing_file import RepeatedKeys, RepeatFilter
+from ramtag.data.manifests import add_manifest, open_manifest
 from ramtag.data.records import check_rank
 from ramtag.data.shard_columns import parse_shard_columns
 from ramtag.data.shards import (
@@ -93,9 +93,24 @@ class InputPlan:
         return shard_split_problem(len(self.shards), world_size, workers)
 
 
-def plan_inputs(
+@dataclass
+class Listed:
+    """What :func:`list_inputs` found beside the rows it handed on: shards, tables, the carried columns."""
+
+    shards: list[str]
+    tables: list[str]
+    extra_schema: pa.Schema
+    schema: pa.Schema
+    """The listing's own: key, source, path, error, then the carried columns."""
+    rows: int
+    warnings: list[str]
+
+
+def list_inputs(
     inputs: Sequence[str],
+    emit: Callable[[pa.RecordBatch], None],
     *,
+    batch_rows: int = 16_384,
     path_column: str = "path",
     keep_columns: Sequence[str] = (),
     stdin: TextIO | None = None,
@@ -103,17 +118,19 @@ def plan_inputs(
     on_warning: Warn | None = None,
     image_column: str | None = None,
     key_column: str | None = None,
-) -> InputPlan:
-    """List what ``inputs`` name, without decoding any image.
+) -> Listed:
+    """List what ``inputs`` name, without decoding any image, handing the image files to ``emit`` in record
+    batches as they are found (repeated keys are not dropped here: see :func:`plan_inputs`).
 
+    Every input is checked first (patterns, paths, manifest columns, shards, tables), so that a mistake in the
+    last input is reported before the first folder is walked; then the files are listed in input order.
     ``keep_columns`` names manifest columns, columns of image tables and, for shards, members, JSON fields
     and ``__key__`` (:mod:`ramtag.data.shard_columns`); every input of those kinds must have them. A column
     named like one of ramtag's own (``key``) is carried under another name (``source_key``), with a warning.
 
-    Missing command-line paths, unreadable lists or manifests, unexpanded or empty patterns and
-    keys that two different files would share raise :class:`DataError`; missing files named
-    inside lists or manifests become error rows later. Directory problems (unreadable folders,
-    symlink loops, broken links) are warnings: passed to ``on_warning`` and kept in the plan.
+    Missing command-line paths, unreadable lists or manifests and unexpanded or empty patterns raise
+    :class:`DataError`; missing files named inside lists or manifests become error rows later. Directory
+    problems (unreadable folders, symlink loops, broken links) are warnings: passed to ``on_warning`` and kept.
     """
     if not inputs:
         raise DataError("no inputs given")
@@ -125,33 +142,32 @@ def plan_inputs(
             on_warning(message)
 
     base = Path(root) if root is not None else None
-    collector = Listing()
+    listed: list[tuple[str, object]] = []
     shards: list[str] = []
     tables: list[str] = []
-    extra_schema: pa.Schema | None = None
-    stdin_used = False
+    manifest_schema: pa.Schema | None = None
     for raw in inputs:
         for item in expand_pattern(raw):
             if item == "-":
-                if stdin_used:
+                if any(kind == "stdin" for kind, _ in listed):
                     raise DataError("'-' (paths on stdin) given more than once")
-                stdin_used = True
-                stream = stdin if stdin is not None else _default_stdin()
-                add_listed(collector, stream, "-", base, warn)
+                listed.append(("stdin", item))
             elif item.startswith("@"):
-                add_list_file(collector, item[1:], base, warn)
+                listed.append(("list", item[1:]))
             elif image_column and is_table_input(item):
                 tables.extend(table_files(item))
             elif is_shard_input(item):
                 shards.append(checked_shard(item))
             elif has_suffix(item, MANIFEST_EXTENSIONS):
-                extra_schema = add_manifest(collector, item, path_column, keep_columns, base, extra_schema, warn)
+                manifest = open_manifest(item, path_column, keep_columns, base)
+                manifest_schema = manifest_schema or manifest.extra_schema
+                listed.append(("manifest", manifest))
             elif storage.is_remote(item):
-                add_remote(collector, item, warn)
+                listed.append(("remote", item))
             elif os.path.isdir(item):
-                add_directory(collector, item, warn)
+                listed.append(("folder", item))
             elif os.path.exists(item):
-                collector.add(item, item, item)
+                listed.append(("file", item))
             elif "://" in item:
                 raise DataError(f"{item}: remote inputs must be WebDataset shards (.tar)")
             else:
@@ -163,7 +179,7 @@ def plan_inputs(
             f"--image-column {image_column}: no input is a table that holds images (.parquet, .arrow, a folder of "
             "them or a Hugging Face save_to_disk folder)"
         )
-    if keep_columns and extra_schema is None and not shards and not tables:
+    if keep_columns and manifest_schema is None and not shards and not tables:
         raise UsageError(
             "--keep-columns carries manifest columns (or table columns, shard members), but no manifest "
             "(.parquet, .csv, .jsonl), table (--image-column) or shard was given"
@@ -173,7 +189,7 @@ def plan_inputs(
     if len(unique_shards) < len(shards):
         warn(f"{len(shards) - len(unique_shards)} shard(s) named more than once; each is read once")
     refuse_shared_shard_names(unique_shards)
-    schemas = [extra_schema] if extra_schema is not None else []
+    schemas = [manifest_schema] if manifest_schema is not None else []
     if unique_tables:
         schemas.append(tables_carried_schema(unique_tables, image_column or "", key_column, keep_columns))
     if unique_shards and keep_columns:
@@ -182,8 +198,56 @@ def plan_inputs(
     for name in keep_columns:
         if name in RENAMED_COLUMNS:
             warn(f"--keep-columns {name}: written as column {output_column(name)} ({name} is ramtag's row key)")
-    files = drop_repeats(files_table(collector, carried), warn)
-    return InputPlan(files, unique_shards, carried, warnings, unique_tables)
+    collector = Listing(listing_schema(carried), emit, batch_rows)
+    for kind, item in listed:
+        if kind == "stdin":
+            add_listed(collector, stdin if stdin is not None else _default_stdin(), "-", base, warn)
+        elif kind == "list":
+            add_list_file(collector, str(item), base, warn)
+        elif kind == "manifest":
+            add_manifest(collector, item, warn)  # type: ignore[arg-type]
+        elif kind == "remote":
+            add_remote(collector, str(item), warn)
+        elif kind == "folder":
+            add_directory(collector, str(item), warn)
+        else:
+            collector.add(str(item), str(item), str(item))
+    collector.flush()
+    return Listed(unique_shards, unique_tables, carried, collector.schema, collector.rows, warnings)
+
+
+def plan_inputs(
+    inputs: Sequence[str],
+    *,
+    path_column: str = "path",
+    keep_columns: Sequence[str] = (),
+    stdin: TextIO | None = None,
+    root: str | os.PathLike | None = None,
+    on_warning: Warn | None = None,
+    image_column: str | None = None,
+    key_column: str | None = None,
+) -> InputPlan:
+    """:func:`list_inputs` into one Arrow table, for runs that keep their files in memory (explain, training and
+    evaluation): exact repeats (same key, same path) dropped with a warning, one key for two files refused.
+    ``tag`` spills its listing instead (:func:`ramtag.data.units.plan_units`)."""
+    batches: list[pa.RecordBatch] = []
+    listed = list_inputs(
+        inputs, batches.append, path_column=path_column, keep_columns=keep_columns, stdin=stdin, root=root,
+        on_warning=on_warning, image_column=image_column, key_column=key_column,
+    )
+    files = pa.Table.from_batches(batches, listed.schema)
+    if files.num_rows > 1 and pc.count_distinct(files["key"]).as_py() < files.num_rows:
+        warn = on_warning
+        with RepeatedKeys() as repeats:
+            for batch in batches:
+                repeats.add(batch.column(0))
+            drop = RepeatFilter(repeats.suspects())
+        files = pa.Table.from_batches(list(drop(batches)), listed.schema)
+        message = f"{drop.dropped} input(s) named more than once; each is tagged once"
+        listed.warnings.append(message)
+        if warn is not None:
+            warn(message)
+    return InputPlan(files, listed.shards, listed.extra_schema, listed.warnings, listed.tables)
 
 
 def _default_stdin() -> TextIO:

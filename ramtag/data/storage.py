@@ -292,8 +292,12 @@ def read_listed_image(url: str) -> tuple[bytes | None, str | None]:
 
 
 def iter_lines(url: str) -> Iterator[str]:
-    """The lines of a text object (a list of images), decoded as UTF-8."""
-    yield from read_text(url).splitlines()
+    """The lines of a text object (a list of images), decoded as UTF-8, streamed: a list of millions of paths
+    is never held whole."""
+    import io
+
+    with open_input(url) as stream:
+        yield from (line.rstrip("\r\n") for line in io.TextIOWrapper(stream, encoding="utf-8", newline=""))
 
 
 # ---------------------------------------------------------------------------------------------

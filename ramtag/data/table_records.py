@@ -11,8 +11,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from ramtag.data.image_tables import TablePiece, image_cell, iter_rows, output_column, table_pieces
-from ramtag.data.listing import first_line, printable
+from ramtag.data.listing import printable
 from ramtag.data.records import Record, Transform, decode
+from ramtag.messages import first_line
 
 
 class Unit(Protocol):

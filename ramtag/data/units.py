@@ -27,23 +27,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset
 
-from ramtag.atomic import atomic_path, write_json
+from ramtag.atomic import write_json
 from ramtag.data.image_tables import is_table_input
 from ramtag.data.images import PIL_LIMIT
-from ramtag.data.listing import BASE_COLUMNS, IMAGE_EXTENSIONS, printable
+from ramtag.data.listing import BASE_COLUMNS, IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, has_suffix, printable
+from ramtag.data.listing_file import (
+    LISTING_FILE,
+    ListingWriter,
+    RepeatedKeys,
+    RepeatFilter,
+    open_listing,
+    remove_quietly,
+    rewrite_listing,
+)
+from ramtag.data.manifests import open_manifest
 from ramtag.data.records import Batch, FileDataset, Record, Transform, collate_records, split_by_node_and_worker
 from ramtag.data.shard_columns import parse_shard_columns
 from ramtag.data.shards import ShardDataset, is_shard_input, shard_name
-from ramtag.data.sources import plan_inputs
+from ramtag.data.sources import Listed, list_inputs, plan_inputs
 from ramtag.data.table_records import table_records, table_unit_fields
 from ramtag.errors import UsageError
+from ramtag.messages import listed
 
-LISTING_FILE = "listing.arrow"
-"""An Arrow IPC file, not Parquet: a reader opens one unit's batch through a footer of 24 bytes a unit, where a
-Parquet footer of one row group per unit costs every process that opens it ~4 KB of memory a unit (400 MB at
-100,000 units, in each DataLoader worker; benchmarks/scale.py)."""
 UNITS_FILE = "units.json"
-LISTING_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 UNIT_ROWS = 16_384
 MIN_UNIT_ROWS = 64
 
@@ -163,29 +169,78 @@ def plan_units(
             units = _merge_shards(units, shards, keep_columns)
             _write_units_file(work_dir, spec, shard_inputs, units)
         return UnitPlan(units, _extra_schema(listing), listing)
-    plan = plan_inputs(
-        inputs, path_column=path_column, keep_columns=keep_columns, stdin=stdin, root=root, on_warning=on_warning,
-        image_column=image_column, key_column=key_column,
+    listed, groups = _spill_listing(
+        listing, unit_rows, spread_over, inputs, path_column=path_column, keep_columns=keep_columns, stdin=stdin,
+        root=root, on_warning=on_warning, image_column=image_column, key_column=key_column,
     )
-    if plan.files.num_rows == 0 and not plan.shards and not plan.tables and not allow_empty:
+    if not sum(groups) and not listed.shards and not listed.tables and not allow_empty:
+        remove_quietly(listing)
         raise UsageError(describe_empty_inputs(inputs))
-    rows_per_unit = max(1, min(unit_rows, max(MIN_UNIT_ROWS, -(-plan.files.num_rows // max(1, spread_over)))))
-    groups = _write_listing(listing, plan.files, rows_per_unit)
     units = [Unit(index, "rows", rows=rows, group=index) for index, rows in enumerate(groups)]
-    tables = table_unit_fields(plan.tables, unit_rows, image_column or "", key_column, keep_columns)
+    tables = table_unit_fields(listed.tables, unit_rows, image_column or "", key_column, keep_columns)
     units += [Unit(len(units) + index, **fields) for index, fields in enumerate(tables)]
-    units = _merge_shards(units, plan.shards, keep_columns)
+    units = _merge_shards(units, listed.shards, keep_columns)
     _write_units_file(work_dir, spec, [item for item in inputs if is_shard_input(item)], units)
-    return UnitPlan(units, plan.extra_schema, listing)
+    return UnitPlan(units, listed.extra_schema, listing)
+
+
+def _spill_listing(
+    listing: Path, unit_rows: int, spread_over: int, inputs: Sequence[str], **options: Any
+) -> tuple[Listed, list[int]]:
+    """List ``inputs`` straight into ``listing``, one record batch per unit; returns the rows of each unit.
+
+    The rows stream to a first file in batches of ``unit_rows`` while their keys' hashes go to the repeat check;
+    only when keys repeat, or the listing is short enough that its units must shrink (``spread_over``), is that
+    file rewritten. Memory stays at a unit of rows and the list of unit sizes."""
+    first = listing.with_name(f".{listing.name}.{os.getpid()}.first")
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with RepeatedKeys(listing.parent) as repeats:
+            writer: ListingWriter | None = None
+
+            def emit(batch: pa.RecordBatch) -> None:
+                nonlocal writer
+                if writer is None:
+                    writer = ListingWriter(first, batch.schema, unit_rows)
+                writer.write(batch)
+                repeats.add(batch.column(0))
+
+            try:
+                listed = list_inputs(inputs, emit, batch_rows=unit_rows, **options)
+                if writer is None:  # no image file: the listing still records the carried columns
+                    writer = ListingWriter(first, listed.schema, unit_rows)
+            finally:
+                if writer is not None:
+                    writer.close()
+            suspects = repeats.suspects()
+        sizes = writer.sizes
+        if suspects:
+            drop = RepeatFilter(suspects)
+            second = first.with_suffix(".second")
+            sizes = rewrite_listing(first, second, unit_rows, drop)
+            os.replace(second, first)
+            message = f"{drop.dropped} input(s) named more than once; each is tagged once"
+            listed.warnings.append(message)
+            if options.get("on_warning") is not None:
+                options["on_warning"](message)
+        rows = sum(sizes)
+        rows_per_unit = max(1, min(unit_rows, max(MIN_UNIT_ROWS, -(-rows // max(1, spread_over)))))
+        if rows_per_unit != unit_rows and rows:
+            sizes = rewrite_listing(first, listing, rows_per_unit)
+        else:
+            os.replace(first, listing)
+        return listed, sizes
+    finally:
+        remove_quietly(first)
 
 
 def check_input_columns(
     inputs: Sequence[str], *, keep_columns: Sequence[str] = (), image_column: str | None = None,
-    key_column: str | None = None,
+    key_column: str | None = None, path_column: str = "path", root: str | os.PathLike | None = None,
 ) -> None:
-    """What can be checked of the carried and image columns in a second, before a model loads: the schemas of
-    tables (footers only) and the first sample of the first local shard. Manifests, which must be read whole,
-    and remote shards are checked when the run is planned."""
+    """What can be checked of the path, carried and image columns in a second, before a model loads: the
+    schemas of local manifests and tables (footers or first blocks only) and the first sample of the first local
+    shard. Remote inputs are checked when the run is planned."""
     quick = [
         item for item in inputs
         if "://" not in item and not item.startswith("pipe:")
@@ -197,10 +252,15 @@ def check_input_columns(
             quick, keep_columns=keep_columns, image_column=image_column if tables else None,
             key_column=key_column if tables else None,
         )
+    base = Path(root) if root is not None else None
+    for item in inputs:
+        if (has_suffix(item, MANIFEST_EXTENSIONS) and "://" not in item and os.path.isfile(item)
+                and not (image_column and is_table_input(item))):
+            open_manifest(item, path_column, keep_columns, base)
 
 
 def listed_inputs(items: Sequence[str]) -> str:
-    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "") if items else "no images"
+    return listed(items, 3, quote=False) if items else "no images"
 
 
 def _merge_shards(units: list[Unit], shards: Sequence[str], columns: Sequence[str] = ()) -> list[Unit]:
@@ -218,23 +278,6 @@ def _merge_shards(units: list[Unit], shards: Sequence[str], columns: Sequence[st
             merged.append(Unit(next_id, "shard", url=url, name=name, columns=tuple(columns)))
             next_id += 1
     return merged
-
-
-def _write_listing(path: Path, files: pa.Table, unit_rows: int) -> list[int]:
-    """Spill the listing, one record batch per unit (zstd-compressed); returns the rows of each batch."""
-    groups = []
-    with atomic_path(path) as temporary:
-        with pa.ipc.new_file(temporary, files.schema, options=LISTING_OPTIONS) as writer:
-            for start in range(0, files.num_rows, unit_rows):
-                piece = files.slice(start, unit_rows)
-                writer.write_batch(pa.record_batch([column.combine_chunks() for column in piece.columns], files.schema))
-                groups.append(piece.num_rows)
-    return groups
-
-
-def open_listing(listing: Path) -> pa.ipc.RecordBatchFileReader:
-    """The listing, memory-mapped: batch ``unit.group`` holds that unit's rows."""
-    return pa.ipc.open_file(pa.memory_map(str(listing)))
 
 
 def _extra_schema(listing: Path) -> pa.Schema:

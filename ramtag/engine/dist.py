@@ -33,6 +33,14 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def job_id() -> str | None:
+    """torchrun's id for this job, the same across its restarts (a uuid under ``--standalone``, else
+    ``--rdzv-id``), or None outside torchrun."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    return os.environ.get("TORCHELASTIC_RUN_ID", "none")
+
+
 def restart_count() -> int:
     """How often torchrun (``--max-restarts``) restarted this worker group: 0 on its first start and outside
     torchrun. A restarted group continues the run its predecessor started (see ramtag.engine.tag)."""
@@ -120,13 +128,13 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
     """Sum over ranks; the gradient of each rank's input is the sum of every rank's output gradient."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd signature
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # autograd signature
         total = tensor.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         total = grad.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
@@ -198,7 +206,7 @@ def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
         offset += size
 
 
-def broadcast_tensors(tensors, src: int = 0) -> None:  # noqa: ANN001 - an iterable of tensors
+def broadcast_tensors(tensors, src: int = 0) -> None:  # an iterable of tensors
     """Overwrite every rank's `tensors` in place with rank `src`'s."""
     if not info().distributed:
         return

@@ -83,7 +83,7 @@ def _download(name: str, tag: str, config: dict, cache_dir: str) -> str:
     try:
         with logs_held_unless_it_fails():
             return download_pretrained(config, cache_dir=cache_dir)
-    except Exception as error:  # noqa: BLE001 - network failures come in many types
+    except Exception as error:  # network failures come in many types
         raise CheckpointError(
             f"download of {name} {tag} failed: {error.__class__.__name__}: {first_sentence(error)}"
         ) from None

@@ -211,7 +211,10 @@ def _prepare(output, inputs: InputOptions, resume, overwrite, retry_errors, iden
         prepare_output(output, resume=resume, overwrite=overwrite)  # refuses --resume
         work_dir, run = Path(tempfile.mkdtemp(prefix="ramtag-listing-")), 0
     else:
-        layout = prepare_output(output, resume=resume, overwrite=overwrite, identity=identity)
+        layout = prepare_output(
+            output, resume=resume, overwrite=overwrite, identity=identity, job=dist.job_id(),
+            job_restarted=dist.restart_count() > 0,
+        )
         assert layout is not None
         work_dir, run = layout.work_dir, layout.run
     try:
@@ -239,7 +242,10 @@ def _prepare(output, inputs: InputOptions, resume, overwrite, retry_errors, iden
             key_column=inputs.key_column,
         )
         entries = latest_entries(work_dir, before_run=run)
-        tasks, done_rows, done_errors = _still_to_do(work_dir, plan.units, entries, retry_errors and resume)
+        retried_since = run if kind == "stdout" else layout.job_first_run
+        tasks, done_rows, done_errors = _still_to_do(
+            work_dir, plan.units, entries, retry_errors and resume, retried_since
+        )
     except BaseException:
         if kind == "stdout" or not _has_unit_work(work_dir):  # nothing committed: leave nothing behind
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -261,9 +267,11 @@ def _prepare(output, inputs: InputOptions, resume, overwrite, retry_errors, iden
 
 
 def _still_to_do(
-    work_dir: Path, units: Sequence[Unit], entries: Mapping[int, LedgerEntry], retry_errors: bool
+    work_dir: Path, units: Sequence[Unit], entries: Mapping[int, LedgerEntry], retry_errors: bool,
+    retried_since: int | None = None,
 ) -> tuple[list[UnitTask], int, int]:
-    """Units without a ledger entry (or, retrying, with errors), each with the committed parts it keeps.
+    """Units without a ledger entry (or, retrying, with errors committed before run ``retried_since``: a
+    restarted group does not retry what its first start already retried), each with the committed parts it keeps.
 
     Reads file names only: no part of a done unit is opened. Parts that no entry lists and that no unit
     still to do keeps (an attempt superseded by a later entry) are removed."""
@@ -277,7 +285,7 @@ def _still_to_do(
             tasks.append(UnitTask(unit, tuple(name for _, _, name in found)))
             continue
         unlisted = [(run, name) for run, _, name in found if name not in set(entry.parts)]
-        if retry_errors and entry.errors:
+        if retry_errors and entry.errors and (retried_since is None or entry.run < retried_since):
             later = tuple(name for run, name in unlisted if run > entry.run)  # a retry killed in flight
             tasks.append(UnitTask(unit, tuple(entry.parts) + later, dict(entry.drop), retry_errors=True))
             garbage = [name for run, name in unlisted if run <= entry.run]

@@ -95,7 +95,8 @@ def preflight_tag(options, *, checkpoint=None, model: str | None = None, pretrai
         check_labels_out(labels_out, options.output)
     check_input_columns(
         options.inputs, keep_columns=options.keep_columns, image_column=getattr(options, "image_column", None),
-        key_column=getattr(options, "key_column", None),
+        key_column=getattr(options, "key_column", None), path_column=getattr(options, "path_column", "path"),
+        root=getattr(options, "root", None),
     )
 
 

@@ -64,7 +64,7 @@ def _first_line(error: BaseException) -> str:
 def require_ray() -> None:
     """Raise one clear line where Ray (Ray Data) is not installed; call it before any model loads."""
     try:
-        import ray  # noqa: F401
+        import ray
         import ray.data  # noqa: F401
     except ImportError:
         raise UsageError(RAY_MISSING) from None

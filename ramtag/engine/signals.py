@@ -19,7 +19,7 @@ from ramtag.errors import Interrupted
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (a no-op elsewhere), after asking
     the decode workers to end their ``pipe:`` commands (a worker blocked reading one would not stop otherwise)."""
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         _stop_workers_pipes()
         raise KeyboardInterrupt
 
@@ -37,7 +37,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         allow_pipes()
 
 
-def decode_worker_init(worker_id: int) -> None:  # noqa: ARG001
+def decode_worker_init(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: leave stopping to the main process (workers still stop when it does); a
     SIGTERM only ends the worker's ``pipe:`` commands, so that a read blocked on one returns. The worker lets go
     of the output lock it inherited, so that the lock ends with the run's own process. What C decoders (libtiff)
@@ -50,7 +50,7 @@ def decode_worker_init(worker_id: int) -> None:  # noqa: ARG001
     capture_native_stderr()
 
 
-def _worker_sigterm(signum, frame) -> None:  # noqa: ARG001
+def _worker_sigterm(signum, frame) -> None:
     from ramtag.data.pipes import stop_pipes
 
     stop_pipes()

@@ -158,7 +158,7 @@ def _load_strict(model: RamModel, tensors: dict[str, torch.Tensor], path: Path) 
 def _load_reference_file(path: Path, overrides: dict | None) -> RamModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - corrupt or pickled objects: both are refused the same way
+    except Exception as error:  # corrupt or pickled objects: both are refused the same way
         raise CheckpointError(
             f"{path}: cannot read as a weights-only torch file ({error.__class__.__name__})"
         ) from None

@@ -107,7 +107,7 @@ def cached_weights(name: str, tag: str, cache_dir: str | None = None) -> str:
         try:
             with logs_held_unless_it_fails(), hub_offline():
                 return download_pretrained(config, cache_dir=cache_dir)
-        except Exception:  # noqa: BLE001 - offline, any failure means "not in the cache"
+        except Exception:  # offline, any failure means "not in the cache"
             raise missing from None
     url = config.get("url", "")
     cached = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
@@ -180,5 +180,5 @@ def _probe_local_weights(name: str, path: Path) -> nn.Module:
     try:
         # TorchScript archives of OpenAI CLIP: open_clip reads them without unpickling Python objects.
         return open_clip.load_openai_model(str(path), precision="fp32", device="cpu").eval()
-    except Exception as error:  # noqa: BLE001 - any failure here means the file is not usable weights
+    except Exception as error:  # any failure here means the file is not usable weights
         raise CheckpointError(f"{path}: not CLIP weights that {name} can load ({error.__class__.__name__})") from None

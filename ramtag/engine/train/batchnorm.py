@@ -22,7 +22,7 @@ from ramtag.engine import dist
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics span all ranks (same parameters, buffers and state-dict keys)."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Module signature
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Module signature
         if not (self.training and dist.info().distributed):
             return super().forward(input)
         self._check_input_dim(input)
@@ -50,7 +50,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         self.running_var.mul_(1 - factor).add_(unbiased_variance.to(self.running_var.dtype), alpha=factor)
 
 
-def _replace_batchnorms(module: nn.Module, make) -> int:  # noqa: ANN001 - factory of the new module
+def _replace_batchnorms(module: nn.Module, make) -> int:  # factory of the new module
     replaced = 0
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:

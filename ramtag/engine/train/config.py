@@ -40,7 +40,7 @@ SECTIONS = ("data", "model", "kcot", "images", "optimisation", "run")
 
 def _setting(
     section: str, default: Any = MISSING, help: str = "", *, factory: Any = MISSING, option: str = ""
-) -> Field:  # noqa: A002
+) -> Field:
     """A field with its description; `option` names its command-line option and config-file key where that is
     not the field's own name."""
     metadata = {"help": help, "section": section, "option": option}

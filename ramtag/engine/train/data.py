@@ -82,7 +82,7 @@ def training_labels(
     return _held_out(space, tuple(unseen), shard_items, log)
 
 
-def _held_out(space, unseen: tuple[str, ...], shard_items: list[LabelledItem], log) -> TrainingLabels:  # noqa: ANN001
+def _held_out(space, unseen: tuple[str, ...], shard_items: list[LabelledItem], log) -> TrainingLabels:
     absent = [label for label in unseen if label not in space.labels]
     if absent:  # normal when the data carries seen labels only, but a typo would leave its label in training
         log(
@@ -155,7 +155,7 @@ class _SeededAugment:
         self.augment = augment
         self.seed = 0
 
-    def __call__(self, image) -> torch.Tensor:  # noqa: ANN001 - a PIL image
+    def __call__(self, image) -> torch.Tensor:  # a PIL image
         return self.augment(image, torch.Generator().manual_seed(self.seed))
 
 
@@ -168,7 +168,7 @@ class _CountingAugment:
         self.pass_index = pass_index
         self.count = 0
 
-    def __call__(self, image) -> torch.Tensor:  # noqa: ANN001 - a PIL image
+    def __call__(self, image) -> torch.Tensor:  # a PIL image
         info = get_worker_info()
         worker = info.id if info is not None else 0
         seed = sample_seed(self.seed, self.pass_index, (worker << 40) + self.count)

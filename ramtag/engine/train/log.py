@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ramtag.atomic import write_text
 from ramtag.engine.reporter import Reporter
 from ramtag.errors import UsageError
+from ramtag.messages import listed
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +47,8 @@ class TrainReporter:
         self._display = Reporter(bar=progress, fields=("{task.fields[status]}",), elapsed=True)
         output.mkdir(parents=True, exist_ok=True)
         mode = "a" if resume else "w"
-        self._log = open(output / LOG_FILE, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._metrics = open(output / METRICS_FILE, mode, encoding="utf-8")  # noqa: SIM115
+        self._log = open(output / LOG_FILE, mode, encoding="utf-8")  # closed in close()
+        self._metrics = open(output / METRICS_FILE, mode, encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -152,13 +153,12 @@ def step_record(
 
 def dropped_summary(dropped: Counter[str], unseen: Sequence[str], listing: Path) -> str:
     """The log line about label occurrences dropped as outside the seen label space."""
-    common = ", ".join(f"{label!r} ({count})" for label, count in dropped.most_common(20))
-    more = f" and {len(dropped) - 20} more" if len(dropped) > 20 else ""
+    common = listed([f"{label!r} ({count})" for label, count in dropped.most_common()], 20, quote=False)
     held_out = sum(count for label, count in dropped.items() if label in set(unseen))
     why = f", {held_out} of them --unseen labels" if held_out else ""
     return (
         f"{sum(dropped.values())} label occurrence(s) outside the seen label space dropped{why}; "
-        f"{len(dropped)} distinct: {common}{more} (all in {listing})"
+        f"{len(dropped)} distinct: {common} (all in {listing})"
     )
 
 

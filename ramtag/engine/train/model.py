@@ -52,7 +52,7 @@ def _checkpoint_has_backbone(path: str) -> bool:
     try:
         with safe_open(path, "pt") as handle:
             return json.loads((handle.metadata() or {}).get("includes_backbone", "false"))
-    except Exception:  # noqa: BLE001 - reference .pth files carry their backbone
+    except Exception:  # reference .pth files carry their backbone
         return True
 
 
@@ -64,7 +64,7 @@ def _fresh_config(
     template: str,
     mean=REFERENCE_MEAN_STD,
     std=REFERENCE_MEAN_STD,
-) -> RamConfig:  # noqa: ANN001
+) -> RamConfig:
     vision_depth, text_depth = len(clip.visual.transformer.resblocks), _text_depth(clip)
     adapter_layers = tuple(config.adapter_layers) if config.adapter_layers is not None else _last_layers(vision_depth)
     prompt_layers = tuple(config.prompt_layers) if config.prompt_layers is not None else _last_layers(text_depth)
@@ -197,14 +197,3 @@ def parameter_groups(model: RamModel, config: TrainConfig) -> tuple[list[dict], 
     ]
     sgd = [{"params": tokens, "lr": config.token_lr, "weight_decay": token_decay, "name": "tokens"}]
     return [g for g in adamw if g["params"]], [g for g in sgd if g["params"]]
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise UsageError(f"--precision {precision} needs CUDA; on {device.type} training runs in fp32")
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

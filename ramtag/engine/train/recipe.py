@@ -25,14 +25,14 @@ from ramtag.data.augment import TrainAugment
 from ramtag.data.labelled import open_labelled_source
 from ramtag.data.labelled_samples import LabelledBatch
 from ramtag.engine import dist
-from ramtag.engine.runtime import resolve_device
+from ramtag.engine.runtime import autocast_dtype, resolve_device
 from ramtag.engine.train import state as files
 from ramtag.engine.train.batchnorm import synchronise_batchnorms
 from ramtag.engine.train.config import TrainConfig, resolve_config
 from ramtag.engine.train.data import StreamPosition, TrainBatches, nothing_to_learn, training_items, training_labels
 from ramtag.engine.train.ema import TrainableEma
 from ramtag.engine.train.log import METRICS_FILE, StepLog, TrainReporter, dropped_summary, step_record, truncate_metrics
-from ramtag.engine.train.model import build_training_model, label_tokens, parameter_groups, resolve_precision
+from ramtag.engine.train.model import build_training_model, label_tokens, parameter_groups
 from ramtag.engine.train.schedule import LearningRates, Schedule, default_warmup_epochs
 from ramtag.engine.train.state import (
     previous_state,
@@ -83,7 +83,7 @@ class TrainRecipe:
         cfg = self.config
         self.info = dist.setup(cfg.device)
         self.device = resolve_device(dist.device_for(self.info, cfg.device))
-        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         state = previous_state(cfg, self.output)
         if state is not None and self.info.is_main:
             truncate_metrics(self.output / METRICS_FILE, int(state["step"]))
@@ -295,7 +295,7 @@ class TrainRecipe:
         self.rates.advance()
         return record
 
-    def _autocast(self):  # noqa: ANN202
+    def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)

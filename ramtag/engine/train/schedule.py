@@ -100,7 +100,7 @@ class LearningRates:
             _step_quietly(scheduler)
 
 
-def _step_quietly(scheduler) -> None:  # noqa: ANN001 - a torch LRScheduler
+def _step_quietly(scheduler) -> None:  # a torch LRScheduler
     # torch warns when a scheduler steps before its optimizer has: here steps count the optimizer steps a run
     # attempts, also those the fp16 GradScaler skips or that had no usable image, so the warning does not apply.
     with warnings.catch_warnings():

@@ -35,7 +35,7 @@ BAD_IMAGES_FILE = "bad-images.txt"
 DROPPED_LABELS_FILE = "dropped-labels.txt"
 
 
-def annotations_fingerprint(items) -> str:  # noqa: ANN001 - LabelledItems
+def annotations_fingerprint(items) -> str:  # LabelledItems
     """What the training images and their labels are, in order: a resumed run's data position indexes them."""
     return fingerprint([[item.key, list(item.labels)] for item in items])
 
@@ -123,7 +123,7 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no training state to resume from")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - corrupt files and pickled objects are refused alike
+    except Exception as error:  # corrupt files and pickled objects are refused alike
         raise CheckpointError(f"{path}: cannot read the training state ({error.__class__.__name__})") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: not a ramtag training state (version {STATE_VERSION})")
