@@ -45,7 +45,7 @@ class CompiledVision:
         self.compiled: Callable[..., Features] | None = None
         try:  # compiling itself waits for the first call; this fails only where dynamo cannot run at all
             self.compiled = torch.compile(vision, dynamic=False, backend=backend)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # dynamo cannot run here (an unsupported Python): the run goes on uncompiled
             self._fall_back(error)
 
     def __call__(self, images: torch.Tensor, text_features: torch.Tensor | None = None, use_adapters: bool = True):
@@ -69,7 +69,7 @@ class CompiledVision:
             global_feature, regions = self.compiled(images, text_features, use_adapters=use_adapters)
         except torch.OutOfMemoryError:
             raise
-        except Exception as error:  # noqa: BLE001 - any compiler failure: the run goes on uncompiled
+        except Exception as error:  # any compiler failure: the run goes on uncompiled
             self._fall_back(error)
             return self.eager(images[:count], text_features, use_adapters=use_adapters)
         if self.compile_seconds is None:
