@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared device check: install ramtag on a bare GPU machine, run every CUDA-marked test, then the
-# throughput and training-memory benchmarks, and leave their JSON (at most 8 files) in $OUT.
+# throughput benchmark (eager, then its --compile arms in a step of their own) and the training-memory benchmark,
+# and leave their JSON (at most 8 files) in $OUT.
 #
 #   benchmarks/gpu_check.sh              on the GPU machine (the device tool's `run`, with .device-wheels carried)
 #   benchmarks/gpu_check.sh --dry-run    anywhere: tiny sizes on the CPU, so the script cannot rot (CI runs it)
@@ -12,6 +13,7 @@
 # Before running it on the device (see ../shared/device.md):
 #   mkdir -p .device-wheels && cp ../shared/device-wheels/*.whl .device-wheels/   (.device-wheels is git-ignored)
 #   run: command "bash benchmarks/gpu_check.sh", carry [".device-wheels"]
+# A rerun can leave out steps that already passed: RAMTAG_GPU_CHECK_SKIP="cuda_tests train_memory" bash ...
 set -u
 cd "$(dirname "$0")/.."
 
@@ -29,9 +31,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAMTAG_BE
 export RAMTAG_CUDA_REPORT="$OUT/cuda_report.json"
 declare -A STATUS
 
+SKIP=" ${RAMTAG_GPU_CHECK_SKIP:-} "  # e.g. "cuda_tests train_memory": a rerun spends its minutes on the rest
 step() {  # step NAME TIMEOUT_S COMMAND...: run it, log it, record its status
     local name="$1" limit=$(($2 * LIMIT_SCALE))
     shift 2
+    if [[ $SKIP == *" $name "* ]]; then
+        echo "== $name: skipped (RAMTAG_GPU_CHECK_SKIP)" | tee -a "$LOG"
+        return
+    fi
     local started=$SECONDS
     echo "== $name (limit ${limit}s): $*" >>"$LOG"
     timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
@@ -59,12 +66,20 @@ if [[ $DRY == 1 ]]; then
     DEVICE=cpu
     export RAMTAG_BENCH_TINY=1  # benchmarks build a 12-layer CLIP of tiny width instead of ViT-B/16
     TESTS=(-m cuda "${CUDA_TESTS[@]}")  # all skip on a CPU: they must still collect
-    THROUGHPUT=(--quick --device cpu --models vitb --vitb-images 16 --repeats 1 --cli)
+    THROUGHPUT=(--quick --device cpu --models vitb --vitb-images 16 --repeats 1 --cli --other-decode)
+    # dynamo's tracing only (backend eager): inductor's code generation would triple the dry run on a CPU
+    COMPILE=(--quick --device cpu --models vitb --variants vitb_adapters --vitb-images 16 --repeats 1
+             --no-breakdown --other-decode --compile --compile-backend eager --label compile)
     MEMORY=(--quick --device cpu --rounds 1 --arms adapters,whole)
 else
     DEVICE=cuda
     TESTS=(-m cuda "${CUDA_TESTS[@]}")
     THROUGHPUT=(--device cuda --precision auto --models vitb,demo --repeats 3 --cli)
+    # The issue's model only, against its own eager arms: --compile (one inductor compile of ViT-B/16 is tens of
+    # seconds) and `ramtag tag` with CPU decoding (PIL in one worker per core but one) beside GPU decoding. Kept
+    # out of the step above, whose three models would not leave the time for both.
+    COMPILE=(--device cuda --precision auto --models vitb --variants vitb_adapters --repeats 3 --no-breakdown
+             --other-decode --compile --label compile)
     MEMORY=(--device cuda --rounds 1)
 fi
 
@@ -77,6 +92,7 @@ if [[ $DEVICE == cuda ]] && command -v nvidia-smi >/dev/null; then
 fi
 step tag_throughput 210 "$PY" benchmarks/tag_throughput.py "${THROUGHPUT[@]}"
 if [[ -n $UTIL_PID ]]; then kill "$UTIL_PID" 2>/dev/null; fi
+step tag_compile 150 "$PY" benchmarks/tag_throughput.py "${COMPILE[@]}"
 step train_memory 90 "$PY" benchmarks/train_memory.py "${MEMORY[@]}"
 
 # --quick runs write under the temp folder unless RAMTAG_BENCH_RESULTS says otherwise (it does: $OUT).

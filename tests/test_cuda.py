@@ -93,6 +93,26 @@ def test_autocast_scores_stay_close_to_fp32(images, tmp_path, precision):
     assert same_top >= 0.9
 
 
+def test_compiled_tag_scores_as_the_eager_one_on_cuda(images, tmp_path):
+    """--compile under the GPU's default precision (bf16 autocast): compiled and eager are two bf16 roundings of
+    the same fp32 computation, so they keep to the autocast bound against fp32. 24 images in batches of at most 16
+    put at least one padded batch through the compiled graph. A compiler missing on the device fails here, by name."""
+    folder, vocab, checkpoint = images
+    options = ["--labels", vocab, "-c", checkpoint, "--all-scores", "-b", 16, "--device", "cuda", "--precision", "auto"]
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        out = tmp_path / f"{name}.parquet"
+        result = ramtag("tag", folder, "-o", out, *options, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "torch.compile failed" not in result.stderr, result.stderr[-3000:]
+        runs[name] = scores_of(out)[1]
+    difference = float(np.abs(runs["eager"] - runs["compiled"]).max())
+    same_top = float((runs["eager"].argmax(1) == runs["compiled"].argmax(1)).mean())
+    record("compiled_vs_eager_auto_precision", max_abs_score_difference=difference, same_top_label=same_top)
+    assert difference < 0.05
+    assert same_top >= 0.9
+
+
 def test_gpu_decoding_tags_like_cpu_decoding(images, tmp_path):
     cpu = tag(images, tmp_path / "cpu-decode.parquet", "--device", "cuda", "--precision", "fp32", "--decode", "cpu")
     gpu = tag(images, tmp_path / "gpu-decode.parquet", "--device", "cuda", "--precision", "fp32", "--decode", "gpu")

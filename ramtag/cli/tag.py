@@ -38,8 +38,7 @@ MAX_PIXELS_SHOWN = f"{MAX_PIXELS:,}, Pillow's limit"
         "  torchrun --nproc-per-node 8 -m ramtag tag 'shards/{00..99}.tar' -l vocab.txt\n\n"
         "  ramtag tag ./lora -l tags.txt --sidecars txt --prefix 'sks, '\n\n"
         "  ramtag tag 'shards/{0..9}.tar' -l tags.txt --sidecars txt --sidecar-dir c/\n\n"
-        "  ramtag tag 'shards/{00..99}.tar' -l vocab.txt --ray auto --ray-actors 1:8\n\n"
-        + exit_status_help()
+        "  ramtag tag 'shards/{00..99}.tar' -l vocab.txt --ray auto --ray-actors 1:8\n\n" + exit_status_help()
     )
 )
 @model_options
@@ -215,6 +214,17 @@ def tag(
             rich_help_panel=SPEED_PANEL,
         ),
     ] = "auto",
+    compile_forward: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help=(
+                "Compile the image forward with torch.compile (tens of seconds at start, won back on long GPU runs; "
+                "if it cannot compile, one warning and the run goes on uncompiled)."
+            ),
+            rich_help_panel=SPEED_PANEL,
+        ),
+    ] = False,
     part_rows: Annotated[
         int,
         typer.Option(
@@ -351,19 +361,41 @@ def tag(
     from ramtag.engine.tag import TagOptions, resume_after_restart, run_tag
 
     options = TagOptions(
-        inputs=list(inputs), labels=labels, output=output, top_k=top_k, threshold=threshold, thresholds_file=thresholds,
-        all_scores=all_scores, batch_size=batch_size, workers=workers, precision=precision, resume=resume,
-        overwrite=overwrite, retry_errors=retry_errors, path_column=path_column,
+        inputs=list(inputs),
+        labels=labels,
+        output=output,
+        top_k=top_k,
+        threshold=threshold,
+        thresholds_file=thresholds,
+        all_scores=all_scores,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        resume=resume,
+        overwrite=overwrite,
+        retry_errors=retry_errors,
+        path_column=path_column,
         keep_columns=[c.strip() for c in keep_columns.split(",") if c.strip()] if keep_columns else [],
-        root=root, max_pixels=max_pixels or None, fast_decode=fast_decode, decode=decode,
-        templates=list(template or []), quiet=quiet, save_maps=save_maps, part_rows=part_rows,
-        allow_empty=allow_empty, command_line=command_line(),
+        root=root,
+        max_pixels=max_pixels or None,
+        fast_decode=fast_decode,
+        decode=decode,
+        compile=compile_forward,
+        templates=list(template or []),
+        quiet=quiet,
+        save_maps=save_maps,
+        part_rows=part_rows,
+        allow_empty=allow_empty,
+        command_line=command_line(),
         labels_out=labels_out,
         sidecars=SidecarOptions(
             parse_sidecar_kinds(sidecars), sidecar_mode, sidecar_dir, exclude_tags, replace_underscores, prefix
         ),
-        image_column=image_column, key_column=key_column,
+        image_column=image_column,
+        key_column=key_column,
     )
+    if ray is not None and compile_forward:  # the actors load their own model, uncompiled
+        raise UsageError("--compile works without --ray only")
     ray_options = _ray_options(ray, ray_cpus_per_task, ray_gpus_per_actor, ray_actors)  # before any model loads
     if ray_options is not None and save_maps:
         from ramtag.engine.ray_run import SAVE_MAPS_ON_RAY
@@ -383,7 +415,10 @@ def tag(
         )
         options = resume_after_restart(options, is_main=info.is_main)  # before preflight refuses the old run's parts
         preflight_tag(
-            options, checkpoint=choice.checkpoint, model=choice.model, pretrained=choice.pretrained,
+            options,
+            checkpoint=choice.checkpoint,
+            model=choice.model,
+            pretrained=choice.pretrained,
             is_main=info.is_main,
         )
         if info.is_main and not quiet:

@@ -5,13 +5,21 @@ On CUDA, the next batch is put on the device (its pinned images copied, its JPEG
 decode run while the current forward does; the compute stream waits for that work only where it uses the batch.
 Scores come back by a non-blocking copy into pinned host memory, waited for when the writer needs them.
 
+Batches with JPEGs to decode on the device are decoded by one feeder thread, a batch ahead of the loop: the
+decoder's host-side work (parsing, Huffman decoding, queueing kernels, the CPU fallback for refused files) then
+runs while the loop waits for the current forward, instead of between two forwards with the device idle. One
+thread keeps the batches in order; its errors reach the loop when the batch it failed on is asked for. The same
+thread runs with ``--device cpu --decode gpu``, without streams.
+
 On the CPU nothing here changes what the loop computes: batches pass through as they are, and scores stay the
 tensors the model returned.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -56,12 +64,14 @@ def device_batches(
     max_pixels: int | None,
     draft_size: int | None,
 ) -> Iterator[Batch]:
-    """Each batch with its images on ``device``, in the order ``batches`` gives them (one batch ahead on CUDA)."""
+    """Each batch with its images on ``device``, in the order ``batches`` gives them (one batch ahead on CUDA, and
+    wherever JPEGs are decoded on the device)."""
+    if isinstance(transform, DeviceJpegs):
+        yield from _decoded_ahead(batches, device, transform, max_pixels=max_pixels, draft_size=draft_size)
+        return
 
     def prepare(batch: Batch) -> None:
-        if isinstance(transform, DeviceJpegs):
-            join_device_images(batch, transform, device, max_pixels=max_pixels, draft_size=draft_size)
-        elif batch.images is not None:
+        if batch.images is not None:
             batch.images = batch.images.to(device, non_blocking=True)
 
     if device.type != "cuda":
@@ -81,6 +91,47 @@ def device_batches(
         pending = (batch, ready)
     if pending is not None:
         yield _on_compute_stream(*pending)
+
+
+def _decoded_ahead(
+    batches: Iterable[Batch],
+    device: torch.device,
+    jpegs: DeviceJpegs,
+    *,
+    max_pixels: int | None,
+    draft_size: int | None,
+) -> Iterator[Batch]:
+    """``batches`` with their JPEGs decoded on ``device`` by a feeder thread, one batch ahead of the consumer."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def prepare(batch: Batch) -> tuple[Batch, torch.cuda.Event | None]:
+        if side is None:
+            join_device_images(batch, jpegs, device, max_pixels=max_pixels, draft_size=draft_size)
+            return batch, None
+        # a new thread starts on cuda:0 whatever device the loop's thread chose (torchrun's local rank)
+        with torch.cuda.device(device), torch.cuda.stream(side):
+            join_device_images(batch, jpegs, device, max_pixels=max_pixels, draft_size=draft_size)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return batch, ready
+
+    def handed_out(future: Future) -> Batch:
+        batch, ready = future.result()  # the feeder's exception, if any, is raised here, for this batch
+        return batch if ready is None else _on_compute_stream(batch, ready)
+
+    pending: deque[Future] = deque()
+    # Leaving early (an interrupt, an error in the loop) waits for the one decode under way, then stops.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramtag-device-decode") as feeder:
+        try:
+            for batch in batches:
+                pending.append(feeder.submit(prepare, batch))
+                if len(pending) > 1:
+                    yield handed_out(pending.popleft())
+            while pending:
+                yield handed_out(pending.popleft())
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _on_compute_stream(batch: Batch, ready: torch.cuda.Event) -> Batch:

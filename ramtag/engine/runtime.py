@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,8 @@ class Runtime:
     """Identifies backbone weights, RAM weights, template and prompts: text features depend on all four."""
     source: dict = field(default_factory=dict)
     """How the model was loaded (for output metadata)."""
+    _compiled: dict = field(default_factory=dict, repr=False)
+    """batch size -> CompiledVision: a compiled forward serves every later run of this runtime at that size."""
 
     @property
     def config(self) -> RamConfig:
@@ -83,8 +85,11 @@ class Runtime:
         def tokens(label: str) -> int:  # + start and end tokens, + the deep prompts inserted after the start token
             return max(len(tokenizer.encode(template.format(label))) for template in templates) + 2 + prompt_tokens
 
-        counted = f" with the template, start/end and {prompt_tokens} deep prompt tokens" if prompt_tokens else (
-            " with the template and start/end tokens")
+        counted = (
+            f" with the template, start/end and {prompt_tokens} deep prompt tokens"
+            if prompt_tokens
+            else (" with the template and start/end tokens")
+        )
         check_label_lengths(
             labels, line_numbers, tokens, self.model.text.context_length, source=source, counted=counted
         )
@@ -104,7 +109,7 @@ class Runtime:
             chunks = []
             texts = [template.format(label) for label in labels]
             for start in range(0, len(texts), batch_size):
-                tokens = tokenizer(texts[start:start + batch_size]).to(self.device)
+                tokens = tokenizer(texts[start : start + batch_size]).to(self.device)
                 chunks.append(self.model.encode_labels(tokens).float().cpu())
             per_template.append(torch.cat(chunks))
         if len(per_template) == 1:
@@ -114,9 +119,27 @@ class Runtime:
     def vocabulary_fingerprint(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> str:
         return fingerprint({"model": self.fingerprint, "labels": list(labels), "templates": self.templates(templates)})
 
+    def compiled_vision(self, batch_size: int, say: Callable[[str], None], backend: str = "inductor"):
+        """The image forward compiled for batches of ``batch_size`` (see :mod:`ramtag.engine.compiled`), to pass
+        to :meth:`score` as ``vision``; compiled once per size (with the first backend asked for), on the first
+        batch it runs. ``say`` gets its one-line messages (how long compiling took, or the warning that it failed
+        and the run goes on eager)."""
+        from ramtag.engine.compiled import CompiledVision
+
+        compiled = self._compiled.get(batch_size)
+        if compiled is None:
+            compiled = self._compiled[batch_size] = CompiledVision(self.model.vision, batch_size, say, backend)
+        compiled.say = say
+        return compiled
+
     def score(
-        self, images: torch.Tensor, label_features: torch.Tensor, autocast_dtype: torch.dtype | None = None
+        self,
+        images: torch.Tensor,
+        label_features: torch.Tensor,
+        autocast_dtype: torch.dtype | None = None,
+        vision: Callable | None = None,
     ) -> RamOutput:
+        """RAM's scores for a batch; ``vision`` replaces the model's image forward (:meth:`compiled_vision`)."""
         size = self.config.preprocessing.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(
@@ -130,8 +153,8 @@ class Runtime:
             with torch.inference_mode():
                 if autocast_dtype is not None and self.device.type == "cuda":
                     with torch.autocast("cuda", dtype=autocast_dtype):
-                        return self.model(images, features)
-                return self.model(images, features)
+                        return self.model(images, features, vision=vision)
+                return self.model(images, features, vision=vision)
         except torch.OutOfMemoryError as exc:
             raise DeviceMemoryError(self.device, len(images)) from exc
 
@@ -286,11 +309,13 @@ def load_runtime(
         ram.config.kcot = dataclasses.replace(ram.config.kcot, **kcot_overrides)  # validated as a new KcotConfig
     torch_device = resolve_device(device)
     ram = ram.to(torch_device).eval()
-    model_fingerprint = fingerprint({
-        **backbone_id,
-        **{k: v for k, v in source.items() if k != "checkpoint"},
-        "template": ram.config.template,
-        "prompts": list(ram.config.prompt_layers),
-        "trained": ram.config.trained,
-    })
+    model_fingerprint = fingerprint(
+        {
+            **backbone_id,
+            **{k: v for k, v in source.items() if k != "checkpoint"},
+            "template": ram.config.template,
+            "prompts": list(ram.config.prompt_layers),
+            "trained": ram.config.trained,
+        }
+    )
     return Runtime(model=ram, device=torch_device, fingerprint=model_fingerprint, source=source)

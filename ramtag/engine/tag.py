@@ -65,6 +65,9 @@ class TagOptions:
     root: str | None = None
     max_pixels: int | None = PIL_LIMIT
     fast_decode: bool = False
+    compile: bool = False
+    """Run the image forward through torch.compile at the run's batch size (ramtag.engine.compiled): a start-up
+    cost that long runs win back; a failure to compile warns once and the run goes on uncompiled."""
     decode: str = "auto"
     """Where JPEGs are decoded: cpu (PIL, in the workers), gpu (batched on the model's device; other files and
     JPEGs it refuses still decode on the CPU) or auto (gpu on CUDA devices, else cpu)."""
@@ -151,7 +154,8 @@ def resume_after_restart(options: TagOptions, *, is_main: bool) -> TagOptions:
     if is_main and not options.quiet:
         print(
             f"ramtag: torchrun restart {restart}: resuming {options.output} from its ledger, as --resume does",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
     return replace(options, resume=True, overwrite=False)
 
@@ -257,6 +261,10 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     progress = ImageProgress(total, "tagging", quiet=options.quiet or not info.is_main)
     autocast = autocast_dtype(options.precision, runtime.device)
     label_features = vocabulary.features.to(runtime.device)
+    vision = None
+    if options.compile:  # a run shorter than one batch compiles for its own size, not pads to the full one
+        compiled_size = batch_size if total is None else max(1, min(batch_size, total))
+        vision = runtime.compiled_vision(compiled_size, progress.log if info.is_main else log)
     sidecars = None
     if options.sidecars.enabled:
         sidecars = SidecarStage(options.sidecars, warn=progress.log if info.is_main else log)
@@ -264,10 +272,10 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     first_failure = None  # named when every input fails: usually one wrong folder for all of them
     started = time.perf_counter()
     interrupted = False
+    batches = device_batches(
+        loader if mine else (), runtime.device, transform, max_pixels=options.max_pixels, draft_size=draft
+    )
     try:
-        batches = device_batches(
-            loader if mine else (), runtime.device, transform, max_pixels=options.max_pixels, draft_size=draft
-        )
         for batch in batches:
             if batch.failed_keys:
                 first_failure = first_failure or f"{batch.failed_sources[0]}: {batch.failed_errors[0]}"
@@ -285,7 +293,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
                 )
                 failed += len(batch.failed_keys)
             if batch.images is not None:
-                scored = runtime.score(batch.images, label_features, autocast)
+                scored = runtime.score(batch.images, label_features, autocast, vision)
                 scores = HostScores(scored.scores.float()).wait()  # on the CPU, the model's own tensor
                 selection = select_tags(scores, top_k=options.top_k, threshold=options.threshold, per_label=thresholds)
                 writer.write(
@@ -309,6 +317,7 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        batches.close()  # stops the device-decode feeder thread, if any, before the output is closed
         progress.close()
         try:
             writer.close()
@@ -331,10 +340,17 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
     if problem is not None:
         raise problem
     tally = RunTally(
-        tagged, failed, first_failure, sidecar_counts if sidecars is not None else None,
+        tagged,
+        failed,
+        first_failure,
+        sidecar_counts if sidecars is not None else None,
         sidecars.first_failure if sidecars is not None else None,
     )
     return conclude(
-        tally, final, time.perf_counter() - started, output.done_rows, quiet=options.quiet,
+        tally,
+        final,
+        time.perf_counter() - started,
+        output.done_rows,
+        quiet=options.quiet,
         log=log if info.is_main else lambda message: None,
     )

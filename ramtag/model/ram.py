@@ -114,15 +114,17 @@ class RamModel(nn.Module):
         teacher_label_features: torch.Tensor | None = None,
         kcot: KcotConfig | None = None,
         batch_minimum: BatchMinimum | None = None,
+        vision: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> RamOutput:
         """Score images [B, 3, H, W] against label features [C, D].
 
         With `targets` ([B, C] multi-hot) and `teacher_label_features` (frozen, prompt-free features of the
-        same labels) the transport cost gains the teacher's knowledge term, as in training.
+        same labels) the transport cost gains the teacher's knowledge term, as in training. `vision` stands in
+        for `self.vision` in this call, with its signature (a compiled copy of it, for inference).
         """
         kcot = kcot or self.config.kcot
         use_adapters = self.config.trained
-        global_feature, regions = self.vision(images, label_features, use_adapters=use_adapters)
+        global_feature, regions = (vision or self.vision)(images, label_features, use_adapters=use_adapters)
         labels = F.normalize(label_features.float(), dim=-1)
         global_similarity = F.normalize(global_feature.float(), dim=-1) @ labels.t()
         similarity = F.normalize(regions.float(), dim=-1) @ labels.t()

@@ -59,7 +59,10 @@ def bucket(s3_endpoint, monkeypatch):
     storage._filesystem_for.cache_clear()
     name = f"ramtag-test-{os.getpid()}-{next(_buckets)}"
     admin = pafs.S3FileSystem(
-        access_key="ramtag-test-key", secret_key=SECRET, endpoint_override=s3_endpoint, region="us-east-1",
+        access_key="ramtag-test-key",
+        secret_key=SECRET,
+        endpoint_override=s3_endpoint,
+        region="us-east-1",
         allow_bucket_creation=True,
     )
     admin.create_dir(name)
@@ -84,7 +87,6 @@ def put_tree(endpoint: str, local: Path, url: str) -> None:
     for path in sorted(local.rglob("*")):
         if path.is_file():
             put(endpoint, f"{url.rstrip('/')}/{path.relative_to(local).as_posix()}", path.read_bytes())
-
 
 
 @pytest.fixture()
@@ -149,8 +151,9 @@ def test_a_manifest_a_list_and_a_prefix_in_a_bucket_give_the_local_table(
     put(s3_endpoint, f"s3://{bucket}/list.txt", "\n".join(urls).encode() + b"\n")
 
     local_manifest = tmp_path / "manifest.parquet"
-    pq.write_table(pa.table({"path": [str(photos / n) for n in names], "caption": [f"c{i}" for i in range(4)]}),
-                   local_manifest)
+    pq.write_table(
+        pa.table({"path": [str(photos / n) for n in names], "caption": [f"c{i}" for i in range(4)]}), local_manifest
+    )
     assert tag(local_manifest, vocab, tiny_checkpoint, tmp_path / "local.parquet", "--keep-columns", "caption") == 0
     local = rows_by_key(tmp_path / "local.parquet")
 
@@ -158,8 +161,10 @@ def test_a_manifest_a_list_and_a_prefix_in_a_bucket_give_the_local_table(
         return sorted((row["caption"], row["tags"], row["error"]) for row in rows.values())
 
     remote_manifest = tmp_path / "remote.parquet"
-    assert tag(f"s3://{bucket}/manifest.parquet", vocab, tiny_checkpoint, remote_manifest,
-               "--keep-columns", "caption") == 0
+    assert (
+        tag(f"s3://{bucket}/manifest.parquet", vocab, tiny_checkpoint, remote_manifest, "--keep-columns", "caption")
+        == 0
+    )
     remote = rows_by_key(remote_manifest)
     assert sorted(remote) == urls and scores(remote) == scores(local)
 
@@ -267,9 +272,7 @@ def bucket_objects(endpoint: str, prefix: str) -> dict[str, bytes]:
 
     fs = s3fs_of(endpoint)
     infos = fs.get_file_info(pafs.FileSelector(prefix.removeprefix("s3://"), recursive=True, allow_not_found=True))
-    return {
-        info.path: fs.open_input_stream(info.path).read() for info in infos if info.type == pafs.FileType.File
-    }
+    return {info.path: fs.open_input_stream(info.path).read() for info in infos if info.type == pafs.FileType.File}
 
 
 def inputs_of(tmp_path: Path) -> list[Path]:
@@ -302,8 +305,13 @@ def test_a_dataset_output_in_a_bucket_opens_from_the_bucket(
 
     import polars as pl
 
-    options = {"aws_endpoint_url": s3_endpoint, "aws_access_key_id": "ramtag-test-key",
-               "aws_secret_access_key": SECRET, "aws_region": "us-east-1", "aws_allow_http": "true"}
+    options = {
+        "aws_endpoint_url": s3_endpoint,
+        "aws_access_key_id": "ramtag-test-key",
+        "aws_secret_access_key": SECRET,
+        "aws_region": "us-east-1",
+        "aws_allow_http": "true",
+    }
     frame = pl.read_parquet(f"s3://{bucket}/runs/tags/*.parquet", storage_options=options)
     assert sorted(frame["key"].to_list()) == sorted(expected)
 
@@ -318,8 +326,7 @@ def test_a_dataset_output_in_a_bucket_opens_from_the_bucket(
     # Done: refused without --resume, then --resume finds everything done, --overwrite rewrites it.
     assert tag(inputs, vocab, tiny_checkpoint, out) == 2
     assert "exists; pass --resume" in capfd.readouterr().err
-    assert run_cli("tag", *inputs, "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0,
-                   "--resume") == 0
+    assert run_cli("tag", *inputs, "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0, "--resume") == 0
     assert "0 failed, 8 already done" in capfd.readouterr().err
     assert tag(inputs, vocab, tiny_checkpoint, out, "--overwrite") == 0
     table = pads.dataset(f"{bucket}/runs/tags/", filesystem=fs, format="parquet").to_table()
@@ -403,14 +410,14 @@ KILLED_REMOTE_TAG = textwrap.dedent(
         found = fs.get_file_info(pafs.FileSelector(ledger, allow_not_found=True))
         return sum(1 for info in found if info.type == pafs.FileType.File)
 
-    def score_then_die(self, images, features, autocast_dtype=None):
+    def score_then_die(self, images, features, *rest):  # rest: autocast dtype, compiled vision
         calls[0] += 1
         if calls[0] == 8:  # units 0..2 done (2 images each), unit 3 half done
             deadline = time.time() + 60
             while committed() < 3 and time.time() < deadline:
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_score(self, images, features, autocast_dtype)
+        return real_score(self, images, features, *rest)
 
     Runtime.score = score_then_die
     runtime = load_runtime({checkpoint!r}, device="cpu")
@@ -432,8 +439,12 @@ def test_a_run_killed_mid_way_resumes_to_an_exactly_once_table_in_the_bucket(
         write_image(photos / key, index)
     out = f"s3://{bucket}/tags/"
     script = KILLED_REMOTE_TAG.format(
-        repo=str(REPO), ledger=f"s3://{bucket}/.tags.parts/ledger", checkpoint=str(tiny_checkpoint),
-        folder=str(photos), vocab=str(vocab), out=out,
+        repo=str(REPO),
+        ledger=f"s3://{bucket}/.tags.parts/ledger",
+        checkpoint=str(tiny_checkpoint),
+        folder=str(photos),
+        vocab=str(vocab),
+        out=out,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300, env=env)
@@ -472,8 +483,9 @@ def test_retried_errors_heal_in_a_bucket_output(tmp_path, vocab, tiny_checkpoint
     assert all(row["error"] is None and row["tags"] for row in rows)
 
 
-def test_resume_refuses_a_bucket_folder_that_ramtag_did_not_write(tmp_path, vocab, tiny_checkpoint, bucket,
-                                                                 s3_endpoint, capsys):
+def test_resume_refuses_a_bucket_folder_that_ramtag_did_not_write(
+    tmp_path, vocab, tiny_checkpoint, bucket, s3_endpoint, capsys
+):
     put(s3_endpoint, f"s3://{bucket}/photos/holiday.jpg", b"someone's photo")
     capsys.readouterr()
     assert tag(inputs_of(tmp_path), vocab, tiny_checkpoint, f"s3://{bucket}/photos/", "--resume") == 2
@@ -493,10 +505,32 @@ def test_two_ranks_write_one_table_to_a_bucket(tmp_path, vocab, tiny_checkpoint,
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-                "-m", "ramtag"]
-    command = ["tag", *map(str, inputs), "--labels", str(vocab), "-c", str(tiny_checkpoint), "--workers", "0",
-               "--device", "cpu", "-q", "-o", f"s3://{bucket}/tags/"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        "-m",
+        "ramtag",
+    ]
+    command = [
+        "tag",
+        *map(str, inputs),
+        "--labels",
+        str(vocab),
+        "-c",
+        str(tiny_checkpoint),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "-q",
+        "-o",
+        f"s3://{bucket}/tags/",
+    ]
     # the static split, so that rank 1 surely commits units: claimed, rank 0 may take all of these tiny ones
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAMTAG_STATIC_UNITS": "1"}
     result = subprocess.run(torchrun + command, capture_output=True, text=True, env=env, timeout=300)

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as on Linux")
 
+
 @pytest.fixture
 def vocab(tmp_path) -> Path:
     path = tmp_path / "vocab.txt"
@@ -45,11 +46,11 @@ FULL_MID_RUN = textwrap.dedent(
     def committed_lines():
         return sum(path.read_text().count("\\n") for path in work.glob("ledger-*.jsonl"))
 
-    def score_until_the_disk_fills(self, images, features, autocast_dtype=None):
+    def score_until_the_disk_fills(self, images, features, *rest):  # rest: autocast dtype, compiled vision
         if committed_lines() >= 2:  # two units are committed: from now on no file may grow
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
-        return real_score(self, images, features, autocast_dtype)
+        return real_score(self, images, features, *rest)
 
     Runtime.score = score_until_the_disk_fills
     runtime = load_runtime({checkpoint!r}, device="cpu")
@@ -69,7 +70,11 @@ def test_a_disk_that_fills_mid_run_stops_it_with_status_4_and_resume_finishes(tm
     out = tmp_path / "tags.parquet"
     work = tmp_path / ".tags.parquet.parts"
     script = FULL_MID_RUN.format(
-        repo=str(REPO), work=str(work), checkpoint=str(tiny_checkpoint), folder=str(folder), vocab=str(vocab),
+        repo=str(REPO),
+        work=str(work),
+        checkpoint=str(tiny_checkpoint),
+        folder=str(folder),
+        vocab=str(vocab),
         out=str(out),
     )
     env = {**os.environ, "RAMTAG_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}

@@ -26,7 +26,6 @@ LABELS = ["cat", "dog", "red car", "tree"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port each
 
 
-
 @pytest.fixture()
 def vocab(tmp_path) -> Path:
     path = tmp_path / "vocab.txt"
@@ -129,7 +128,7 @@ RANK_SCRIPT = textwrap.dedent(
     real_score = Runtime.score
     calls = [0]
 
-    def score(self, images, features, autocast_dtype=None):
+    def score(self, images, features, *rest):  # rest: autocast dtype, compiled vision
         calls[0] += 1
         if attempt == 0:  # a model step as slow as a real one, so that the claims' order shows
             time.sleep(seconds[rank])
@@ -140,7 +139,7 @@ RANK_SCRIPT = textwrap.dedent(
                     break
                 time.sleep(0.02)
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_score(self, images, features, autocast_dtype)
+        return real_score(self, images, features, *rest)
 
     Runtime.score = score
     main(sys.argv[1:])
@@ -159,15 +158,25 @@ def rank_script(tmp_path: Path, work: Path, seconds: tuple[float, float], kill: 
 @pytest.mark.slow
 def test_a_rank_killed_under_max_restarts_heals_to_every_input_once(tmp_path, vocab, tiny_checkpoint):
     shards = skewed_shards(tmp_path / "shards", 2, 2, 7)  # 8 units of 2 images
-    common = ["tag", *shards, "--labels", vocab, "-c", tiny_checkpoint, "--all-scores", "--batch-size", 1,
-              "--workers", 0]
+    common = [
+        "tag",
+        *shards,
+        "--labels",
+        vocab,
+        "-c",
+        tiny_checkpoint,
+        "--all-scores",
+        "--batch-size",
+        1,
+        "--workers",
+        0,
+    ]
     single, double = tmp_path / "one.parquet", tmp_path / "two.parquet"
     assert run_cli(*common, "-q", "-o", single) == 0
     work = tmp_path / ".two.parquet.parts"
     script = rank_script(tmp_path, work, (0.3, 0.0), kill=True)  # rank 0 slow: rank 1 claims most units
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [*TORCHRUN, "--max-restarts", "2", script,
-               *map(str, common), "-o", str(double)]
+    command = [*TORCHRUN, "--max-restarts", "2", script, *map(str, common), "-o", str(double)]
     log = tmp_path / "torchrun.log"  # a file, so that a run past its time limit still shows where it was
     with log.open("w") as sink:
         try:  # about 30 s on 2 cores; the limit leaves room for a loaded machine, and catches a hung restart

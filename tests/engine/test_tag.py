@@ -21,7 +21,6 @@ from tests.io_fixtures import run_cli
 LABELS = ["cat", "dog", "red car", "tree"]
 
 
-
 def _png(seed: int, size=(40, 30)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
@@ -103,8 +102,24 @@ def test_mixed_inputs_keys_and_carried_columns(photos, tiny_checkpoint, tmp_path
     manifest.write_text(f"id,url,image\n7,http://x/2,{root / 'img2.PNG'}\n8,http://x/9,{root / 'missing.png'}\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{root / 'sub' / 'img1.PNG'}\n"))
     out = tmp_path / "mixed.jsonl"
-    code = run_cli("tag", f"@{listing}", "-", manifest, "--path-column", "image", "--keep-columns", "id,url",
-                   "--labels", vocab, "-c", tiny_checkpoint, "-o", out, "--workers", 0)
+    code = run_cli(
+        "tag",
+        f"@{listing}",
+        "-",
+        manifest,
+        "--path-column",
+        "image",
+        "--keep-columns",
+        "id,url",
+        "--labels",
+        vocab,
+        "-c",
+        tiny_checkpoint,
+        "-o",
+        out,
+        "--workers",
+        0,
+    )
     assert code == 3  # the manifest names a missing file
     rows = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {
@@ -178,11 +193,11 @@ def test_interrupted_run_resumes_without_duplicates(photos, tiny_checkpoint, tmp
     real_score = Runtime.score
     calls = {"n": 0}
 
-    def score_then_interrupt(self, images, features, autocast_dtype=None):
+    def score_then_interrupt(self, images, features, *rest):  # rest: autocast dtype, compiled vision
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_score(self, images, features, autocast_dtype)
+        return real_score(self, images, features, *rest)
 
     monkeypatch.setattr(Runtime, "score", score_then_interrupt)
     args = [

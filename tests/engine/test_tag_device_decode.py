@@ -15,6 +15,7 @@ CPU: the decoder moves a score by at most 0.0078, the dither by 0.039.
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -38,7 +39,6 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]),
 ]
-
 
 
 def photo(seed: int, size=(96, 72), mode="RGB") -> Image.Image:
@@ -96,8 +96,23 @@ def dither_bound(runtime, paths) -> float:
 
 def tag(root, vocab, checkpoint, out, *extra) -> dict[str, dict]:
     code = run_cli(
-        "tag", root, "-l", vocab, "-c", checkpoint, "-o", out, "--all-scores", "-q", "-b", 4,
-        "--max-pixels", MAX_PIXELS, "--precision", "fp32", *extra,
+        "tag",
+        root,
+        "-l",
+        vocab,
+        "-c",
+        checkpoint,
+        "-o",
+        out,
+        "--all-scores",
+        "-q",
+        "-b",
+        4,
+        "--max-pixels",
+        MAX_PIXELS,
+        "--precision",
+        "fp32",
+        *extra,
     )
     assert code == 3  # the three bad inputs
     return rows_of(out)
@@ -114,9 +129,7 @@ def test_gpu_decoding_keeps_every_row_and_error_and_scores_within_a_level(mixed,
     assert {key: row["error"] for key, row in cpu.items() if row["error"]} == ERRORS
     for key in ("cmyk.jpg", "plain.png"):  # decoded by PIL in both runs: the join put them back in their rows
         assert gpu[key]["scores"] == cpu[key]["scores"], key
-    difference = max(
-        float(np.abs(np.subtract(gpu[key]["scores"], cpu[key]["scores"])).max()) for key in DEVICE_JPEGS
-    )
+    difference = max(float(np.abs(np.subtract(gpu[key]["scores"], cpu[key]["scores"])).max()) for key in DEVICE_JPEGS)
     bound = dither_bound(load_runtime(tiny_checkpoint, device=device), [root / key for key in DEVICE_JPEGS])
     assert 0 < difference <= bound, (difference, bound)  # 0 would mean the device decoder never ran
 
@@ -135,15 +148,21 @@ def test_the_model_preprocessing_reaches_the_device_decoder(mixed, tiny_checkpoi
     rows = {}
     for decode_mode in ("cpu", "gpu"):
         options = TagOptions(
-            [str(root)], str(vocab), output=str(tmp_path / f"{decode_mode}.parquet"), all_scores=True, batch_size=4,
-            workers=0, decode=decode_mode, max_pixels=MAX_PIXELS, quiet=True,
+            [str(root)],
+            str(vocab),
+            output=str(tmp_path / f"{decode_mode}.parquet"),
+            all_scores=True,
+            batch_size=4,
+            workers=0,
+            decode=decode_mode,
+            max_pixels=MAX_PIXELS,
+            quiet=True,
         )
         with pytest.raises(PartialFailure):
             run_tag(options, runtime)
         rows[decode_mode] = rows_of(options.output)
     difference = max(
-        float(np.abs(np.subtract(rows["gpu"][key]["scores"], rows["cpu"][key]["scores"])).max())
-        for key in DEVICE_JPEGS
+        float(np.abs(np.subtract(rows["gpu"][key]["scores"], rows["cpu"][key]["scores"])).max()) for key in DEVICE_JPEGS
     )
     bound = dither_bound(runtime, [root / key for key in DEVICE_JPEGS])
     assert 0 < difference <= bound, (difference, bound)
@@ -209,3 +228,62 @@ def test_scores_come_back_from_cuda_through_pinned_memory():
     scores = torch.rand(3, 4, device="cuda")
     host = HostScores(scores).wait()
     assert host.device.type == "cpu" and host.is_pinned() and torch.equal(host, scores.cpu())
+
+
+class _Feed:
+    """Stands in for join_device_images: records where and in what order each batch was decoded."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.decoded: list[tuple[int, str]] = []
+        self.started = {index: threading.Event() for index in range(8)}
+        self.fail_on = fail_on
+
+    def __call__(self, batch, jpegs, device, *, max_pixels, draft_size):
+        self.started[batch].set()
+        if batch == self.fail_on:
+            raise RuntimeError(f"nvJPEG failed on batch {batch}")
+        self.decoded.append((batch, threading.current_thread().name))
+
+
+def _fed(monkeypatch, count: int, fail_on: int | None = None):
+    import ramtag.engine.device_feed as device_feed
+
+    feed = _Feed(fail_on)
+    monkeypatch.setattr(device_feed, "join_device_images", feed)
+    pulled = []
+
+    def source():
+        for index in range(count):
+            pulled.append(index)
+            yield index
+
+    jpegs = DeviceJpegs(lambda image: image, 4, (0.5,) * 3, (0.5,) * 3)
+    batches = device_feed.device_batches(source(), torch.device("cpu"), jpegs, max_pixels=None, draft_size=None)
+    return batches, feed, pulled
+
+
+def test_device_decoding_runs_a_batch_ahead_on_a_feeder_thread_in_order(monkeypatch):
+    batches, feed, _ = _fed(monkeypatch, 4)
+    received = []
+    for batch in batches:
+        received.append(batch)
+        if batch + 1 < 4:  # the next batch's decode starts while this one is still held by the loop
+            assert feed.started[batch + 1].wait(timeout=10), f"batch {batch + 1} was not decoded ahead"
+    assert received == [0, 1, 2, 3]
+    assert [index for index, _ in feed.decoded] == [0, 1, 2, 3]
+    assert {thread for _, thread in feed.decoded} != {threading.current_thread().name}
+    assert all(thread.startswith("ramtag-device-decode") for _, thread in feed.decoded)
+
+
+def test_a_decode_error_reaches_the_loop_at_its_batch_and_leaving_early_stops_the_feeder(monkeypatch):
+    batches, feed, _ = _fed(monkeypatch, 4, fail_on=2)
+    received = []
+    with pytest.raises(RuntimeError, match="nvJPEG failed on batch 2"):
+        for batch in batches:
+            received.append(batch)
+    assert received == [0, 1]  # the batches before the failed one are handed out whole
+
+    batches, feed, pulled = _fed(monkeypatch, 8)
+    assert next(batches) == 0
+    batches.close()  # what run_tag does on an interrupt
+    assert pulled == [0, 1] and [index for index, _ in feed.decoded] in ([0], [0, 1])
