@@ -64,15 +64,16 @@ def _tag(root, vocab, out, *extra) -> int:
     )
 
 
-@pytest.mark.slow
-def test_the_compiled_forward_scores_as_the_eager_one_and_pads_smaller_batches_into_one_graph():
+def test_smaller_batches_are_padded_into_one_graph_and_keep_their_scores():
+    # dynamo's own backend: the graph count and the padding are what this checks, in seconds; inductor's
+    # numerics are checked through the CLI below (a cold inductor compile costs this machine ~40 s).
     from torch._dynamo.utils import counters
 
     model = mf.tiny_ram(0)  # trained mode: adapters at layers 2 and 3 attend to the label features
     features = model.encode_labels(mf.tokens())
     images = mf.images(4, seed=1)
     said = []
-    compiled = CompiledVision(model.vision, batch_size=4, say=said.append)
+    compiled = CompiledVision(model.vision, batch_size=4, say=said.append, backend="eager")
     graphs_before = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
         for count in (4, 3, 1, 4):
