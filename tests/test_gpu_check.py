@@ -41,3 +41,16 @@ def test_the_device_check_runs_every_step_on_a_cpu(tmp_path):
     memory = json.loads((out / "train_memory.cpu.json").read_text())
     assert memory["results"]
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+
+
+def test_a_step_that_would_overrun_the_budget_is_not_started(tmp_path):
+    """The step limits add up to more than the device's minutes; the whole check's budget cuts them."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "RAMTAG_GPU_CHECK_BUDGET_S": "1"}
+    run = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    assert steps and all(step == {"exit": 125, "seconds": 0} for step in steps.values())
+    assert "not run" in (out / "gpu_check.log").read_text()
