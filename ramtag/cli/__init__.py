@@ -22,13 +22,15 @@ from ramtag.errors import (
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ramtag.data.images import native_stderr_to_log
     from ramtag.engine.signals import sigterm_as_interrupt
 
     if os.environ.get("RAMTAG_DEBUG"):
         _show_debug_log()
     # SIGTERM ends any command like Ctrl-C (exit 130, finished work kept), from the start: a run stopped while
-    # it loads its model exits the same way as one stopped while tagging.
-    with sigterm_as_interrupt():
+    # it loads its model exits the same way as one stopped while tagging. What C decoders (libtiff) write to
+    # stderr while this process decodes (--workers 0, explain) goes to the debug log, as in decode workers.
+    with sigterm_as_interrupt(), native_stderr_to_log():
         _run(argv)
 
 
@@ -72,10 +74,22 @@ def _run(argv: list[str] | None) -> None:
         raise
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it is rebound while decoders are captured)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler sets it once; the property decides
+        pass
+
+
 def _show_debug_log() -> None:
     """ramtag's debug log (decoder warnings and the like) on stderr, one ``ramtag: debug:`` line each; decode
     workers are forked from this process and inherit it."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("ramtag: debug: %(message)s"))
     logger = logging.getLogger("ramtag")
     logger.addHandler(handler)
