@@ -209,7 +209,7 @@ def native_stderr_to_log() -> Iterator[None]:
     own_stderr = None
     if _writes_to_fd_2(python_stderr):
         python_stderr.flush()
-        own_stderr = open(  # noqa: SIM115 - closed below, when the block ends
+        own_stderr = open(  # closed below, when the block ends
             os.dup(capture.terminal),
             "w",
             buffering=1,  # line-buffered, as Python's own stderr is
