@@ -238,8 +238,22 @@ def test_images_sharing_a_stem_are_found_across_a_listing_in_any_order(tmp_path)
 
 @pytest.mark.parametrize(
     "key",
-    ["a.jpg", "sub/a.PNG", "../../x.tiff", "a..jpg", ".hidden.jpg", "x/.jpg", "a:b?.webp", "n" * 130 + ".jpg",
-     "dir.v1/0001", "a.", "//root//b.gif", " sp ace /x. .png", "naïve/é.jpg", "a.txt"],
+    [
+        "a.jpg",
+        "sub/a.PNG",
+        "../../x.tiff",
+        "a..jpg",
+        ".hidden.jpg",
+        "x/.jpg",
+        "a:b?.webp",
+        "n" * 130 + ".jpg",
+        "dir.v1/0001",
+        "a.",
+        "//root//b.gif",
+        " sp ace /x. .png",
+        "naïve/é.jpg",
+        "a.txt",
+    ],
 )
 def test_the_stem_that_finds_clashes_is_the_sidecar_path_without_its_suffix(key, tmp_path):
     """sidecar_stem is a fast copy of sidecar_path: where they differed, a clash would be missed or invented."""

@@ -284,8 +284,8 @@ def test_two_images_of_one_stem_never_write_over_each_others_sidecar(same_stem, 
     folder = root if beside else tmp_path / "captions"
     where = [] if beside else ["--sidecar-dir", folder]
     out = tmp_path / "tags.parquet"
-    code = run_cli("tag", root, "--labels", vocab, "--model", "demo", "-o", out, "--workers", 0, "-k", 0,
-                   "--sidecars", "txt,xmp", "--sidecar-mode", mode, *where)
+    options = ["--workers", 0, "-k", 0, "--sidecars", "txt,xmp", "--sidecar-mode", mode, *where]
+    code = run_cli("tag", root, "--labels", vocab, "--model", "demo", "-o", out, *options)
     err = capsys.readouterr().err
     tags = _table_tags(out)
     assert tags["a.jpg"] != tags["a.png"]  # else this test could not tell whose caption a.txt holds

@@ -148,7 +148,7 @@ def _show_click_error(error: Exception) -> None:
     print(f"{usage}ramtag: error: {one_line(message)}", file=sys.stderr)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001, ARG001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A Python warning (torch's, a library's) as one ``ramtag: warning: …`` line; RAMTAG_DEBUG=1 keeps Python's
     own format, with the file and line that raised it."""
     from ramtag.messages import one_line
