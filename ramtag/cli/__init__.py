@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from ramtag.cli import commands  # noqa: F401  (each command module registers itself on the app)
 from ramtag.cli.app import app
@@ -22,14 +23,22 @@ from ramtag.errors import (
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ramtag.data.images import native_stderr_to_log
     from ramtag.engine.signals import sigterm_as_interrupt
 
+    python_warnings = warnings.showwarning
     if os.environ.get("RAMTAG_DEBUG"):
         _show_debug_log()
+    else:
+        warnings.showwarning = _show_warning
     # SIGTERM ends any command like Ctrl-C (exit 130, finished work kept), from the start: a run stopped while
-    # it loads its model exits the same way as one stopped while tagging.
-    with sigterm_as_interrupt():
-        _run(argv)
+    # it loads its model exits the same way as one stopped while tagging. What C decoders (libtiff) write to
+    # stderr while this process decodes (--workers 0, explain) goes to the debug log, as in decode workers.
+    try:
+        with sigterm_as_interrupt(), native_stderr_to_log():
+            _run(argv)
+    finally:
+        warnings.showwarning = python_warnings
 
 
 def _run(argv: list[str] | None) -> None:
@@ -72,10 +81,22 @@ def _run(argv: list[str] | None) -> None:
         raise
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it is rebound while decoders are captured)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler sets it once; the property decides
+        pass
+
+
 def _show_debug_log() -> None:
     """ramtag's debug log (decoder warnings and the like) on stderr, one ``ramtag: debug:`` line each; decode
     workers are forked from this process and inherit it."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("ramtag: debug: %(message)s"))
     logger = logging.getLogger("ramtag")
     logger.addHandler(handler)
@@ -103,11 +124,36 @@ def _exit_for_click_error(error: Exception) -> None:
     if isinstance(error, _click_exception_types("Exit")):
         sys.exit(error.exit_code)
     if isinstance(error, _click_exception_types("ClickException")):
-        error.show()
+        _show_click_error(error)
         sys.exit(error.exit_code)
     if isinstance(error, _click_exception_types("Abort")):
         print("ramtag: aborted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _show_click_error(error: Exception) -> None:
+    """Click's usage lines as click writes them, then its ``Error: …`` as ``ramtag: error: …``, the line every
+    ramtag error ends with."""
+    import io
+
+    from ramtag.messages import one_line
+
+    shown = io.StringIO()
+    error.show(file=shown)  # type: ignore[attr-defined]
+    message = error.format_message()  # type: ignore[attr-defined]
+    usage, found, _ = shown.getvalue().rpartition(f"Error: {message}")
+    if not found:  # a click that words it otherwise: as it is
+        print(shown.getvalue(), end="", file=sys.stderr)
+        return
+    print(f"{usage}ramtag: error: {one_line(message)}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (torch's, a library's) as one ``ramtag: warning: …`` line; RAMTAG_DEBUG=1 keeps Python's
+    own format, with the file and line that raised it."""
+    from ramtag.messages import one_line
+
+    print(f"ramtag: warning: {one_line(str(message))} ({category.__name__})", file=file or sys.stderr)
 
 
 def _silence_stdout() -> None:

@@ -54,9 +54,11 @@ def synth(
         )
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    typer.echo(f"{summary.n} scenes (seed {summary.seed}, {summary.image_size}px) -> {summary.out}", err=True)
+    from ramtag.cli.options import say
+
+    say(f"{summary.n} scenes (seed {summary.seed}, {summary.image_size}px) -> {summary.out}")
     for line in _described_files(summary.files, out):
-        typer.echo(line, err=True)
+        say(line)
 
 
 SYNTH_FILE_PURPOSES = {

@@ -7,7 +7,7 @@ from typing import Annotated, List
 import typer
 
 from ramtag.cli.app import app
-from ramtag.cli.options import BatchSize, Labels, ModelChoice, model_options
+from ramtag.cli.options import BatchSize, Labels, ModelChoice, model_options, say
 
 
 @app.command(
@@ -51,7 +51,7 @@ def explain(
         runtime, vocabulary, images, output, top_k=top_k, batch_size=batch_size, overwrite=overwrite
     )
     for key, reason in failures:
-        typer.echo(f"ramtag: {key}: {reason}", err=True)
-    typer.echo(f"{len(written)} explanation(s) -> {output}", err=True)
+        say(f"{key}: {reason}")
+    say(f"{len(written)} explanation(s) -> {output}")
     if failures:
         raise PartialFailure(f"{len(failures)} image(s) could not be explained")

@@ -31,8 +31,9 @@ def fetch(
     ] = None,
 ) -> None:
     """Download NAME/TAG weights, check they load, and write them with a sha256 record into --to."""
+    from ramtag.cli.options import say
     from ramtag.engine.fetch import fetch_weights
 
     record = fetch_weights(name, tag, to, source)
     typer.echo(f"{record['file']}  sha256 {record['sha256']}  {record['bytes']} bytes")
-    typer.echo(f"use: {record['use']}", err=True)
+    say(f"use: {record['use']}")

@@ -261,7 +261,9 @@ def tag(
             metavar="KIND",
             help=(
                 "Write each image's tags beside it: txt (comma-separated caption, image.txt) and/or xmp "
-                "(dc:subject keywords, image.xmp). Repeat or join with commas. Images are never rewritten."
+                "(dc:subject keywords, image.xmp). Repeat or join with commas. Images are never rewritten. "
+                "Two images of one name (a.jpg, a.png) would share a.txt: the first listed keeps it, the other "
+                "gets none and a warning."
             ),
             show_default=False,
             rich_help_panel=SIDECAR_PANEL,

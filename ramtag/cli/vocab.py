@@ -17,6 +17,7 @@ from ramtag.cli.options import (
     ModelName,
     Pretrained,
     Template,
+    say,
 )
 
 vocab_app = typer.Typer(
@@ -50,7 +51,7 @@ def encode(
     runtime = ModelChoice(checkpoint, model, pretrained, device).load()
     vocabulary = load_vocabulary(runtime, labels, template or None, use_cache=False)
     path = write_vocabulary_file(runtime, vocabulary, output)
-    typer.echo(f"{len(vocabulary.labels)} labels, {vocabulary.features.shape[1]}-d features -> {path}", err=True)
+    say(f"{len(vocabulary.labels)} labels, {vocabulary.features.shape[1]}-d features -> {path}")
 
 
 @vocab_app.command(

@@ -16,8 +16,8 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, BinaryIO, Union
 
 import numpy as np
@@ -42,7 +42,7 @@ _log = logging.getLogger(__name__)
 terminal: tagging a folder of odd images printed hundreds of them. RAMTAG_DEBUG=1 shows them."""
 
 _native_stderr: _NativeStderr | None = None
-"""Set in decode worker processes by :func:`capture_native_stderr`; None elsewhere."""
+"""Set in decode workers by :func:`capture_native_stderr` and within :func:`native_stderr_to_log`; else None."""
 
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -105,45 +105,131 @@ class _NativeStderr:
 
     libtiff reports errors ("ZIPDecode: Decoding error at scanline 0, ...") through its default handler, which
     writes to the process's stderr; Pillow silences libtiff's warnings but leaves its errors, and offers no
-    way to route either. Swapping fd 2 is only safe in a process that writes nothing else meanwhile: a decode
-    worker. In the main process other threads (the progress display, logging) write ramtag's own lines to fd 2,
-    and those must never be swallowed, so the main process never swaps it.
+    way to route either. Swapping fd 2 is only safe where nothing else writes to fd 2 meanwhile: in a decode
+    worker, or in a process whose Python ``sys.stderr`` writes to a copy of the descriptor instead
+    (:func:`native_stderr_to_log`), so that ramtag's own lines and the progress display, from any thread, never
+    land in the scratch file. Decodes in several threads share one swap: the first to start holds fd 2, the
+    last to end gives it back and logs what was written.
     """
 
     def __init__(self) -> None:
         import faulthandler
         import tempfile
 
+        self.pid = os.getpid()  # a forked decode worker makes its own: this one's scratch file is its parent's
         self.terminal = os.dup(2)
         self.scratch = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the decoder
+        self._lock = threading.Lock()
+        self._decoding = 0
+        self._crash_file = None
         if faulthandler.is_enabled():  # a crash inside a decoder is still reported where stderr goes
             self._crash_file = os.fdopen(os.dup(self.terminal), "w")
             faulthandler.enable(file=self._crash_file)
 
     def __enter__(self) -> None:
-        sys.stderr.flush()
-        os.ftruncate(self.scratch.fileno(), 0)
-        os.lseek(self.scratch.fileno(), 0, os.SEEK_SET)
-        os.dup2(self.scratch.fileno(), 2)
+        with self._lock:
+            self._decoding += 1
+            if self._decoding == 1:
+                sys.stderr.flush()
+                os.ftruncate(self.scratch.fileno(), 0)
+                os.lseek(self.scratch.fileno(), 0, os.SEEK_SET)
+                os.dup2(self.scratch.fileno(), 2)
 
     def __exit__(self, *exc_info: object) -> None:
-        os.dup2(self.terminal, 2)
-        size = os.fstat(self.scratch.fileno()).st_size
-        if size:
-            os.lseek(self.scratch.fileno(), 0, os.SEEK_SET)
-            text = os.read(self.scratch.fileno(), min(size, 16_384)).decode("utf-8", "replace")
-            for line in filter(None, (" ".join(line.split()) for line in text.splitlines())):
-                _log.debug("decoder message: %s", _short_reason(line))
+        with self._lock:
+            self._decoding -= 1
+            if self._decoding:
+                return
+            os.dup2(self.terminal, 2)
+            size = os.fstat(self.scratch.fileno()).st_size
+            if size:
+                os.lseek(self.scratch.fileno(), 0, os.SEEK_SET)
+                text = os.read(self.scratch.fileno(), min(size, 16_384)).decode("utf-8", "replace")
+                for line in filter(None, (" ".join(line.split()) for line in text.splitlines())):
+                    _log.debug("decoder message: %s", _short_reason(line))
+
+    def close(self) -> None:
+        """Stop capturing: the crash report goes back to the process's stderr, and the descriptors are closed."""
+        if self._crash_file is not None:
+            import faulthandler
+
+            try:
+                faulthandler.enable(file=sys.__stderr__)
+            except (AttributeError, ValueError, OSError):  # no usable stderr left: no crash report either
+                faulthandler.disable()
+            self._crash_file.close()
+        self.scratch.close()
+        os.close(self.terminal)
 
 
 def capture_native_stderr() -> None:
     """From now on, what C decoders write to stderr during :func:`decode_image` goes to the debug log.
 
-    For decode worker processes only (a DataLoader's ``worker_init_fn``): see :class:`_NativeStderr`.
+    For decode worker processes only (a DataLoader's ``worker_init_fn``): see :class:`_NativeStderr`. A worker
+    forked from a process that captures (:func:`native_stderr_to_log`) makes its own capture.
     """
     global _native_stderr
-    if _native_stderr is None:
+    if _native_stderr is None or _native_stderr.pid != os.getpid():
         _native_stderr = _NativeStderr()
+
+
+def _capture_here() -> _NativeStderr | nullcontext[None]:
+    """The capture this process made; a child forked from a capturing process shares its scratch file, and
+    decodes uncaptured until it makes its own."""
+    capture = _native_stderr
+    return capture if capture is not None and capture.pid == os.getpid() else nullcontext()
+
+
+def _writes_to_fd_2(stream: object) -> bool:
+    try:
+        return stream.fileno() == 2  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):  # a test's capture, a closed stream
+        return False
+
+
+@contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """Within the block, what C decoders write to stderr while this process decodes goes to the debug log.
+
+    For a process that decodes itself (``--workers 0``, explain, images the GPU decoder refused): Python's
+    ``sys.stderr`` is rebound for the block to a copy of fd 2, so that every Python-level write (ramtag's
+    messages, the progress display's thread, logging) reaches the terminal whatever fd 2 holds, and fd 2 is
+    swapped only around each decode. A library caller who never enters the block keeps its fd 2 as it was.
+    """
+    global _native_stderr
+    if _native_stderr is not None and _native_stderr.pid == os.getpid():  # already captured here
+        yield
+        return
+    try:
+        capture = _NativeStderr()
+    except OSError:  # no fd 2 to copy (stderr closed): nothing could reach a terminal anyway
+        yield
+        return
+    python_stderr = sys.stderr
+    own_stderr = None
+    if _writes_to_fd_2(python_stderr):
+        python_stderr.flush()
+        own_stderr = open(  # closed below, when the block ends
+            os.dup(capture.terminal),
+            "w",
+            buffering=1,  # line-buffered, as Python's own stderr is
+            encoding=python_stderr.encoding,
+            errors=python_stderr.errors,
+        )
+        sys.stderr = own_stderr
+    previous, _native_stderr = _native_stderr, capture
+    try:
+        yield
+    finally:
+        _native_stderr = previous
+        if own_stderr is not None:
+            if sys.stderr is own_stderr:
+                sys.stderr = python_stderr
+            try:
+                own_stderr.close()
+            except OSError:  # the terminal went away; its last line with it
+                pass
+        capture.close()
 
 
 def _resolve_cap(max_pixels: int | None) -> int | None:
@@ -269,7 +355,7 @@ def decode_image(
             warnings.simplefilter("always")
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
             try:
-                with _native_stderr or nullcontext():
+                with _capture_here():
                     return _decode_open_stream(stream, cap, draft_size)
             finally:
                 _log_warnings(caught)
@@ -307,4 +393,3 @@ def squash_resize_normalize(
 
     resized = TF.resize(img, [size, size], interpolation=InterpolationMode(interpolation))
     return TF.normalize(TF.to_tensor(resized), mean=list(mean), std=list(std))
-

@@ -9,6 +9,12 @@ of their own (shard members, rows of a Parquet file) or when a folder is given, 
 image file's key loses its image extension there too: ``sub/a.jpg`` -> ``DIR/sub/a.txt``). Keys can come from
 archives, so they are never trusted as paths: every component is made harmless first.
 
+Two images can name one sidecar: ``a.jpg`` and ``a.png`` of a folder both map to ``a.txt`` (beside them or under
+a folder). Within a run the first of them in the listing keeps it and the other gets none
+(:func:`shared_sidecars`): writing the second over the first would leave one image with the other's caption.
+Which one keeps it is decided from the frozen listing, not from which is tagged first, so every rank, worker and
+resumed attempt agrees, and an image rewriting its own sidecar on ``--resume`` is never taken for a clash.
+
 An existing sidecar is kept (``skip``) unless asked otherwise: ``overwrite`` replaces a caption file, or the
 keywords of an XMP file (its other metadata, edits a photo library made, stays); ``append`` adds the tags a
 sidecar does not have yet, in order, so appending the same tags twice (a resumed run redoing the rows it was
@@ -17,6 +23,7 @@ writing when it stopped) changes nothing the second time.
 
 from __future__ import annotations
 
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -24,8 +31,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import pyarrow as pa
+
 from ramtag.atomic import write_text
-from ramtag.data.listing import IMAGE_EXTENSIONS
+from ramtag.data.listing import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS, filesystem_path
+from ramtag.data.listing_file import RepeatedKeys, listing_batches
+from ramtag.data.shards import is_shard_input
 from ramtag.errors import OutputError, UsageError
 
 SIDECAR_KINDS = ("txt", "xmp")
@@ -89,6 +100,81 @@ def sidecar_path(kind: str, key: str, image_path: str | None, folder: str | Path
     if image_path is None:
         raise SidecarError(f"{key}: not an image file of its own; sidecars for it need --sidecar-dir DIR")
     return Path(image_path).with_suffix(f".{kind}")
+
+
+def own_image_file(source: str) -> str | None:
+    """The image file a row was read from, when it is a file of its own: not a shard member, not an image
+    embedded in a manifest or table, not a URL (their source names a container, whose sidecar this must never
+    be). Reads nothing: whether the file is there is the writer's business."""
+    path = filesystem_path(source)
+    if "://" in path or is_shard_input(path) or path.lower().endswith(MANIFEST_EXTENSIONS):
+        return None
+    return path
+
+
+def _suffix(name: str) -> str:
+    """``PurePath(name).suffix``, without building a path (this runs once per listed image)."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
+def sidecar_stem(key: str, image_path: str | None, folder: str | Path | None) -> str | None:
+    """``os.path.abspath`` of :func:`sidecar_path` without its suffix, which every kind shares: two images with
+    one stem share their sidecars. None for an image that gets no sidecar. Strings only, no Path (a tenth of
+    the time per listed image); tests hold it to sidecar_path."""
+    if folder is not None:
+        parts = [
+            part[:120] for part in (_UNSAFE.sub("_", part).strip(" .") for part in re.split(r"[\\/]+", key)) if part
+        ]
+        parts = parts or ["image"]
+        suffix = _suffix(parts[-1])
+        if suffix.lower() in IMAGE_EXTENSIONS:
+            parts[-1] = parts[-1][: -len(suffix)]
+        return os.path.abspath(os.path.join(os.fspath(folder), *parts))
+    if image_path is None:
+        return None
+    head, name = os.path.split(image_path)
+    suffix = _suffix(name)
+    return os.path.abspath(os.path.join(head, name[: -len(suffix)] if suffix else name))
+
+
+def _stems(batch: pa.RecordBatch, folder: str | Path | None) -> list[str | None]:
+    """The sidecar stem of each listed row; None for rows listed with an error (they get no sidecar)."""
+    keys, sources = batch.column("key").to_pylist(), batch.column("source").to_pylist()
+    errors = batch.column("error").to_pylist()
+    if folder is not None:
+        return [None if error is not None else sidecar_stem(key, None, folder) for key, error in zip(keys, errors)]
+    return [
+        None if error is not None else sidecar_stem(key, own_image_file(source), None)
+        for key, source, error in zip(keys, sources, errors)
+    ]
+
+
+def shared_sidecars(listing: Path, folder: str | Path | None) -> dict[str, tuple[str, str]]:
+    """The rows of a listing whose sidecars a row before them already names: ``key -> (the earlier row's
+    source, the shared stem)``.
+
+    In bounded memory, as the listing's own repeat check (:mod:`ramtag.data.listing_file`): a first pass sends
+    8 bytes a row (a hash of its stem) to bucket files beside the listing; only when a hash repeats does a second
+    pass look at the rows that hold one. What stays is an entry per image that loses its sidecar."""
+    with RepeatedKeys(listing.parent) as hashes:
+        for batch in listing_batches(listing):
+            hashes.add(pa.array([stem for stem in _stems(batch, folder) if stem is not None], pa.string()))
+        suspects = hashes.suspects()
+    if not suspects:  # the usual run: no two images share a stem
+        return {}
+    owners: dict[str, str] = {}
+    shared: dict[str, tuple[str, str]] = {}
+    for batch in listing_batches(listing):
+        keys, sources = batch.column("key"), batch.column("source")
+        for row, stem in enumerate(_stems(batch, folder)):
+            if stem is None or hash(stem) not in suspects:
+                continue
+            if stem in owners:
+                shared[keys[row].as_py()] = (owners[stem], stem)
+            else:
+                owners[stem] = sources[row].as_py()
+    return shared
 
 
 def read_exclude_tags(path: str | Path) -> frozenset[str]:

@@ -264,7 +264,9 @@ def run_ray_tag(options: TagOptions, runtime: Runtime, ray_options: RayOptions, 
         writer = output.writer(vocabulary.labels, metadata, all_scores=options.all_scores, rank=0,
                                part_rows=options.part_rows)
         progress = ImageProgress(output.pending_rows(), "tagging", quiet=options.quiet)
-        sidecars = SidecarStage(options.sidecars, warn=progress.log) if options.sidecars.enabled else None
+        sidecars = None
+        if options.sidecars.enabled:
+            sidecars = SidecarStage(options.sidecars, warn=progress.log, listing=output.listing)
         collector = _UnitCollector(writer, progress, options.all_scores, vocabulary.labels, sidecars)
         started = time.perf_counter()
         interrupted, failure = False, None

@@ -6,6 +6,10 @@ work unit commits: a run stopped mid-unit redoes at most the rows of that unit i
 writing their sidecars again is harmless in every mode (``skip`` keeps them, ``overwrite`` writes the same
 text, ``append`` adds only tags a sidecar does not have yet).
 
+Two images of one run that would share a sidecar (``a.jpg`` and ``a.png`` -> ``a.txt``): the first listed
+keeps it, the other gets none, with a warning naming both (:func:`ramtag.data.sidecars.shared_sidecars`); it
+counts as a sidecar that cannot be written.
+
 A sidecar that cannot be written is a warning, not an error row: the row's tags are in the table. Each
 failure is one stderr line (the first :data:`WARNED_FAILURES` of them: a read-only folder of a million images
 must not flood the terminal); the summary counts them all and the run exits with the partial-failure status,
@@ -23,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from ramtag.data.layout import output_kind
-from ramtag.data.listing import MANIFEST_EXTENSIONS, filesystem_path
 from ramtag.data.shards import is_shard_input
 from ramtag.data.sidecars import (
     SIDECAR_KINDS,
@@ -31,7 +34,10 @@ from ramtag.data.sidecars import (
     CaptionStyle,
     SidecarError,
     SidecarWriter,
+    own_image_file,
     read_exclude_tags,
+    shared_sidecars,
+    sidecar_path,
 )
 from ramtag.errors import UsageError
 from ramtag.messages import one_line
@@ -123,12 +129,8 @@ def check_sidecar_options(
 
 
 def _own_image_file(source: str) -> str | None:
-    """The image file a row was read from, when it is a file of its own: not a shard member, not an image
-    embedded in a Parquet manifest (their source names the container, whose sidecar this must never be)."""
-    path = filesystem_path(source)
-    if is_shard_input(path) or path.lower().endswith(MANIFEST_EXTENSIONS) or not os.path.isfile(path):
-        return None
-    return path
+    path = own_image_file(source)
+    return path if path is not None and os.path.isfile(path) else None
 
 
 @dataclass
@@ -137,7 +139,10 @@ class SidecarStage:
 
     options: SidecarOptions
     warn: Callable[[str], None]
+    listing: Path | None = None
+    """The run's frozen listing: the rows of it that share a sidecar with an earlier row get none."""
     writers: list[SidecarWriter] = field(init=False)
+    shared: dict[str, tuple[str, str]] = field(init=False)
     failures: int = 0
     first_failure: str | None = None
 
@@ -147,6 +152,9 @@ class SidecarStage:
         self.writers = [
             SidecarWriter(kind, self.options.mode, style, self.options.folder) for kind in self.options.kinds
         ]
+        self.shared = {}
+        if self.listing is not None and self.listing.exists():
+            self.shared = shared_sidecars(self.listing, self.options.folder)
 
     def write_selection(
         self, keys: Sequence[str], sources: Sequence[str], selection: Selection, labels: Sequence[str]
@@ -161,18 +169,40 @@ class SidecarStage:
         """One sidecar per kind for each row; a failure is warned about and counted, never raised."""
         for key, source, row_tags in zip(keys, sources, tags):
             image = None if self.options.folder is not None else _own_image_file(source)
+            if key in self.shared:
+                self._not_written(self._shared_message(key, source, image), len(self.writers))
+                continue
             for writer in self.writers:
                 try:
                     writer.write(key, image, row_tags)
                 except Exception as error:  # a sidecar must never end a run whose table is fine
-                    self.failures += 1
                     detail = error if isinstance(error, (SidecarError, OSError)) else f"{key}: {error}"
-                    message = one_line(f"sidecar {detail}")
-                    self.first_failure = self.first_failure or message
-                    if self.failures <= WARNED_FAILURES:
-                        self.warn(f"ramtag: warning: {message}")
-                    if self.failures == WARNED_FAILURES:
-                        self.warn("ramtag: warning: further sidecars that cannot be written are only counted")
+                    self._not_written(f"sidecar {detail}")
+
+    def _shared_message(self, key: str, source: str, image: str | None) -> str:
+        owner, stem = self.shared[key]
+        try:
+            names = " and ".join(
+                str(sidecar_path(writer.kind, key, image, self.options.folder)) for writer in self.writers
+            )
+        except SidecarError:  # the image went missing since it was listed: name what both share
+            names = " and ".join(f"{stem}.{writer.kind}" for writer in self.writers)
+        plural = "s" if len(self.writers) > 1 else ""
+        return (
+            f"sidecar{plural} {names}: {source} and {owner} would share {'them' if plural else 'it'}; "
+            f"{owner} keeps {'them' if plural else 'it'}, and the tags of {source} are in the table only"
+        )
+
+    def _not_written(self, message: str, sidecars: int = 1) -> None:
+        """Warns (the first WARNED_FAILURES times) and counts ``sidecars`` sidecars that were not written."""
+        message = one_line(message)
+        self.first_failure = self.first_failure or message
+        warned_before = self.failures
+        self.failures += sidecars
+        if warned_before < WARNED_FAILURES:
+            self.warn(f"ramtag: warning: {message}")
+            if self.failures >= WARNED_FAILURES:
+                self.warn("ramtag: warning: further sidecars that cannot be written are only counted")
 
     def counts(self) -> Counter:
         total: Counter = Counter()

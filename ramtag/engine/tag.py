@@ -267,7 +267,8 @@ def run_tag(options: TagOptions, runtime: Runtime, stdin: TextIO | None = None) 
         vision = runtime.compiled_vision(compiled_size, progress.log if info.is_main else log)
     sidecars = None
     if options.sidecars.enabled:
-        sidecars = SidecarStage(options.sidecars, warn=progress.log if info.is_main else log)
+        warn = progress.log if info.is_main else log
+        sidecars = SidecarStage(options.sidecars, warn=warn, listing=output.listing)
     tagged = failed = 0
     first_failure = None  # named when every input fails: usually one wrong folder for all of them
     started = time.perf_counter()

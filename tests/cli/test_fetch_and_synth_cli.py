@@ -160,7 +160,9 @@ def test_data_synth_names_each_file_it_wrote_and_what_it_is_for(tmp_path, capsys
     from ramtag.cli.data import SYNTH_FILE_PURPOSES
 
     assert run_cli("data", "synth", tmp_path / "s", "--n", 4, "--format", "json", "--format", "jsonl") == 0
-    lines = capsys.readouterr().err.splitlines()[1:]
+    err = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("ramtag: ") for line in err)
+    lines = [line.removeprefix("ramtag: ") for line in err[1:]]
     assert "  labels.json, seen.json, unseen.json: " + SYNTH_FILE_PURPOSES["json"] in lines
     assert "  manifest.jsonl: " + SYNTH_FILE_PURPOSES["jsonl"] in lines
     named = [line.split(": ")[0].strip().split(" (")[0].split(", ")[0] for line in lines]

@@ -279,8 +279,13 @@ def test_a_decode_worker_logs_what_libtiff_writes_to_stderr_and_keeps_its_own_li
 
     path = tmp_path / "broken.tif"
     path.write_bytes(corrupt_deflate_tiff(6))
-    run = subprocess.run([sys.executable, "-c", _NATIVE_STDERR_SCRIPT, str(path)], capture_output=True, text=True,
-                         timeout=120, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", _NATIVE_STDERR_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     plain, captured = run.stderr.split("== captured\n")
     # The file does make libtiff write to fd 2 (else this test would prove nothing) ...
     assert any(line.startswith("ZIPDecode") for line in plain.splitlines())
@@ -310,5 +315,70 @@ def test_tag_keeps_libtiff_errors_off_the_terminal(tmp_path, capfd):
     assert rows["good.png"]["error"] is None
     assert "ZIPDecode" not in err  # the decode worker's fd 2 went to the debug log
     # ramtag's own lines about that image, all from the main process, are all there
+    assert "ramtag: broken.tif: damaged TIFF file: its image data is corrupt" in err
+    assert "ramtag: error: 1 input(s) could not be tagged" in err
+
+
+_MAIN_PROCESS_SCRIPT = """
+import logging, sys
+import ramtag.data.images as images
+from ramtag.data.images import ImageDecodeError, decode_image, native_stderr_to_log
+logging.basicConfig(stream=sys.stderr, level=logging.DEBUG, format="debug: %(message)s")
+decode_open_stream = images._decode_open_stream
+
+def decode_while_ramtag_writes(*args, **kwargs):
+    # what the progress display's thread does at any moment: a Python-level line while fd 2 is swapped
+    print("ramtag: a line written while the decoder runs", file=sys.stderr, flush=True)
+    return decode_open_stream(*args, **kwargs)
+
+images._decode_open_stream = decode_while_ramtag_writes
+data = open(sys.argv[1], "rb").read()
+with native_stderr_to_log():
+    try:
+        decode_image(data)
+    except ImageDecodeError as error:
+        print(f"ramtag: {error.reason}", file=sys.stderr, flush=True)
+print("ramtag: after the block", file=sys.stderr, flush=True)
+"""
+
+
+def test_the_main_process_logs_what_libtiff_writes_and_keeps_every_python_line(tmp_path):
+    """--workers 0 decodes in the process that prints ramtag's messages and the progress bar: fd 2 is swapped
+    around each decode, and Python's stderr writes to a copy of it meanwhile."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "broken.tif"
+    path.write_bytes(corrupt_deflate_tiff(6))
+    run = subprocess.run(
+        [sys.executable, "-c", _MAIN_PROCESS_SCRIPT, str(path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = run.stderr.splitlines()
+    assert not any(line.startswith("ZIPDecode") for line in lines)
+    assert any(line.startswith("debug: decoder message: ZIPDecode") for line in lines)
+    # a Python line written inside the window reaches stderr as is, not the debug log
+    assert "ramtag: a line written while the decoder runs" in lines
+    assert not any("decoder message: ramtag:" in line for line in lines)
+    assert "ramtag: damaged TIFF file: its image data is corrupt" in lines
+    assert lines[-1] == "ramtag: after the block"  # sys.stderr is given back, and it still works
+
+
+def test_tag_with_no_workers_keeps_libtiff_errors_off_the_terminal(tmp_path, capfd):
+    import json
+
+    from ramtag.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "broken.tif").write_bytes(corrupt_deflate_tiff(7))
+    (folder / "good.png").write_bytes(image_bytes(8, "PNG", size=(32, 32)))
+    (tmp_path / "vocab.txt").write_text("red\nblue\n")
+    with pytest.raises(SystemExit):
+        main(["tag", str(folder), "-l", str(tmp_path / "vocab.txt"), "--model", "demo", "--workers", "0", "-o", "-"])
+    out, err = capfd.readouterr()
+    rows = {row["key"]: row for row in map(json.loads, out.splitlines())}
+    assert rows["broken.tif"]["error"] == "damaged TIFF file: its image data is corrupt"
+    assert rows["good.png"]["error"] is None
+    assert "ZIPDecode" not in err  # decoded in this process, and still its fd 2 went to the debug log
     assert "ramtag: broken.tif: damaged TIFF file: its image data is corrupt" in err
     assert "ramtag: error: 1 input(s) could not be tagged" in err

@@ -196,3 +196,71 @@ def test_the_vocabulary_file_reads_back_as_labels(tmp_path):
     assert path == tmp_path / "out.labels.txt"
     write_label_file(path, labels)
     assert read_labels(path).labels == labels
+
+
+def _listing(path, rows, batch_rows=2):
+    """A listing file as the run spills it (Arrow IPC, a batch per unit), of (key, source, error) rows."""
+    import pyarrow as pa
+
+    from ramtag.data.listing_file import ListingWriter
+
+    names = ["key", "source", "error"]
+    table = pa.table({name: pa.array([row[index] for row in rows], pa.string()) for index, name in enumerate(names)})
+    writer = ListingWriter(path, table.schema, batch_rows)
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        writer.write(batch)
+    writer.close()
+    return path
+
+
+def test_images_sharing_a_stem_are_found_across_a_listing_in_any_order(tmp_path):
+    from ramtag.data.sidecars import shared_sidecars
+
+    photos = tmp_path / "photos"
+    rows = [  # a manifest's order: the two a's far apart, spelled differently, other stems left alone
+        ("photos/a.png", str(photos / "a.png"), None),
+        ("photos/b.png", str(photos / "b.png"), None),
+        ("photos/a.b.png", str(photos / "a.b.png"), None),
+        ("other/a.png", str(tmp_path / "other" / "a.png"), None),
+        ("photos/c.png", str(photos / "c.png"), "cannot read: no such file"),
+        ("x", str(photos / "." / "a.JPG"), None),
+        ("photos/c.jpg", str(photos / "c.jpg"), None),  # c.png is an error row: no sidecar, no clash
+    ]
+    stem = str(photos / "a")
+    listing = tmp_path / "listing.arrow"
+    assert shared_sidecars(_listing(listing, rows), None) == {"x": (str(photos / "a.png"), stem)}
+    # under a sidecar folder the key decides: photos/a.png and photos/a.b.png do not clash, other/a.png neither
+    by_key = shared_sidecars(_listing(listing, rows + [("photos/a.jpg", "s3://b/a.jpg", None)]), tmp_path / "caps")
+    assert by_key == {"photos/a.jpg": (str(photos / "a.png"), str(tmp_path / "caps" / "photos" / "a"))}
+    assert shared_sidecars(_listing(listing, rows[:4]), None) == {}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["listing.arrow"]  # the hash buckets are gone
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "a.jpg",
+        "sub/a.PNG",
+        "../../x.tiff",
+        "a..jpg",
+        ".hidden.jpg",
+        "x/.jpg",
+        "a:b?.webp",
+        "n" * 130 + ".jpg",
+        "dir.v1/0001",
+        "a.",
+        "//root//b.gif",
+        " sp ace /x. .png",
+        "naïve/é.jpg",
+        "a.txt",
+    ],
+)
+def test_the_stem_that_finds_clashes_is_the_sidecar_path_without_its_suffix(key, tmp_path):
+    """sidecar_stem is a fast copy of sidecar_path: where they differed, a clash would be missed or invented."""
+    import os
+
+    from ramtag.data.sidecars import sidecar_stem
+
+    for folder, image in ((tmp_path / "caps", None), (None, key), (None, str(tmp_path / key)), (None, "./" + key)):
+        expected = os.path.abspath(sidecar_path("txt", key, image, folder).with_suffix(""))
+        assert sidecar_stem(key, image, folder) == expected

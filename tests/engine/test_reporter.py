@@ -148,7 +148,7 @@ def test_train_shows_its_progress_through_the_reporter(is_terminal, training_dat
     terminal(monkeypatch, is_terminal)
     assert _train(tmp_path, training_data) == 0
     err = capsys.readouterr().err
-    steps = re.findall(r"^step (\d)/2 epoch", err, flags=re.MULTILINE)
+    steps = re.findall(r"^ramtag: step (\d)/2 epoch", err, flags=re.MULTILINE)
     if is_terminal:
         assert "train" in err and "2/2" in err and "loss " in err and ESCAPE in err and not steps
     else:

@@ -253,3 +253,78 @@ def test_a_dataset_folder_opens_by_name_in_every_installed_reader(photos, demo, 
     counts["duckdb glob"] = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0]
     counts["duckdb folder"] = duckdb.sql(f"select count(*) from read_parquet('{folder}')").fetchall()[0][0]
     assert counts == dict.fromkeys(counts, 3)
+
+
+@pytest.fixture()
+def same_stem(tmp_path):
+    """a.jpg and a.png in one folder, red and blue so that their tags differ, and b.png."""
+    from PIL import Image
+
+    root = tmp_path / "lora"
+    root.mkdir()
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(root / "a.jpg")
+    Image.new("RGB", (32, 32), (20, 40, 230)).save(root / "a.png")
+    write_image(root / "b.png", seed=3)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(LABELS) + "\n")
+    return root, vocab
+
+
+def _sharing_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("ramtag: warning:") and "would share" in line]
+
+
+@pytest.mark.parametrize(
+    ("beside", "mode"),
+    [(True, "skip"), (True, "overwrite"), (True, "append"), (False, "overwrite")],
+    ids=["beside-skip", "beside-overwrite", "beside-append", "sidecar-dir-overwrite"],
+)
+def test_two_images_of_one_stem_never_write_over_each_others_sidecar(same_stem, demo, tmp_path, capsys, beside, mode):
+    root, vocab = same_stem
+    folder = root if beside else tmp_path / "captions"
+    where = [] if beside else ["--sidecar-dir", folder]
+    out = tmp_path / "tags.parquet"
+    options = ["--workers", 0, "-k", 0, "--sidecars", "txt,xmp", "--sidecar-mode", mode, *where]
+    code = run_cli("tag", root, "--labels", vocab, "--model", "demo", "-o", out, *options)
+    err = capsys.readouterr().err
+    tags = _table_tags(out)
+    assert tags["a.jpg"] != tags["a.png"]  # else this test could not tell whose caption a.txt holds
+    assert sorted(tags) == ["a.jpg", "a.png", "b.png"] and all(tags.values())  # the table holds both
+    # the first listed keeps the sidecars; the second writes none over them
+    assert (folder / "a.txt").read_text() == ", ".join(tags["a.jpg"]) + "\n"
+    assert xmp_keywords((folder / "a.xmp").read_text(encoding="utf-8")) == tags["a.jpg"]
+    assert (folder / "b.txt").read_text() == ", ".join(tags["b.png"]) + "\n"
+    [warning] = _sharing_warnings(err)
+    assert warning.startswith(f"ramtag: warning: sidecars {folder / 'a.txt'} and {folder / 'a.xmp'}: ")
+    assert str(root / "a.png") in warning and str(root / "a.jpg") in warning
+    assert code == 3 and "sidecars: 4 written, 2 could not be written" in err
+
+
+def test_a_resumed_run_never_takes_an_images_own_sidecar_for_a_clash(same_stem, demo, tmp_path, monkeypatch, capsys):
+    from ramtag.engine.runtime import Runtime
+
+    root, vocab = same_stem
+    (root / "a.txt").write_text("hand written\n")  # there before the run: append adds to it
+    real_score, calls = Runtime.score, {"n": 0}
+
+    def score_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # a.jpg tagged and its caption appended to; the unit is not committed
+            raise KeyboardInterrupt
+        return real_score(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "score", score_then_interrupt)
+    out = tmp_path / "tags.parquet"
+    args = ["-k", 2, "--batch-size", 1, "--sidecars", "txt", "--sidecar-mode", "append"]
+    assert run_cli("tag", root, "--labels", vocab, "--model", "demo", "-o", out, "--workers", 0, *args) == 130
+    assert (root / "a.txt").read_text() != "hand written\n"
+    monkeypatch.setattr(Runtime, "score", real_score)
+    capsys.readouterr()
+    code = run_cli("tag", root, "--labels", vocab, "--model", "demo", "-o", out, "--workers", 0, *args, "--resume")
+    err = capsys.readouterr().err
+    tags = _table_tags(out)
+    # a.jpg redoes its own sidecar (appending nothing twice); only a.png, which shares it, is warned about
+    assert (root / "a.txt").read_text() == ", ".join(["hand written", *tags["a.jpg"]]) + "\n"
+    [warning] = _sharing_warnings(err)
+    assert f"{root / 'a.png'} and {root / 'a.jpg'} would share it" in warning
+    assert code == 3

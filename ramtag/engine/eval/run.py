@@ -100,7 +100,7 @@ def run_eval(
         reporter = Reporter(quiet=quiet or not info.is_main, transient=True)
 
         def log(message: str) -> None:
-            reporter.log(f"warning: {message}", style="yellow")
+            reporter.log(f"ramtag: warning: {message}", style="yellow")
 
         if scores is not None:
             result = evaluate_score_table(scores, data, settings, log=log)
@@ -124,12 +124,12 @@ def write_reports(result: EvalResult, outputs: EvalOutputs, messages: Reporter, 
     plot_files = write_plots(result, outputs.plots) if outputs.plots is not None else []
     if outputs.thresholds is not None and result.calibration is not None:
         write_calibration(outputs.thresholds, result.calibration)
-        messages.log(f"thresholds written to {outputs.thresholds}")
+        messages.log(f"ramtag: thresholds written to {outputs.thresholds}")
     out = Console(file=sys.stderr if outputs.report_on_stdout else sys.stdout, width=_width())
     out.print(results_table(result))
     if result.calibration is not None:
         out.print(calibration_table(result.calibration))
-        messages.log(calibration_summary(result.calibration))
+        messages.log(f"ramtag: {calibration_summary(result.calibration)}")
     if outputs.json is not None:
         write_json_report(outputs.json, report_dict(result, command=outputs.command, plots=plot_files))
     if outputs.markdown is not None:

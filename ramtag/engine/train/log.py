@@ -72,7 +72,7 @@ class TrainReporter:
         self._log.write(f"{stamp} {message}\n")
         self._log.flush()
         if echo:
-            self._display.log(message)
+            self._display.log(f"ramtag: {message}")
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.enabled:
