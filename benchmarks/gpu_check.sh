@@ -76,7 +76,7 @@ if [[ $DRY == 1 ]]; then
     DEVICE=cpu
     export RAMTAG_BENCH_TINY=1  # benchmarks build a 12-layer CLIP of tiny width instead of ViT-B/16
     TESTS=(-m cuda "${CUDA_TESTS[@]}")  # all skip on a CPU: they must still collect
-    THROUGHPUT=(--quick --device cpu --models vitb --vitb-images 16 --repeats 1 --cli --other-decode)
+    THROUGHPUT=(--quick --device cpu --models vitb --vitb-images 16 --repeats 1 --cli)  # (--other-decode: next step)
     # dynamo's tracing only (backend eager): inductor's code generation would triple the dry run on a CPU
     COMPILE=(--quick --device cpu --models vitb --variants vitb_adapters --vitb-images 16 --repeats 1
              --no-breakdown --other-decode --compile --compile-backend eager --label compile)

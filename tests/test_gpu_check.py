@@ -30,11 +30,10 @@ def test_the_device_check_runs_every_step_on_a_cpu(tmp_path):
     models = {row["model"] for row in throughput["results"]}
     assert models == {"vitb_adapters", "vitb_training_free"}
     assert all(row["tag_images_per_second"] > 0 and "wall_seconds" in row["cli"] for row in throughput["results"])
-    # on a CPU the tag arm decodes in the workers, and the other arm runs the batched decoder (--decode gpu)
-    assert all(
-        row["tag_decode"] == "cpu" and row["tag_gpu_decode_images_per_second"] > 0 for row in throughput["results"]
-    )
+    assert all(row["tag_decode"] == "cpu" for row in throughput["results"])
     compiled = json.loads((out / "tag_throughput.compile.cpu.json").read_text())["results"]
+    # on a CPU the tag arm decodes in the workers, and the other arm runs the batched decoder (--decode gpu)
+    assert compiled[0]["tag_decode"] == "cpu" and compiled[0]["tag_gpu_decode_images_per_second"] > 0
     assert [row["model"] for row in compiled] == ["vitb_adapters"]
     assert compiled[0]["compile_failure"] is None and compiled[0]["compile_seconds"] > 0
     assert compiled[0]["forward_compiled_images_per_second"] > 0 and compiled[0]["tag_compiled_images_per_second"] > 0
