@@ -14,7 +14,7 @@ import json
 import torch
 from torch import nn
 
-from ramtag.engine.runtime import Runtime
+from ramtag.engine.runtime import KCOT_OPTIONS, Runtime
 from ramtag.engine.train.config import TrainConfig
 from ramtag.errors import UsageError
 from ramtag.model.checkpoint import load_checkpoint
@@ -92,13 +92,8 @@ def _fresh_config(
 
 def _kcot(config: TrainConfig) -> KcotConfig:
     try:
-        return KcotConfig(
-            reg=config.ot_reg,
-            teacher_weight=config.teacher_weight,
-            max_iter=config.ot_max_iter,
-            tol=config.ot_tol,
-            stop=config.ot_stop,
-        )
+        kcot = {field: getattr(config, option) for option, field in KCOT_OPTIONS.items()}
+        return KcotConfig(teacher_weight=config.teacher_weight, **kcot)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
