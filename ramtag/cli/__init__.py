@@ -24,7 +24,7 @@ from ramtag.errors import (
 
 def main(argv: list[str] | None = None) -> None:
     from ramtag.data.images import native_stderr_to_log
-    from ramtag.engine.signals import sigterm_as_interrupt
+    from ramtag.engine.signals import sigterm_as_interrupt, sigterm_received
 
     python_warnings = warnings.showwarning
     if os.environ.get("RAMTAG_DEBUG"):
@@ -36,7 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     # stderr while this process decodes (--workers 0, explain) goes to the debug log, as in decode workers.
     try:
         with sigterm_as_interrupt(), native_stderr_to_log():
-            _run(argv)
+            try:
+                _run(argv)
+            except SystemExit as done:
+                if done.code == EXIT_INTERRUPTED or not sigterm_received():
+                    raise
+            if sigterm_received():  # a library swallowed the interrupt: the command still ends as stopped
+                print("ramtag: interrupted", file=sys.stderr)
+                sys.exit(EXIT_INTERRUPTED)
     finally:
         warnings.showwarning = python_warnings
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ramtag.data.vocab import check_label_lengths
+from ramtag.engine.signals import stop_if_terminated
 from ramtag.errors import UsageError
 from ramtag.fingerprint import file_fingerprint, fingerprint
 from ramtag.model.checkpoint import build_model, load_checkpoint
@@ -318,4 +319,5 @@ def load_runtime(
             "trained": ram.config.trained,
         }
     )
+    stop_if_terminated()  # a library import above may have swallowed the KeyboardInterrupt a SIGTERM raised
     return Runtime(model=ram, device=torch_device, fingerprint=model_fingerprint, source=source)

@@ -19,7 +19,12 @@ from ramtag.errors import Interrupted
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (a no-op elsewhere), after asking
     the decode workers to end their ``pipe:`` commands (a worker blocked reading one would not stop otherwise)."""
+    global _terminated
+    _terminated = False
+
     def handler(signum, frame):
+        global _terminated
+        _terminated = True
         _stop_workers_pipes()
         raise KeyboardInterrupt
 
@@ -35,6 +40,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
         from ramtag.data.pipes import allow_pipes
 
         allow_pipes()
+
+
+_terminated = False
+"""Set when a SIGTERM came: some library imports (``except:`` around an optional import) swallow the
+KeyboardInterrupt the handler raises, and the command must still end as interrupted."""
+
+
+def sigterm_received() -> bool:
+    return _terminated
+
+
+def stop_if_terminated() -> None:
+    """Raise the interrupt again if a SIGTERM came and something swallowed it (a stage boundary calls this)."""
+    if _terminated:
+        raise KeyboardInterrupt
 
 
 def decode_worker_init(worker_id: int) -> None:
