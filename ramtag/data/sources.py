@@ -105,6 +105,13 @@ class Listed:
     rows: int
     warnings: list[str]
 
+    def repeats_dropped(self, dropped: int, on_warning: Warn | None) -> None:
+        """Say that ``dropped`` exact repeats were left out (every planner that drops them says it so)."""
+        message = f"{dropped} input(s) named more than once; each is tagged once"
+        self.warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
 
 def list_inputs(
     inputs: Sequence[str],
@@ -237,16 +244,12 @@ def plan_inputs(
     )
     files = pa.Table.from_batches(batches, listed.schema)
     if files.num_rows > 1 and pc.count_distinct(files["key"]).as_py() < files.num_rows:
-        warn = on_warning
         with RepeatedKeys() as repeats:
             for batch in batches:
                 repeats.add(batch.column(0))
             drop = RepeatFilter(repeats.suspects())
         files = pa.Table.from_batches(list(drop(batches)), listed.schema)
-        message = f"{drop.dropped} input(s) named more than once; each is tagged once"
-        listed.warnings.append(message)
-        if warn is not None:
-            warn(message)
+        listed.repeats_dropped(drop.dropped, on_warning)
     return InputPlan(files, listed.shards, listed.extra_schema, listed.warnings, listed.tables)
 
 

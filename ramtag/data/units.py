@@ -219,10 +219,7 @@ def _spill_listing(
             second = first.with_suffix(".second")
             sizes = rewrite_listing(first, second, unit_rows, drop)
             os.replace(second, first)
-            message = f"{drop.dropped} input(s) named more than once; each is tagged once"
-            listed.warnings.append(message)
-            if options.get("on_warning") is not None:
-                options["on_warning"](message)
+            listed.repeats_dropped(drop.dropped, options.get("on_warning"))
         rows = sum(sizes)
         rows_per_unit = max(1, min(unit_rows, max(MIN_UNIT_ROWS, -(-rows // max(1, spread_over)))))
         if rows_per_unit != unit_rows and rows:
